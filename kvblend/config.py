@@ -1,0 +1,100 @@
+"""EngineConfig: every knob with its default, validated once in __post_init__."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, fields
+
+from kvblend.errors import ConfigError
+from kvblend.model.registry import DEFAULT_MODEL
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value: int | float | str, what: str = "size") -> int:
+    """'80GiB', '512MB', '1.5 GB', 1024 -> bytes."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{what}: expected a byte size like 80GiB, got {value!r}")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ConfigError(f"{what}: must be >= 0, got {value}")
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ConfigError(f"{what}: expected a byte size like 80GiB, 512MB or 1048576, got {value!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    # model
+    model: str = DEFAULT_MODEL  # named model or local Hugging Face folder
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda
+    home: str = ""  # KVBLEND_HOME (converted models, chunk store); "" = $KVBLEND_HOME or ~/.cache/kvblend
+    # prompt
+    chat_template: bool = True  # wrap prefix...query in the tokenizer's chat template when it has one
+    chunk_sink: str = "auto"  # tokens prefilled before each chunk then dropped: auto (BOS if the tokenizer adds one) | none
+    # blending
+    mode: str = "blend"  # full | reuse | blend
+    ratio: float = 0.15  # fraction of chunk tokens recomputed in blend mode (LMCache default)
+    check_layer: int = 1
+    score_on: str = "k"  # deviation of K (LMCache) or V (original CacheBlend)
+    # generation
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    stop_on_newline: bool = True
+    seed: int = 0
+    # chunk store
+    gpu_budget: str = "4GiB"
+    cpu_budget: str = "16GiB"
+    disk_budget: str = "50GiB"
+    top_k_gpu: int = 5  # chunks kept on the GPU tier; the rest are CPU placeholders
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(msg)
+
+        need(self.mode in ("full", "reuse", "blend"), f"mode: expected full, reuse or blend, got {self.mode!r}")
+        need(isinstance(self.ratio, (int, float)) and 0.0 <= self.ratio <= 1.0,
+             f"ratio: expected a number in [0, 1], got {self.ratio!r}")
+        need(isinstance(self.check_layer, int) and self.check_layer >= 1,
+             f"check_layer: expected an integer >= 1, got {self.check_layer!r}")
+        need(self.score_on in ("k", "v"), f"score_on: expected k or v, got {self.score_on!r}")
+        need(self.dtype in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"),
+             f"dtype: expected auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        need(self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:"),
+             f"device: expected auto, cpu or cuda, got {self.device!r}")
+        need(self.chunk_sink in ("auto", "none"), f"chunk_sink: expected auto or none, got {self.chunk_sink!r}")
+        need(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
+             f"max_new_tokens: expected an integer >= 1, got {self.max_new_tokens!r}")
+        need(isinstance(self.temperature, (int, float)) and self.temperature >= 0,
+             f"temperature: expected a number >= 0, got {self.temperature!r}")
+        need(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1,
+             f"top_p: expected a number in (0, 1], got {self.top_p!r}")
+        need(isinstance(self.top_k_gpu, int) and self.top_k_gpu >= 0,
+             f"top_k_gpu: expected an integer >= 0, got {self.top_k_gpu!r}")
+        need(isinstance(self.seed, int), f"seed: expected an integer, got {self.seed!r}")
+        for name in ("gpu_budget", "cpu_budget", "disk_budget"):
+            parse_bytes(getattr(self, name), name)
+
+    def budget_bytes(self, tier: str) -> int:
+        return parse_bytes(getattr(self, f"{tier}_budget"), f"{tier}_budget")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def as_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,56 @@
+"""Prompt pieces -> token ids: [prefix] [chunk 1] ... [chunk n] [query].
+
+Each piece is tokenised on its own (no special tokens added), so a chunk's ids are the same wherever it
+appears and its cached KV lines up; the full-prefill baseline uses the very same ids. Ids are never
+decoded and re-encoded.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from kvblend.types import PromptIds
+
+_SENTINEL = "\x00KVBLEND_USER_MESSAGE\x00"
+
+
+def encode(tokenizer: Any, text: str) -> tuple[int, ...]:
+    return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def chat_wrappers(tokenizer: Any) -> tuple[str, str]:
+    """(head, tail) text around a single user message in the tokenizer's chat template ('' if none)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return "", ""
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], tokenize=False,
+                                             add_generation_prompt=True)
+    head, sep, tail = rendered.partition(_SENTINEL)
+    if not sep:
+        return "", ""
+    return head, tail
+
+
+def build_prompt(tokenizer: Any, prefix_text: str, chunk_texts: Sequence[str], query_text: str,
+                 chat_template: bool = True) -> PromptIds:
+    """Token ids of the prompt; with chat_template the pieces sit inside one user turn."""
+    head, tail = chat_wrappers(tokenizer) if chat_template else ("", "")
+    bos = ()
+    if not head and getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token_id is not None:
+        bos = (int(tokenizer.bos_token_id),)
+    return PromptIds(
+        prefix_ids=bos + encode(tokenizer, head + prefix_text),
+        chunk_ids=tuple(encode(tokenizer, t) for t in chunk_texts),
+        query_ids=encode(tokenizer, query_text + tail),
+    )
+
+
+def sink_ids(tokenizer: Any, mode: str = "auto") -> tuple[int, ...]:
+    """Tokens prefilled before each chunk (and dropped): the BOS when the tokenizer prepends one."""
+    if mode == "none" or tokenizer is None:
+        return ()
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if bos is not None and len(with_special) > len(plain) and with_special[0] == bos:
+        return (int(bos),)
+    return ()

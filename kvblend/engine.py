@@ -1,0 +1,86 @@
+"""Engine: orchestration only (prompt ids -> chunk store -> blended prefill -> decoding)."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Sequence
+
+from kvblend.config import EngineConfig
+from kvblend.data.prompt import build_prompt, sink_ids
+from kvblend.fusion.blend import prefill
+from kvblend.generation.generate import NewlineDetector, generate
+from kvblend.generation.sampling import SamplingParams
+from kvblend.kvstore.builder import build_chunk_kv, chunk_key, dtype_name
+from kvblend.kvstore.chunk_kv import ChunkKV
+from kvblend.kvstore.key import ChunkKey
+from kvblend.kvstore.store import ChunkKVStore
+from kvblend.model.hf import DecoderModel
+from kvblend.model.registry import kvblend_home, load_model
+from kvblend.types import GenOutput, PromptIds
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    """Answers prompts made of a prefix, retrieved chunks and a query, reusing chunk KV per config.mode."""
+
+    def __init__(self, config: EngineConfig, model: DecoderModel | None = None):
+        self.config = config
+        self.model = model if model is not None else load_model(config.model, config.dtype, config.device)
+        home = Path(config.home).expanduser() if config.home else kvblend_home()
+        safe = re.sub(r"[^A-Za-z0-9._@-]", "_", self.model.fingerprint)
+        self.store = ChunkKVStore(
+            home / "chunks" / safe / dtype_name(self.model.dtype),
+            gpu_budget_bytes=config.budget_bytes("gpu"), cpu_budget_bytes=config.budget_bytes("cpu"),
+            disk_budget_bytes=config.budget_bytes("disk"), device=self.model.device, model_name=self.model.name,
+        )
+        tok = self.model.tokenizer
+        self.sink_ids = sink_ids(tok, config.chunk_sink)
+        self.newline = NewlineDetector(tok) if tok is not None else None
+
+    def sampling(self, max_new_tokens: int | None = None) -> SamplingParams:
+        c = self.config
+        return SamplingParams(max_new_tokens=max_new_tokens or c.max_new_tokens, temperature=c.temperature,
+                              top_p=c.top_p, stop_on_newline=c.stop_on_newline, seed=c.seed)
+
+    def prompt(self, prefix_text: str, chunk_texts: Sequence[str], query_text: str) -> PromptIds:
+        if self.model.tokenizer is None:
+            raise ValueError(f"{self.model.name} has no tokenizer; pass token ids (PromptIds) instead of text")
+        return build_prompt(self.model.tokenizer, prefix_text, chunk_texts, query_text, self.config.chat_template)
+
+    def chunk_key(self, token_ids: Sequence[int]) -> ChunkKey:
+        return chunk_key(self.model, token_ids, self.sink_ids)
+
+    def _builder(self, token_ids: Sequence[int], text: str):
+        return lambda: build_chunk_kv(self.model, token_ids, self.sink_ids, text)
+
+    def ensure_chunk(self, token_ids: Sequence[int], text: str = "", tier: str = "disk") -> ChunkKV:
+        """The chunk's cached KV, built (prefilled alone) and stored if missing or corrupt."""
+        return self.store.get_or_build(self.chunk_key(token_ids), self._builder(token_ids, text), tier)
+
+    def answer(self, prompt: PromptIds, chunk_texts: Sequence[str] | None = None, mode: str | None = None,
+               ratio: float | None = None, sampling: SamplingParams | None = None) -> GenOutput:
+        """Prefill (full / reuse / blend) and decode. TTFT counts from here, chunk fetches included."""
+        c = self.config
+        mode = mode or c.mode
+        ratio = c.ratio if ratio is None else ratio
+        sampling = sampling or self.sampling()
+        texts = list(chunk_texts) if chunk_texts is not None else [""] * len(prompt.chunk_ids)
+        t_start = time.perf_counter()
+        chunks: list[ChunkKV] = []
+        keys = [self.chunk_key(ids) for ids in prompt.chunk_ids] if mode != "full" else []
+        for key in keys:
+            self.store.pin(key)
+        try:
+            for ids, text, key in zip(prompt.chunk_ids, texts, keys):
+                chunks.append(self.store.get_or_build(key, self._builder(ids, text), tier="gpu"))
+            result = prefill(self.model, prompt, chunks if mode != "full" else None, mode=mode, ratio=ratio,
+                             check_layer=c.check_layer, score_on=c.score_on,
+                             extra_capacity=sampling.max_new_tokens)
+        finally:
+            for key in keys:
+                self.store.unpin(key)
+        return generate(self.model, result, sampling, t_start, self.newline)
