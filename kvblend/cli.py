@@ -48,10 +48,56 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="auto | cpu | cuda")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit 2), not usage + message."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _add_pipeline_args(p: argparse.ArgumentParser, mode: bool = False) -> None:
+    _add_model_args(p)
+    p.add_argument("--config", default=None, help="TOML config file (flags > KVBLEND_* env > file > defaults)")
+    p.add_argument("--dataset", default=None, help="musique_s | wikimqa_s | samsum | toy | path to a data file")
+    p.add_argument("--limit", type=_positive_int, default=None, help="first N samples only")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--top-k", dest="top_k", type=_positive_int, default=None, help="retrieved chunks per question")
+    p.add_argument("--retrieval-mode", dest="retrieval_mode", choices=["bm25", "dense", "both", "colbert"], default=None)
+    p.add_argument("--scope", dest="retrieval_scope", choices=["per_sample", "pooled"], default=None)
+    p.add_argument("--results-dir", dest="results_dir", default=None)
+    p.add_argument("--top-k-gpu", dest="top_k_gpu", type=int, default=None, help="chunks kept on the GPU tier")
+    p.add_argument("--gpu-budget", dest="gpu_budget", default=None, help="e.g. 4GiB")
+    p.add_argument("--cpu-budget", dest="cpu_budget", default=None)
+    p.add_argument("--ratio", type=_ratio, default=None, help="blend recompute ratio (default 0.15)")
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=_positive_int, default=None)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    if mode:
+        p.add_argument("--mode", choices=["full", "reuse", "blend"], default=None)
+
+
+PIPELINE_FLAGS = ("model", "dtype", "device", "dataset", "limit", "seed", "top_k", "retrieval_mode",
+                  "retrieval_scope", "results_dir", "top_k_gpu", "gpu_budget", "cpu_budget", "ratio",
+                  "max_new_tokens", "mode")
+
+
+def _config_from_args(args: argparse.Namespace):
+    from kvblend.config import load_config
+
+    return load_config(args.config, {k: getattr(args, k, None) for k in PIPELINE_FLAGS})
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvblend", description="RAG inference with CacheBlend chunk KV reuse")
+    parser = OneLineParser(prog="kvblend", description="RAG inference with CacheBlend chunk KV reuse")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    _add_pipeline_args(sub.add_parser("retrieve", help="rank each question's chunks; writes results/retrieval/"))
+    _add_pipeline_args(sub.add_parser("build", help="prefill every retrieved chunk once into the chunk store"))
+    _add_pipeline_args(sub.add_parser("decode", help="answer every sample (full | reuse | blend)"), mode=True)
+    _add_pipeline_args(sub.add_parser("eval", help="quality and fidelity table from the decoding files"))
+    run = sub.add_parser("run", help="retrieve + build + decode (full, reuse, blend) + eval")
+    _add_pipeline_args(run)
+    run.add_argument("--modes", default="full,reuse,blend", help="comma-separated decode modes")
 
     demo = sub.add_parser("demo", help="full vs reuse vs blend on the first musique_s samples")
     _add_model_args(demo)
@@ -123,7 +169,73 @@ def cmd_budget(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"demo": cmd_demo, "budget": cmd_budget}
+def cmd_retrieve(args: argparse.Namespace) -> int:
+    from kvblend.pipeline import run_retrieve
+
+    config = _config_from_args(args)
+    path, recall = run_retrieve(config, progress=not args.quiet)
+    rec = "n/a (no gold answers)" if recall is None else f"{recall:.3f}"
+    print(f"wrote {path}; answer-recall@{config.top_k} ({config.retrieval_mode}, {config.retrieval_scope}) = {rec}")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from kvblend.pipeline import run_build
+
+    config = _config_from_args(args)
+    path = run_build(config, progress=not args.quiet)
+    summary = json.loads(path.read_text())
+    print(f"wrote {path}: {summary['chunks_built']} chunks built, {summary['chunks_reused']} already stored, "
+          f"{summary['elapsed_sec']:.1f} s")
+    return 0
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    from kvblend.pipeline import run_decode
+
+    config = _config_from_args(args)
+    path = run_decode(config, progress=not args.quiet)
+    res = json.loads(path.read_text())
+    score = "-" if res["mean_score"] is None else f"{res['mean_score']:.3f}"
+    print(f"wrote {path}: mean {res['metric']} {score}, mean TTFT {res['mean_ttft_ms']:.0f} ms, "
+          f"TPOT {res['mean_tpot_ms']:.1f} ms")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from kvblend.pipeline import format_eval_table, run_eval
+
+    config = _config_from_args(args)
+    path, table = run_eval(config)
+    print(format_eval_table(table))
+    print(f"\nwrote {path}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from kvblend.engine import Engine
+    from kvblend.pipeline import format_eval_table, run_build, run_decode, run_eval, run_retrieve
+
+    config = _config_from_args(args)
+    modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    bad = [m for m in modes if m not in ("full", "reuse", "blend")]
+    if bad or not modes:
+        raise CliError(f"--modes: expected a comma-separated subset of full,reuse,blend, got {args.modes!r}")
+    progress = not args.quiet
+    path, recall = run_retrieve(config, progress=progress)
+    print(f"retrieve: wrote {path} (answer-recall@{config.top_k} = {'-' if recall is None else f'{recall:.3f}'})")
+    engine = Engine(config)
+    print(f"build: wrote {run_build(config, engine=engine, progress=progress)}")
+    for mode in modes:
+        print(f"decode: wrote {run_decode(config, mode=mode, engine=engine, progress=progress)}")
+    path, table = run_eval(config, modes)
+    print(format_eval_table(table))
+    print(f"\neval: wrote {path}")
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "budget": cmd_budget, "retrieve": cmd_retrieve, "build": cmd_build,
+            "decode": cmd_decode, "eval": cmd_eval, "run": cmd_run}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,7 +50,7 @@ class EngineConfig:
     check_layer: int = 1
     score_on: str = "k"  # deviation of K (LMCache) or V (original CacheBlend)
     # generation
-    max_new_tokens: int = 32
+    max_new_tokens: int = 0  # 0 = the dataset's default (32 for QA, 128 for samsum)
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     stop_on_newline: bool = True
@@ -60,6 +60,13 @@ class EngineConfig:
     cpu_budget: str = "16GiB"
     disk_budget: str = "50GiB"
     top_k_gpu: int = 5  # chunks kept on the GPU tier; the rest are CPU placeholders
+    # pipeline
+    dataset: str = "musique_s"  # known name (musique_s, wikimqa_s, samsum, toy) or a data file path
+    limit: int = 0  # 0 = every sample
+    retrieval_mode: str = "bm25"  # bm25 | dense | both | colbert
+    retrieval_scope: str = "per_sample"  # per_sample | pooled
+    top_k: int = 5  # retrieved chunks per question
+    results_dir: str = "results"
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -77,8 +84,8 @@ class EngineConfig:
         need(self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:"),
              f"device: expected auto, cpu or cuda, got {self.device!r}")
         need(self.chunk_sink in ("auto", "none"), f"chunk_sink: expected auto or none, got {self.chunk_sink!r}")
-        need(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
-             f"max_new_tokens: expected an integer >= 1, got {self.max_new_tokens!r}")
+        need(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0,
+             f"max_new_tokens: expected an integer >= 0 (0 = dataset default), got {self.max_new_tokens!r}")
         need(isinstance(self.temperature, (int, float)) and self.temperature >= 0,
              f"temperature: expected a number >= 0, got {self.temperature!r}")
         need(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1,
@@ -86,6 +93,12 @@ class EngineConfig:
         need(isinstance(self.top_k_gpu, int) and self.top_k_gpu >= 0,
              f"top_k_gpu: expected an integer >= 0, got {self.top_k_gpu!r}")
         need(isinstance(self.seed, int), f"seed: expected an integer, got {self.seed!r}")
+        need(isinstance(self.limit, int) and self.limit >= 0, f"limit: expected an integer >= 0, got {self.limit!r}")
+        need(isinstance(self.top_k, int) and self.top_k >= 1, f"top_k: expected an integer >= 1, got {self.top_k!r}")
+        need(self.retrieval_mode in ("bm25", "dense", "both", "colbert"),
+             f"retrieval_mode: expected bm25, dense, both or colbert, got {self.retrieval_mode!r}")
+        need(self.retrieval_scope in ("per_sample", "pooled"),
+             f"retrieval_scope: expected per_sample or pooled, got {self.retrieval_scope!r}")
         for name in ("gpu_budget", "cpu_budget", "disk_budget"):
             parse_bytes(getattr(self, name), name)
 
@@ -98,3 +111,77 @@ class EngineConfig:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+ENV_PREFIX = "KVBLEND_"
+
+
+def _coerce(name: str, value: object, kind: type, source: str) -> object:
+    """Convert a file or environment value to the field's type; ConfigError naming the source."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{source}: {name}: expected true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{source}: {name}: expected an integer, got {value!r}")
+        try:
+            return int(str(value).strip()) if not isinstance(value, int) else value
+        except ValueError:
+            raise ConfigError(f"{source}: {name}: expected an integer, got {value!r}") from None
+    if kind is float:
+        try:
+            return float(value) if not isinstance(value, bool) else _raise()
+        except (TypeError, ValueError):
+            raise ConfigError(f"{source}: {name}: expected a number, got {value!r}") from None
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        raise ConfigError(f"{source}: {name}: expected a string, got {value!r}")
+    return str(value)
+
+
+def _raise() -> float:
+    raise ValueError
+
+
+def _field_types() -> dict[str, type]:
+    table = {"int": int, "float": float, "bool": bool, "str": str}
+    return {f.name: table[str(f.type)] for f in fields(EngineConfig)}
+
+
+def load_config(path: str | None = None, flags: dict | None = None, environ: dict | None = None) -> EngineConfig:
+    """Defaults < TOML file < KVBLEND_<FIELD> environment variables < flags (None values are ignored)."""
+    import os
+    import tomllib
+    from pathlib import Path
+
+    types = _field_types()
+    values: dict[str, object] = {}
+    if path:
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{p}: config file not found") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{p}: not valid TOML ({str(exc).splitlines()[0]})") from None
+        data = data.get("kvblend", data) if isinstance(data.get("kvblend"), dict) else data
+        for key, value in data.items():
+            if key not in types:
+                raise ConfigError(f"{p}: unknown key '{key}'; known keys: {', '.join(types)}")
+            values[key] = _coerce(key, value, types[key], str(p))
+    env = os.environ if environ is None else environ
+    for name, kind in types.items():
+        var = ENV_PREFIX + name.upper()
+        if var in env and env[var] != "":
+            values[name] = _coerce(name, env[var], kind, f"environment {var}")
+    for name, value in (flags or {}).items():
+        if value is not None:
+            if name not in types:
+                raise ConfigError(f"unknown setting '{name}'")
+            values[name] = value
+    return EngineConfig(**values)

@@ -43,7 +43,7 @@ class Engine:
 
     def sampling(self, max_new_tokens: int | None = None) -> SamplingParams:
         c = self.config
-        return SamplingParams(max_new_tokens=max_new_tokens or c.max_new_tokens, temperature=c.temperature,
+        return SamplingParams(max_new_tokens=c.max_new_tokens or max_new_tokens or 32, temperature=c.temperature,
                               top_p=c.top_p, stop_on_newline=c.stop_on_newline, seed=c.seed)
 
     def prompt(self, prefix_text: str, chunk_texts: Sequence[str], query_text: str) -> PromptIds:
