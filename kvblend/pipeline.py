@@ -38,8 +38,9 @@ def dataset_label(config: EngineConfig) -> str:
 
 def paths(config: EngineConfig) -> dict[str, Path]:
     root, name, k = Path(config.results_dir), dataset_label(config), config.top_k
+    scope = "" if config.retrieval_scope == "per_sample" else f"_{config.retrieval_scope}"
     return {
-        "retrieval": root / "retrieval" / f"{name}_rag_{config.retrieval_mode}_k{k}.json",
+        "retrieval": root / "retrieval" / f"{name}{scope}_rag_{config.retrieval_mode}_k{k}.json",
         "build": root / "kv_caches" / f"{name}_kv_top{k}.json",
         "decode_dir": root / "decoding",
         "eval": root / "eval" / f"{name}_eval.json",
@@ -83,26 +84,46 @@ class SamplePlan:
     scores: tuple[float, ...]
 
 
-def plan_samples(config: EngineConfig, engine, data: Dataset) -> list[SamplePlan]:
+def load_inputs(config: EngineConfig) -> tuple[Dataset, dict]:
+    """The dataset and its retrieval results, checked against each other (before any model is loaded)."""
     from kvblend.retrieval import load_retrieval
-    from kvblend.types import Passage
 
+    data = _load(config)
     path = paths(config)["retrieval"]
     if not path.is_file():
         raise PipelineError(f"{path}: retrieval file not found; run `kvblend retrieve` with the same --dataset, "
-                            f"--retrieval-mode and --top-k first")
+                            f"--retrieval-mode, --scope and --top-k first")
     run = load_retrieval(path)
+    if (run.mode, run.k, run.scope) != (config.retrieval_mode, config.top_k, config.retrieval_scope):
+        raise PipelineError(f"{path}: holds mode={run.mode} k={run.k} scope={run.scope}, but this run asks for "
+                            f"mode={config.retrieval_mode} k={config.top_k} scope={config.retrieval_scope}; "
+                            f"re-run `kvblend retrieve`")
     by_id = run.by_sample_id()
-    plans = []
     for sample in data.samples:
-        r = by_id.get(sample.sample_id)
-        if r is None:
+        if sample.sample_id not in by_id:
             raise PipelineError(f"{path}: no retrieval for sample {sample.sample_id}; re-run `kvblend retrieve` "
                                 f"with the same --dataset and --limit")
+        if not by_id[sample.sample_id].texts:
+            raise PipelineError(f"{path}: sample {sample.sample_id} has no retrieved chunks; re-run `kvblend retrieve`")
+    return data, by_id
+
+
+def plan_samples(config: EngineConfig, engine, data: Dataset, by_id: dict) -> list[SamplePlan]:
+    from kvblend.types import Passage
+
+    plans = []
+    context = engine.model.shape.max_position_embeddings
+    for sample in data.samples:
+        r = by_id[sample.sample_id]
         titles = r.titles or ("",) * len(r.texts)
         texts = tuple(data.template.format_passage(Passage(pid, t, x))
                       for pid, t, x in zip(r.passage_ids, titles, r.texts))
         prompt = engine.prompt(data.template.prefix, texts, data.template.format_query(sample.question))
+        needed = prompt.num_tokens + (config.max_new_tokens or data.max_new_tokens)
+        if needed > context:
+            raise PipelineError(f"sample {sample.sample_id}: prompt of {prompt.num_tokens} tokens + answer exceeds "
+                                f"the {context}-token context of {engine.model.name}; lower --top-k or shorten "
+                                f"the passages")
         plans.append(SamplePlan(sample.sample_id, sample.question, sample.answers, prompt, texts,
                                 tuple(r.passage_ids), tuple(r.scores)))
     return plans
@@ -115,9 +136,9 @@ def _engine(config: EngineConfig):
 
 
 def run_build(config: EngineConfig, engine=None, progress: bool = True) -> Path:
-    data = _load(config)
+    data, by_id = load_inputs(config)
     engine = engine or _engine(config)
-    plans = plan_samples(config, engine, data)
+    plans = plan_samples(config, engine, data, by_id)
     t0 = time.perf_counter()
     built = skipped = 0
     placements = []
@@ -157,13 +178,34 @@ def run_build(config: EngineConfig, engine=None, progress: bool = True) -> Path:
 
 
 # decode ---------------------------------------------------------------------------------------------
+def _read_build_summary(config: EngineConfig) -> dict | None:
+    """The build summary if present (decode builds missing chunks itself); PipelineError if corrupt."""
+    import json
+
+    path = paths(config)["build"]
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(summary, dict) or not isinstance(summary["model_fingerprint"], str) \
+                or not isinstance(summary["placements"], list):
+            raise TypeError
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise PipelineError(f"{path}: corrupt build summary; delete it and re-run `kvblend build`") from None
+    return summary
+
+
 def run_decode(config: EngineConfig, mode: str | None = None, engine=None, progress: bool = True) -> Path:
     from kvblend.eval.metrics import first_line, score_answer
 
     mode = mode or config.mode
-    data = _load(config)
+    data, by_id = load_inputs(config)
+    summary = _read_build_summary(config)
     engine = engine or _engine(config)
-    plans = plan_samples(config, engine, data)
+    if summary is not None and summary.get("model_fingerprint") != engine.model.fingerprint:
+        raise PipelineError(f"{paths(config)['build']}: built for model {summary.get('model_fingerprint')}, not "
+                            f"{engine.model.fingerprint}; re-run `kvblend build` with this --model")
+    plans = plan_samples(config, engine, data, by_id)
     sampling = engine.sampling(data.max_new_tokens)
     rows = []
     torch.manual_seed(config.seed)

@@ -219,6 +219,9 @@ def load_hf_folder(folder: Path, dtype: torch.dtype, device: torch.device, name:
         raise ModelError(f"{folder}/config.json: cannot be read ({str(exc).splitlines()[0]})") from None
     shape_from_config(config, where=str(folder))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # loading a converted folder takes seconds; keep stderr for errors
     model = AutoModelForCausalLM.from_pretrained(
         folder, dtype=dtype, local_files_only=True, attn_implementation="sdpa"
     ).to(device)
