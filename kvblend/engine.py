@@ -21,6 +21,8 @@ from kvblend.model.hf import DecoderModel
 from kvblend.model.registry import kvblend_home, load_model
 from kvblend.types import GenOutput, PromptIds
 
+DRAFTERS = ("ngram", "model", "none")
+
 log = logging.getLogger(__name__)
 
 
@@ -84,3 +86,62 @@ class Engine:
             for key in keys:
                 self.store.unpin(key)
         return generate(self.model, result, sampling, t_start, self.newline)
+
+    def answer_speculative(self, prompt: PromptIds, chunk_texts: Sequence[str], scores: Sequence[float], *,
+                           gpu_chunks: int, drafter: str = "ngram", draft_model: DecoderModel | None = None,
+                           proxy: str | None = None, threshold: float = 0.2, k: int = 4, pinned_top: int = 1,
+                           mode: str | None = None, ratio: float | None = None,
+                           sampling: SamplingParams | None = None):
+        """Tiered speculative answer: the top `gpu_chunks` chunks (by score) are resident, the rest are CPU
+        placeholders; `proxy` promotes placeholders during decoding (None: never). The top `pinned_top`
+        resident chunks are never demoted. Returns (GenOutput, step records, promotion trace)."""
+        from kvblend.generation.drafters import ModelDrafter, NgramDrafter
+        from kvblend.generation.promotion import Promoter
+        from kvblend.generation.speculative import speculative_generate
+
+        if drafter not in DRAFTERS:
+            raise ValueError(f"unknown drafter '{drafter}'; use one of {', '.join(DRAFTERS)}")
+        if drafter == "model" and draft_model is None:
+            raise ValueError("drafter 'model' needs a draft model (--draft-model)")
+        c = self.config
+        mode = mode or ("blend" if c.mode == "full" else c.mode)
+        ratio = c.ratio if ratio is None else ratio
+        sampling = sampling or self.sampling()
+        n = len(prompt.chunk_ids)
+        gpu_chunks = min(gpu_chunks, n)
+        if gpu_chunks == n and c.mode == "full":
+            mode = "full"
+        keys = [self.chunk_key(ids) for ids in prompt.chunk_ids]
+        for ids, text in zip(prompt.chunk_ids, chunk_texts):
+            self.ensure_chunk(ids, text)
+        t_start = time.perf_counter()
+        placement = self.store.place(keys, [len(i) for i in prompt.chunk_ids], scores,
+                                     first_position=len(prompt.prefix_ids), top_k=gpu_chunks)
+        resident = [not s.is_placeholder for s in placement.slots]
+        promoter = None
+        try:
+            chunks = [self.store.get(s.key, "gpu") if r else None for s, r in zip(placement.slots, resident)]
+            extra = sampling.max_new_tokens + k + 2
+            result = prefill(self.model, prompt, chunks if mode != "full" else None, mode=mode, ratio=ratio,
+                             check_layer=c.check_layer, score_on=c.score_on, extra_capacity=extra,
+                             resident=resident)
+            if drafter == "model":
+                spec = ModelDrafter(draft_model, prompt, extra_capacity=extra)
+            else:
+                spec = NgramDrafter([list(ids) for ids in prompt.chunk_ids])
+            probe: list | None = [] if proxy == "key_bounds" else None
+            if proxy is not None:
+                ranked = sorted((s for s in placement.resident), key=lambda s: -s.score)
+                promoter = Promoter(self.model, self.store, placement.slots, proxy, threshold=threshold,
+                                    max_gpu_chunks=gpu_chunks, pinned=[s.index for s in ranked[:pinned_top]],
+                                    drafter=spec, probe=probe)
+            out, steps = speculative_generate(self.model, result, spec, sampling, t_start, prompt_ids=prompt,
+                                              k=0 if drafter == "none" else k, newline=self.newline,
+                                              on_step=promoter, probe=probe)
+        finally:
+            if promoter is not None:
+                promoter.release()
+            else:
+                self.store.release(placement)
+        trace = promoter.trace if promoter is not None else []
+        return out, steps, trace, placement

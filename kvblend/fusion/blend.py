@@ -271,11 +271,12 @@ def prefill(model: DecoderModel, prompt: PromptIds, chunks: Sequence[ChunkKV] | 
 
 @torch.inference_mode()
 def forward_tokens(model: DecoderModel, state: KVState, token_ids: Sequence[int],
-                   num_logits: int | None = None) -> torch.Tensor:
+                   num_logits: int | None = None, queries_out: list | None = None) -> torch.Tensor:
     """Append token_ids at positions state.length.. and return logits [num_logits, V] (fp32) of the last
     num_logits of them (all when None; 0 skips the LM head, e.g. when building a chunk's cache).
 
     One call verifies several speculative drafts at once; roll back with state.truncate().
+    queries_out: if a list, receives each layer's queries [H, T, D] (after RoPE), for relevance proxies.
     """
     t = len(token_ids)
     start = state.length
@@ -288,6 +289,8 @@ def forward_tokens(model: DecoderModel, state: KVState, token_ids: Sequence[int]
     num_keys = start + t
     for layer in range(model.shape.num_layers):
         q, k, v = _qkv(model, layer, h, cos, sin)
+        if queries_out is not None:
+            queries_out.append(q)
         _write_kv(state, layer, slice(start, start + t), k, v)
         h = _attend_mlp(model, layer, h, q, pos, state, num_keys, causal_prefix=(start == 0))
     state.length = num_keys

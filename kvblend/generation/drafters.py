@@ -66,6 +66,7 @@ class NgramDrafter:
                     self._chunk_index.setdefault(tuple(ids[end - n:end]), (ci, end))
         self.last_source_chunk: int | None = None
         self.last_q: torch.Tensor | None = None
+        self.last_queries: list[torch.Tensor] = []  # per layer [H, D], set by each forward of new context
         self.reset()
 
     def reset(self) -> None:
@@ -170,7 +171,10 @@ class ModelDrafter:
         keep = min(common, len(context_ids) - 1)
         self.state.truncate(keep)
         del self.ids[keep:]
-        logits = forward_tokens(self.model, self.state, self._feed(context_ids[keep:]), num_logits=1)[-1]
+        queries: list[torch.Tensor] = []
+        logits = forward_tokens(self.model, self.state, self._feed(context_ids[keep:]), num_logits=1,
+                                queries_out=queries)[-1]
+        self.last_queries = [q[:, -1] for q in queries]  # per layer [H, D]: the newest context token's queries
         self.ids.extend(context_ids[keep:])
         return logits
 

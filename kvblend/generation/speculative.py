@@ -146,7 +146,8 @@ class _Stopper:
 def speculative_generate(target: DecoderModel, prefilled: PrefillResult, drafter: Drafter, params: SamplingParams,
                          t_start: float, *, prompt_ids: PromptIds | Sequence[int], k: int = 4,
                          newline: NewlineDetector | None = None, eos: set[int] | None = None,
-                         on_step: Callable[[int, KVState], None] | None = None) -> tuple[GenOutput, list[StepRecord]]:
+                         on_step: Callable[[int, KVState], None] | None = None,
+                         probe: list | None = None) -> tuple[GenOutput, list[StepRecord]]:
     """Decode like generate(), verifying up to k drafts per target pass.
 
     prompt_ids: the ids the state was prefilled with (the drafter sees prompt + emitted tokens as context).
@@ -158,6 +159,8 @@ def speculative_generate(target: DecoderModel, prefilled: PrefillResult, drafter
     Tokens already in the cache keep the KV they were computed with, exactly as in plain decoding that
     promotes at the same emitted-token count, so speculation stays lossless across promotions.
     GenOutput.token_ms: each step's time spread evenly over the tokens it produced.
+    probe: if a list, after each verification pass it holds that pass's per-layer target queries [H, T, D]
+    (row 0 is the newest emitted token), for relevance proxies that score chunks against the target's query.
     """
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
@@ -184,7 +187,9 @@ def speculative_generate(target: DecoderModel, prefilled: PrefillResult, drafter
         if on_step is not None:
             on_step(len(steps), state)
             assert state.length == base, f"on_step changed the state length ({base} -> {state.length})"
-        logits = forward_tokens(target, state, [token] + drafts)  # [len(drafts)+1, V]
+        if probe is not None:
+            probe.clear()
+        logits = forward_tokens(target, state, [token] + drafts, queries_out=probe)  # [len(drafts)+1, V]
         if params.temperature <= 0:
             out, num_accepted = verify_greedy(logits, drafts)
         else:

@@ -1,0 +1,233 @@
+"""Relevance proxies and proactive promotion of CPU-staged chunks during speculative decoding.
+
+The target attends to the GPU-resident chunks; the others are placeholders that own their positions
+(rows masked out of attention). After each verification pass a proxy scores every chunk; chunks whose
+score passes a threshold are fetched to the GPU tier *now* (pinned memory + a side CUDA stream on GPU)
+and fused into the target's KV at their reserved positions at the *next* pass, so the copy overlaps a
+decoding step. When the GPU chunk budget is full, the least useful unpinned resident chunk is demoted
+(its rows masked again, its KV moved to the CPU tier).
+
+Proxies (all return one score per chunk in [0, 1], higher = more likely needed):
+  draft_attention  attention mass of the draft model's newest query on each chunk (the draft attends to
+                   every chunk, resident or not), averaged over heads and layers;
+  key_bounds       Quest-style: per chunk, min/max of its keys per dimension at a few layers; the upper
+                   bound of q.k for the target's newest query gives an upper bound on the chunk's share of
+                   attention against the keys the target really attends to;
+  ngram_source     1 for the chunk the last n-gram draft was copied from, decaying by half each step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from kvblend.fusion.blend import KVState, promote_chunk
+from kvblend.fusion.rope import rerotate
+from kvblend.kvstore.chunk_kv import ChunkKV
+from kvblend.kvstore.store import ChunkKVStore, ChunkSlot
+from kvblend.model.hf import DecoderModel
+
+log = logging.getLogger(__name__)
+
+PROXIES = ("draft_attention", "key_bounds", "ngram_source")
+
+
+def _probe_layers(num_layers: int, count: int = 3) -> list[int]:
+    """A few layers spread over the middle and late part of the stack (early layers attend locally)."""
+    return sorted({int(num_layers * f) for f in (0.5, 0.75, 0.95)[:count]})
+
+
+def attention_mass(queries: Sequence[torch.Tensor], state: KVState, ranges: Sequence[tuple[int, int]],
+                   model: DecoderModel, layers: Sequence[int]) -> torch.Tensor:
+    """Mean (over heads and `layers`) softmax attention mass of queries[layer] [H, D] on each range."""
+    s = model.shape
+    n = state.length
+    masses = torch.zeros(len(ranges))
+    group = s.num_heads // s.num_kv_heads
+    for layer in layers:
+        q = queries[layer].to(torch.float32)  # [H, D]
+        k = state.k[layer, :, :n].to(torch.float32).repeat_interleave(group, dim=0)  # [H, N, D]
+        logits = torch.einsum("hd,hnd->hn", q, k) * model.attn_scale
+        if state.valid is not None:
+            logits = logits.masked_fill(~state.valid[:n][None], float("-inf"))
+        probs = torch.softmax(logits, dim=-1).mean(0).cpu()  # [N]
+        for i, (a, b) in enumerate(ranges):
+            masses[i] += probs[a:b].sum()
+    return masses / max(1, len(layers))
+
+
+@dataclass
+class KeyBounds:
+    """Per-dimension min/max of one chunk's keys (at its global positions) at the probe layers."""
+
+    kmin: torch.Tensor  # [layers, H_kv, D]
+    kmax: torch.Tensor
+    num_tokens: int
+
+    @classmethod
+    def of(cls, chunk: ChunkKV, start: int, model: DecoderModel, layers: Sequence[int]) -> "KeyBounds":
+        k = rerotate(chunk.k[list(layers)].to(torch.float32), start - chunk.rope_offset, model.inv_freq)
+        return cls(k.amin(dim=2), k.amax(dim=2), chunk.num_tokens)
+
+
+def key_bound_mass(queries: Sequence[torch.Tensor], state: KVState, bounds: dict[int, KeyBounds],
+                   model: DecoderModel, layers: Sequence[int]) -> dict[int, float]:
+    """Upper bound of each bounded chunk's attention share against the currently attended keys."""
+    s = model.shape
+    n = state.length
+    group = s.num_heads // s.num_kv_heads
+    out = {i: 0.0 for i in bounds}
+    for li, layer in enumerate(layers):
+        q = queries[layer].to(torch.float32).cpu()  # [H, D]
+        k = state.k[layer, :, :n].to(torch.float32).repeat_interleave(group, dim=0)
+        logits = torch.einsum("hd,hnd->hn", q.to(k.device), k) * model.attn_scale
+        if state.valid is not None:
+            logits = logits.masked_fill(~state.valid[:n][None], float("-inf"))
+        lse = torch.logsumexp(logits, dim=-1).cpu()  # [H]
+        for i, b in bounds.items():
+            kmin = b.kmin[li].repeat_interleave(group, dim=0)  # [H, D]
+            kmax = b.kmax[li].repeat_interleave(group, dim=0)
+            ub = torch.maximum(q * kmin, q * kmax).sum(-1) * model.attn_scale  # [H]
+            chunk_lse = ub + torch.log(torch.tensor(float(b.num_tokens)))
+            share = torch.sigmoid(chunk_lse - lse)  # e^c / (e^c + e^lse)
+            out[i] += float(share.mean()) / len(layers)
+    return out
+
+
+@dataclass
+class StepTrace:
+    step: int
+    drafted: list[int] = field(default_factory=list)
+    accepted: int = 0
+    scores: dict[int, float] = field(default_factory=dict)
+    promoted: list[int] = field(default_factory=list)  # fused into the target's KV at this pass
+    requested: list[int] = field(default_factory=list)  # copies started this step (fused next pass)
+    demoted: list[int] = field(default_factory=list)
+    gpu_chunks: list[int] = field(default_factory=list)
+    cpu_chunks: list[int] = field(default_factory=list)
+    bytes_moved: int = 0
+    copy_ms: float = 0.0
+    gpu_bytes: int = 0
+
+    def as_dict(self) -> dict:
+        return {"step": self.step, "drafted": self.drafted, "accepted": self.accepted,
+                "proxy_scores": {str(k): round(v, 5) for k, v in self.scores.items()},
+                "promoted": self.promoted, "requested": self.requested, "demoted": self.demoted,
+                "gpu_chunks": self.gpu_chunks, "cpu_chunks": self.cpu_chunks, "bytes_moved": self.bytes_moved,
+                "copy_ms": round(self.copy_ms, 3), "gpu_bytes": self.gpu_bytes}
+
+
+class Promoter:
+    """on_step hook for speculative_generate: fuses last step's requested chunks, scores, requests new ones."""
+
+    def __init__(self, target: DecoderModel, store: ChunkKVStore, slots: Sequence[ChunkSlot], proxy: str | None,
+                 threshold: float = 0.2, max_gpu_chunks: int = 2, pinned: Sequence[int] = (), drafter=None,
+                 probe: list | None = None):
+        if proxy is not None and proxy not in PROXIES:
+            raise ValueError(f"unknown proxy '{proxy}'; use one of {', '.join(PROXIES)}")
+        self.target, self.store, self.slots = target, store, list(slots)
+        self.proxy, self.threshold, self.max_gpu_chunks = proxy, threshold, max_gpu_chunks
+        self.pinned = set(pinned)
+        self.drafter, self.probe = drafter, probe
+        self.resident = {s.index for s in slots if not s.is_placeholder}
+        self.pending: dict[int, tuple[ChunkKV, torch.cuda.Event | None]] = {}
+        self.layers = _probe_layers(target.shape.num_layers)
+        self.bounds: dict[int, KeyBounds] = {}
+        self.ngram_scores: dict[int, float] = {}
+        self.trace: list[StepTrace] = []
+        self.stream = torch.cuda.Stream() if target.device.type == "cuda" else None
+        if proxy == "key_bounds":  # summaries of every chunk, computed once from its cached keys
+            for s in self.slots:
+                chunk = store.get(s.key, tier="cpu" if s.is_placeholder else "gpu")
+                self.bounds[s.index] = KeyBounds.of(chunk, s.start, target, self.layers)
+
+    def _scores(self, state: KVState) -> dict[int, float]:
+        if self.proxy == "draft_attention":
+            queries = getattr(self.drafter, "last_queries", None)
+            if not queries:
+                return {}
+            draft = self.drafter.model
+            ranges = [(s.start, s.start + s.num_tokens) for s in self.slots]
+            mass = attention_mass(queries, self.drafter.state, ranges, draft, _probe_layers(draft.shape.num_layers))
+            return {s.index: float(m) for s, m in zip(self.slots, mass)}
+        if self.proxy == "key_bounds":
+            if not self.probe:
+                return {}
+            queries = [q[:, 0] for q in self.probe]  # the newest emitted token's query per layer
+            return key_bound_mass(queries, state, self.bounds, self.target, self.layers)
+        if self.proxy == "ngram_source":
+            self.ngram_scores = {i: v / 2 for i, v in self.ngram_scores.items() if v > 1e-3}
+            source = getattr(self.drafter, "last_source_chunk", None)
+            if source is not None:
+                self.ngram_scores[source] = 1.0
+            return dict(self.ngram_scores)
+        return {}
+
+    def _fetch(self, slot: ChunkSlot) -> tuple[ChunkKV, torch.cuda.Event | None]:
+        """Start the CPU -> GPU copy (async on CUDA: pinned source, side stream); the store accounts bytes."""
+        if self.stream is None:
+            return self.store.get(slot.key, tier="gpu"), None
+        with torch.cuda.stream(self.stream):
+            chunk = self.store.get(slot.key, tier="gpu")
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        return chunk, event
+
+    def _victim(self, scores: dict[int, float]) -> int | None:
+        """The least useful resident chunk that may be demoted (never a pinned one)."""
+        candidates = [i for i in self.resident if i not in self.pinned]
+        return min(candidates, key=lambda i: (scores.get(i, 0.0), -i)) if candidates else None
+
+    def _demote(self, state: KVState, idx: int) -> None:
+        slot = self.slots[idx]
+        state.set_valid(slot.start, slot.start + slot.num_tokens, False)
+        self.store.unpin(slot.key)
+        self.store.demote(slot.key)
+        self.resident.discard(idx)
+
+    def __call__(self, step: int, state: KVState) -> None:
+        rec = StepTrace(step=step)
+        t0 = time.perf_counter()
+        # 1. fuse the chunks whose copy was started last step
+        for idx, (chunk, event) in list(self.pending.items()):
+            if event is not None:
+                torch.cuda.current_stream().wait_event(event)
+            slot = self.slots[idx]
+            promote_chunk(self.target, state, chunk, slot.start)
+            self.resident.add(idx)
+            rec.promoted.append(idx)
+        self.pending.clear()
+        # 2. score with the signals of the last pass and request the chunks that pass the threshold
+        rec.scores = self._scores(state)
+        wanted = sorted((i for i, v in rec.scores.items() if v >= self.threshold and i not in self.resident),
+                        key=lambda i: -rec.scores[i])
+        moved_before = sum(self.store.stats.bytes_moved.values())
+        for idx in wanted:
+            if len(self.resident) + len(self.pending) >= self.max_gpu_chunks:
+                victim = self._victim(rec.scores)
+                if victim is None or rec.scores.get(victim, 0.0) >= rec.scores[idx]:
+                    break  # nothing demotable, or it is at least as useful as the candidate
+                self._demote(state, victim)
+                rec.demoted.append(victim)
+            slot = self.slots[idx]
+            self.store.pin(slot.key)
+            self.pending[idx] = self._fetch(slot)
+            rec.requested.append(idx)
+        rec.bytes_moved = sum(self.store.stats.bytes_moved.values()) - moved_before
+        rec.copy_ms = (time.perf_counter() - t0) * 1e3
+        rec.gpu_chunks = sorted(self.resident | set(self.pending))
+        rec.cpu_chunks = sorted({s.index for s in self.slots} - set(rec.gpu_chunks))
+        rec.gpu_bytes = self.store.used_bytes()["gpu"]
+        self.trace.append(rec)
+
+    def release(self) -> None:
+        """Unpin every resident or requested chunk. The promoter owns the placement's pins: the caller
+        must not also call store.release(placement)."""
+        for idx in self.resident | set(self.pending):
+            self.store.unpin(self.slots[idx].key)
+        self.pending.clear()
+        self.resident.clear()
