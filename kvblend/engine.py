@@ -89,12 +89,13 @@ class Engine:
 
     def answer_speculative(self, prompt: PromptIds, chunk_texts: Sequence[str], scores: Sequence[float], *,
                            gpu_chunks: int, drafter: str = "ngram", draft_model: DecoderModel | None = None,
-                           proxy: str | None = None, threshold: float = 0.2, k: int = 4, pinned_top: int = 1,
+                           proxy: str | None = None, threshold: float = 0.3, k: int = 4, pinned_top: int = 1,
                            mode: str | None = None, ratio: float | None = None,
-                           sampling: SamplingParams | None = None):
+                           sampling: SamplingParams | None = None, warm_start: bool = True):
         """Tiered speculative answer: the top `gpu_chunks` chunks (by score) are resident, the rest are CPU
         placeholders; `proxy` promotes placeholders during decoding (None: never). The top `pinned_top`
-        resident chunks are never demoted. Returns (GenOutput, step records, promotion trace)."""
+        resident chunks are never demoted. warm_start: before the first token, promote what the prompt's last
+        query already points at and recompute the query. Returns (GenOutput, steps, trace, placement)."""
         from kvblend.generation.drafters import ModelDrafter, NgramDrafter
         from kvblend.generation.promotion import Promoter
         from kvblend.generation.speculative import speculative_generate
@@ -135,6 +136,11 @@ class Engine:
                 promoter = Promoter(self.model, self.store, placement.slots, proxy, threshold=threshold,
                                     max_gpu_chunks=gpu_chunks, pinned=[s.index for s in ranked[:pinned_top]],
                                     drafter=spec, probe=probe)
+                if warm_start:
+                    logits = promoter.warm_start(result.state, prompt.flat(),
+                                                 prompt.num_tokens - len(prompt.query_ids))
+                    if logits is not None:
+                        result.logits = logits
             out, steps = speculative_generate(self.model, result, spec, sampling, t_start, prompt_ids=prompt,
                                               k=0 if drafter == "none" else k, newline=self.newline,
                                               on_step=promoter, probe=probe)

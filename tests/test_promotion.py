@@ -82,3 +82,38 @@ def test_attention_mass_sums_to_one_over_the_whole_prompt():
     n = res.state.length
     mass = attention_mass([q[:, -1] for q in queries], res.state, [(0, 10), (10, n)], model, [1, 2])
     assert torch.isclose(mass.sum(), torch.tensor(1.0), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def smollm_engine(tmp_path_factory):
+    from kvblend.model.registry import load_model
+
+    model = load_model("smollm2-135m-instruct", dtype="float32", device="cpu")
+    return Engine(EngineConfig(home=str(tmp_path_factory.mktemp("home")), max_new_tokens=16), model=model)
+
+
+@pytest.mark.parametrize("proxy,drafter", [("key_bounds", "ngram"), ("ngram_source", "ngram"),
+                                           ("draft_attention", "model")])
+def test_answer_only_in_cpu_chunk_gets_promoted(smollm_engine, proxy, drafter):
+    """Two distractor passages are resident, the one passage holding the answer is staged on CPU: the proxy
+    must promote it into the target's KV and the answer must appear; without promotion it does not."""
+    from kvblend.data.datasets import load_dataset
+
+    engine = smollm_engine
+    data = load_dataset("musique_s", limit=1)
+    texts = [data.template.format_passage(p)[:600] for p in data.samples[0].passages[:2]]
+    texts.append("Museum facts\n\nThe secret code word of the Oslo museum is PINEAPPLE. "
+                 "Visitors must say it at the door.\n\n")
+    prompt = engine.prompt(data.template.prefix, texts,
+                           data.template.format_query("What is the secret code word of the Oslo museum"))
+    scores = [0.9, 0.8, 0.1]  # retrieval ranked the answer last: it starts on the CPU tier
+    base, *_ = engine.answer_speculative(prompt, texts, scores, gpu_chunks=2, drafter="none", proxy=None,
+                                         mode="reuse")
+    assert "pineapple" not in base.text.lower()
+    out, steps, trace, placement = engine.answer_speculative(
+        prompt, texts, scores, gpu_chunks=2, drafter=drafter, draft_model=engine.model, proxy=proxy, k=4,
+        mode="reuse")
+    assert placement.slots[2].is_placeholder
+    assert any(2 in t.promoted for t in trace)
+    assert "pineapple" in out.text.lower()
+    assert all(len(t.gpu_chunks) <= 2 for t in trace)

@@ -8,11 +8,10 @@ decoding step. When the GPU chunk budget is full, the least useful unpinned resi
 (its rows masked again, its KV moved to the CPU tier).
 
 Proxies (all return one score per chunk in [0, 1], higher = more likely needed):
-  draft_attention  attention mass of the draft model's newest query on each chunk (the draft attends to
-                   every chunk, resident or not), averaged over heads and layers;
+  draft_attention  each chunk's share of the attention the draft model's newest query gives to chunks (the
+                   draft attends to every chunk, resident or not), averaged over heads and a few layers;
   key_bounds       Quest-style: per chunk, min/max of its keys per dimension at a few layers; the upper
-                   bound of q.k for the target's newest query gives an upper bound on the chunk's share of
-                   attention against the keys the target really attends to;
+                   bound of q.k for the target's newest query, softmax-normalised across chunks;
   ngram_source     1 for the chunk the last n-gram draft was copied from, decaying by half each step.
 """
 
@@ -25,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from kvblend.fusion.blend import KVState, promote_chunk
+from kvblend.fusion.blend import KVState, forward_tokens, promote_chunk
 from kvblend.fusion.rope import rerotate
 from kvblend.kvstore.chunk_kv import ChunkKV
 from kvblend.kvstore.store import ChunkKVStore, ChunkSlot
@@ -60,42 +59,49 @@ def attention_mass(queries: Sequence[torch.Tensor], state: KVState, ranges: Sequ
     return masses / max(1, len(layers))
 
 
+PAGE_TOKENS = 16
+
+
 @dataclass
 class KeyBounds:
-    """Per-dimension min/max of one chunk's keys (at its global positions) at the probe layers."""
+    """Quest-style page summaries of one chunk's keys (at its global positions) at the probe layers:
+    per page of PAGE_TOKENS tokens, the per-dimension min and max."""
 
-    kmin: torch.Tensor  # [layers, H_kv, D]
+    kmin: torch.Tensor  # [layers, H_kv, pages, D]
     kmax: torch.Tensor
-    num_tokens: int
 
     @classmethod
     def of(cls, chunk: ChunkKV, start: int, model: DecoderModel, layers: Sequence[int]) -> "KeyBounds":
-        k = rerotate(chunk.k[list(layers)].to(torch.float32), start - chunk.rope_offset, model.inv_freq)
-        return cls(k.amin(dim=2), k.amax(dim=2), chunk.num_tokens)
+        k = rerotate(chunk.k[list(layers)].to(torch.float32), start - chunk.rope_offset, model.inv_freq).cpu()
+        t = k.shape[2]
+        pages = -(-t // PAGE_TOKENS)
+        pad = pages * PAGE_TOKENS - t
+        if pad:  # repeat the last key so padding never widens a bound
+            k = torch.cat([k, k[:, :, -1:].expand(-1, -1, pad, -1)], dim=2)
+        k = k.view(k.shape[0], k.shape[1], pages, PAGE_TOKENS, k.shape[-1])
+        return cls(k.amin(dim=3), k.amax(dim=3))
 
 
-def key_bound_mass(queries: Sequence[torch.Tensor], state: KVState, bounds: dict[int, KeyBounds],
-                   model: DecoderModel, layers: Sequence[int]) -> dict[int, float]:
-    """Upper bound of each bounded chunk's attention share against the currently attended keys."""
+def key_bound_share(queries: Sequence[torch.Tensor], bounds: dict[int, KeyBounds], model: DecoderModel,
+                    layers: Sequence[int]) -> dict[int, float]:
+    """Each chunk's estimated share of attention: per head, the largest page upper bound of q.k in the chunk
+    (sum over dims of max(q*kmin, q*kmax)), softmax-normalised across chunks, averaged over heads and layers.
+    Sums to 1 over the chunks."""
     s = model.shape
-    n = state.length
     group = s.num_heads // s.num_kv_heads
-    out = {i: 0.0 for i in bounds}
+    ids = sorted(bounds)
+    total = torch.zeros(len(ids))
     for li, layer in enumerate(layers):
-        q = queries[layer].to(torch.float32).cpu()  # [H, D]
-        k = state.k[layer, :, :n].to(torch.float32).repeat_interleave(group, dim=0)
-        logits = torch.einsum("hd,hnd->hn", q.to(k.device), k) * model.attn_scale
-        if state.valid is not None:
-            logits = logits.masked_fill(~state.valid[:n][None], float("-inf"))
-        lse = torch.logsumexp(logits, dim=-1).cpu()  # [H]
-        for i, b in bounds.items():
-            kmin = b.kmin[li].repeat_interleave(group, dim=0)  # [H, D]
-            kmax = b.kmax[li].repeat_interleave(group, dim=0)
-            ub = torch.maximum(q * kmin, q * kmax).sum(-1) * model.attn_scale  # [H]
-            chunk_lse = ub + torch.log(torch.tensor(float(b.num_tokens)))
-            share = torch.sigmoid(chunk_lse - lse)  # e^c / (e^c + e^lse)
-            out[i] += float(share.mean()) / len(layers)
-    return out
+        q = queries[layer].to(torch.float32).cpu()[:, None, :]  # [H, 1, D]
+        best = []
+        for i in ids:
+            kmin = bounds[i].kmin[li].repeat_interleave(group, dim=0)  # [H, pages, D]
+            kmax = bounds[i].kmax[li].repeat_interleave(group, dim=0)
+            ub = torch.maximum(q * kmin, q * kmax).sum(-1).amax(-1) * model.attn_scale  # [H]
+            best.append(ub)
+        total += torch.softmax(torch.stack(best), dim=0).mean(-1)  # [chunks]
+    total /= max(1, len(layers))
+    return {i: float(v) for i, v in zip(ids, total)}
 
 
 @dataclass
@@ -125,7 +131,7 @@ class Promoter:
     """on_step hook for speculative_generate: fuses last step's requested chunks, scores, requests new ones."""
 
     def __init__(self, target: DecoderModel, store: ChunkKVStore, slots: Sequence[ChunkSlot], proxy: str | None,
-                 threshold: float = 0.2, max_gpu_chunks: int = 2, pinned: Sequence[int] = (), drafter=None,
+                 threshold: float = 0.3, max_gpu_chunks: int = 2, pinned: Sequence[int] = (), drafter=None,
                  probe: list | None = None):
         if proxy is not None and proxy not in PROXIES:
             raise ValueError(f"unknown proxy '{proxy}'; use one of {', '.join(PROXIES)}")
@@ -153,12 +159,13 @@ class Promoter:
             draft = self.drafter.model
             ranges = [(s.start, s.start + s.num_tokens) for s in self.slots]
             mass = attention_mass(queries, self.drafter.state, ranges, draft, _probe_layers(draft.shape.num_layers))
+            mass = mass / mass.sum().clamp_min(1e-12)  # share of the chunks' attention
             return {s.index: float(m) for s, m in zip(self.slots, mass)}
         if self.proxy == "key_bounds":
             if not self.probe:
                 return {}
             queries = [q[:, 0] for q in self.probe]  # the newest emitted token's query per layer
-            return key_bound_mass(queries, state, self.bounds, self.target, self.layers)
+            return key_bound_share(queries, self.bounds, self.target, self.layers)
         if self.proxy == "ngram_source":
             self.ngram_scores = {i: v / 2 for i, v in self.ngram_scores.items() if v > 1e-3}
             source = getattr(self.drafter, "last_source_chunk", None)
@@ -189,6 +196,7 @@ class Promoter:
         self.store.demote(slot.key)
         self.resident.discard(idx)
 
+    @torch.inference_mode()
     def __call__(self, step: int, state: KVState) -> None:
         rec = StepTrace(step=step)
         t0 = time.perf_counter()
@@ -223,6 +231,52 @@ class Promoter:
         rec.cpu_chunks = sorted({s.index for s in self.slots} - set(rec.gpu_chunks))
         rec.gpu_bytes = self.store.used_bytes()["gpu"]
         self.trace.append(rec)
+
+    @torch.inference_mode()
+    def warm_start(self, state: KVState, prompt_ids: Sequence[int], query_start: int) -> torch.Tensor | None:
+        """Before the first token: score the placeholders with the prompt's last query, promote the ones that
+        pass, and recompute the query (exactly as if those chunks had been resident from the start).
+        Returns the new last-position logits, or None when nothing was promoted."""
+        if self.proxy not in ("key_bounds", "draft_attention"):
+            return None
+        last = int(prompt_ids[-1])
+        model, kv = (self.target, state) if self.proxy == "key_bounds" else (self.drafter.model, self.drafter.state)
+        if kv.length != len(prompt_ids):
+            return None
+        queries: list[torch.Tensor] = []
+        kv.truncate(kv.length - 1)
+        forward_tokens(model, kv, [last], num_logits=0, queries_out=queries)  # same KV, now with its queries
+        if self.proxy == "key_bounds":
+            self.probe[:] = queries  # the list speculative_generate refills after each pass
+        else:
+            self.drafter.last_queries = [q[:, -1] for q in queries]
+        rec = StepTrace(step=-1)
+        rec.scores = self._scores(state)
+        budget = self.max_gpu_chunks - len(self.resident)
+        for idx in sorted(rec.scores, key=lambda i: -rec.scores[i]):
+            if idx in self.resident or rec.scores[idx] < self.threshold:
+                continue
+            if budget <= 0:
+                victim = self._victim(rec.scores)
+                if victim is None or rec.scores.get(victim, 0.0) >= rec.scores[idx]:
+                    break
+                self._demote(state, victim)
+                rec.demoted.append(victim)
+                budget += 1
+            slot = self.slots[idx]
+            self.store.pin(slot.key)
+            promote_chunk(self.target, state, self.store.get(slot.key, tier="gpu"), slot.start)
+            self.resident.add(idx)
+            rec.promoted.append(idx)
+            budget -= 1
+        rec.gpu_chunks = sorted(self.resident)
+        rec.cpu_chunks = sorted({s.index for s in self.slots} - self.resident)
+        rec.gpu_bytes = self.store.used_bytes()["gpu"]
+        self.trace.append(rec)
+        if not rec.promoted and not rec.demoted:
+            return None
+        state.truncate(query_start)
+        return forward_tokens(self.target, state, list(prompt_ids[query_start:]), num_logits=1)[-1]
 
     def release(self) -> None:
         """Unpin every resident or requested chunk. The promoter owns the placement's pins: the caller
