@@ -75,9 +75,19 @@ def _add_pipeline_args(p: argparse.ArgumentParser, mode: bool = False) -> None:
         p.add_argument("--mode", choices=["full", "reuse", "blend"], default=None)
 
 
+def _add_spec_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--drafter", choices=["ngram", "model", "none"], default=None, help="speculative drafter")
+    p.add_argument("--draft-model", dest="draft_model", default=None, help="draft model for --drafter model")
+    p.add_argument("--proxy", choices=["draft_attention", "key_bounds", "ngram_source", "none"], default=None,
+                   help="relevance proxy that promotes CPU chunks (none: never promote)")
+    p.add_argument("--threshold", dest="promote_threshold", type=_ratio, default=None,
+                   help="proxy score that triggers a promotion (default 0.3)")
+    p.add_argument("--spec-k", dest="spec_k", type=int, default=None, help="drafted tokens per pass (default 4)")
+
+
 PIPELINE_FLAGS = ("model", "dtype", "device", "dataset", "limit", "seed", "top_k", "retrieval_mode",
                   "retrieval_scope", "results_dir", "top_k_gpu", "gpu_budget", "cpu_budget", "ratio",
-                  "max_new_tokens", "mode")
+                  "max_new_tokens", "mode", "drafter", "draft_model", "proxy", "promote_threshold", "spec_k")
 
 
 def _config_from_args(args: argparse.Namespace):
@@ -93,7 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_pipeline_args(sub.add_parser("retrieve", help="rank each question's chunks; writes results/retrieval/"))
     _add_pipeline_args(sub.add_parser("build", help="prefill every retrieved chunk once into the chunk store"))
-    _add_pipeline_args(sub.add_parser("decode", help="answer every sample (full | reuse | blend)"), mode=True)
+    decode = sub.add_parser("decode", help="answer every sample (full | reuse | blend), or --speculative")
+    _add_pipeline_args(decode, mode=True)
+    decode.add_argument("--speculative", action="store_true",
+                        help="speculative decoding with --top-k-gpu chunks resident and proxy promotions")
+    decode.add_argument("--trace-out", default=None, help="trace file (default results/decoding/speculative_trace.json)")
+    _add_spec_args(decode)
     _add_pipeline_args(sub.add_parser("eval", help="quality and fidelity table from the decoding files"))
     run = sub.add_parser("run", help="retrieve + build + decode (full, reuse, blend) + eval")
     _add_pipeline_args(run)
@@ -106,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--ratio", type=_ratio, default=None, help="blend recompute ratio (default 0.15)")
     demo.add_argument("--out", default=None, help="also write the rows as JSON here")
 
-    budget = sub.add_parser("budget", help="KV bytes per token and how many tokens/chunks fit in a GPU")
+    budget = sub.add_parser("budget", help="KV bytes per token and how many tokens/chunks fit in a GPU",
+                            conflict_handler="resolve")
     budget.add_argument("--model", default="smollm2-135m-instruct",
                         help="preset (llama-3-8b, qwen2.5-7b, mistral-7b, smollm2-135m, ...) or folder with config.json")
     budget.add_argument("--gpu-mem", default="80GiB", help="GPU memory, e.g. 80GiB, 141GB")
@@ -115,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--workspace", type=float, default=0.1, help="workspace fraction of GPU memory (min 1 GiB)")
     budget.add_argument("--chunk-tokens", type=_positive_int, default=512)
     budget.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    budget.add_argument("--sweep", action="store_true",
+                        help="decode at GPU budgets of 1..--top-k chunks, with and without promotions (uses "
+                             "the pipeline flags below; --model is then the engine model)")
+    _add_pipeline_args(budget)
+    _add_spec_args(budget)
     return parser
 
 
@@ -143,8 +164,16 @@ def cmd_budget(args: argparse.Namespace) -> int:
     from kvblend.budget import plan_budget, resolve_dims
     from kvblend.config import format_bytes, parse_bytes
 
-    dims = resolve_dims(args.model)
-    plan = plan_budget(dims, parse_bytes(args.gpu_mem, "--gpu-mem"), args.dtype, args.workspace,
+    if args.sweep:
+        from kvblend.pipeline import format_sweep_table, run_budget_sweep
+
+        config = _config_from_args(args)
+        path, runs = run_budget_sweep(config, progress=not args.quiet)
+        print(format_sweep_table(runs))
+        print(f"\nwrote {path}")
+        return 0
+    dims = resolve_dims(args.model or "smollm2-135m-instruct")
+    plan = plan_budget(dims, parse_bytes(args.gpu_mem, "--gpu-mem"), args.dtype or "bfloat16", args.workspace,
                        chunk_tokens=args.chunk_tokens, weights_dtype=args.weights_dtype)
     if args.json:
         from dataclasses import asdict
@@ -191,9 +220,18 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
-    from kvblend.pipeline import run_decode
+    from kvblend.pipeline import run_decode, run_speculative
 
     config = _config_from_args(args)
+    if args.speculative:
+        path = run_speculative(config, progress=not args.quiet,
+                               trace_path=Path(args.trace_out) if args.trace_out else None)
+        res = json.loads(path.read_text())
+        score = "-" if res["mean_score"] is None else f"{res['mean_score']:.3f}"
+        print(f"wrote {path}: mean {res['metric']} {score}, TTFT {res['mean_ttft_ms']:.0f} ms, "
+              f"TPOT {res['mean_tpot_ms']:.1f} ms, acceptance {res['acceptance_rate']:.2f}, "
+              f"promotions/sample {res['promotions_per_sample']:.2f}")
+        return 0
     path = run_decode(config, progress=not args.quiet)
     res = json.loads(path.read_text())
     score = "-" if res["mean_score"] is None else f"{res['mean_score']:.3f}"

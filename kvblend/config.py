@@ -60,6 +60,12 @@ class EngineConfig:
     cpu_budget: str = "16GiB"
     disk_budget: str = "50GiB"
     top_k_gpu: int = 5  # chunks kept on the GPU tier; the rest are CPU placeholders
+    # speculative decoding with promotion (decode --speculative)
+    drafter: str = "ngram"  # ngram | model | none
+    draft_model: str = ""  # named model or folder for drafter=model (same tokenizer as the target)
+    proxy: str = "key_bounds"  # draft_attention | key_bounds | ngram_source | none
+    promote_threshold: float = 0.3  # proxy share of chunk attention that triggers a promotion
+    spec_k: int = 4  # drafted tokens per verification pass
     # pipeline
     dataset: str = "musique_s"  # known name (musique_s, wikimqa_s, samsum, toy) or a data file path
     limit: int = 0  # 0 = every sample
@@ -93,6 +99,15 @@ class EngineConfig:
         need(isinstance(self.top_k_gpu, int) and self.top_k_gpu >= 0,
              f"top_k_gpu: expected an integer >= 0, got {self.top_k_gpu!r}")
         need(isinstance(self.seed, int), f"seed: expected an integer, got {self.seed!r}")
+        need(self.drafter in ("ngram", "model", "none"), f"drafter: expected ngram, model or none, got {self.drafter!r}")
+        need(self.drafter != "model" or bool(self.draft_model), "drafter 'model' needs draft_model (--draft-model)")
+        need(self.proxy in ("draft_attention", "key_bounds", "ngram_source", "none"),
+             f"proxy: expected draft_attention, key_bounds, ngram_source or none, got {self.proxy!r}")
+        need(self.proxy != "draft_attention" or self.drafter == "model",
+             "proxy 'draft_attention' needs drafter 'model' (the draft attends to every chunk)")
+        need(isinstance(self.promote_threshold, (int, float)) and 0 <= self.promote_threshold <= 1,
+             f"promote_threshold: expected a number in [0, 1], got {self.promote_threshold!r}")
+        need(isinstance(self.spec_k, int) and self.spec_k >= 0, f"spec_k: expected an integer >= 0, got {self.spec_k!r}")
         need(isinstance(self.limit, int) and self.limit >= 0, f"limit: expected an integer >= 0, got {self.limit!r}")
         need(isinstance(self.top_k, int) and self.top_k >= 1, f"top_k: expected an integer >= 1, got {self.top_k!r}")
         need(self.retrieval_mode in ("bm25", "dense", "both", "colbert"),

@@ -291,3 +291,131 @@ def format_eval_table(table: list[dict]) -> str:
                      f"| {f(r['em'])} | {f(r['fidelity_exact'])} | {f(r['fidelity_rougeL'])} "
                      f"| {f(r['mean_ttft_ms'], '.0f')} | {f(r['mean_tpot_ms'], '.1f')} | {speed} |")
     return "\n".join(lines)
+
+
+# speculative decode with promotions ------------------------------------------------------------------
+def spec_label(config: EngineConfig, gpu_chunks: int, proxy: str) -> str:
+    return f"{dataset_label(config)}_spec_{config.drafter}_{proxy}_g{gpu_chunks}"
+
+
+def run_speculative(config: EngineConfig, engine=None, draft=None, gpu_chunks: int | None = None,
+                    proxy: str | None = None, progress: bool = True, trace_path: Path | None = None) -> Path:
+    """Tiered speculative decoding: top `gpu_chunks` resident, the rest CPU placeholders promoted by `proxy`.
+    Writes decoding/<dataset>_spec_<drafter>_<proxy>_g<N>.json and the per-step trace."""
+    from kvblend.eval.metrics import first_line, score_answer
+    from kvblend.generation.speculative import spec_stats
+    from kvblend.model.registry import load_model
+
+    gpu_chunks = config.top_k_gpu if gpu_chunks is None else gpu_chunks
+    proxy = config.proxy if proxy is None else proxy
+    data, by_id = load_inputs(config)
+    engine = engine or _engine(config)
+    if config.drafter == "model" and draft is None:
+        draft = load_model(config.draft_model, config.dtype, config.device)
+    if draft is not None and draft.shape.vocab_size != engine.model.shape.vocab_size:
+        log.warning("draft vocab %d != target vocab %d", draft.shape.vocab_size, engine.model.shape.vocab_size)
+    plans = plan_samples(config, engine, data, by_id)
+    sampling = engine.sampling(data.max_new_tokens)
+    rows, trace_rows = [], []
+    for i, plan in enumerate(tqdm(plans, desc=f"speculative ({config.drafter}, {proxy}, {gpu_chunks} on GPU)",
+                                  unit="sample", disable=not progress)):
+        out, steps, trace, placement = engine.answer_speculative(
+            plan.prompt, plan.chunk_texts, plan.scores, gpu_chunks=gpu_chunks, drafter=config.drafter,
+            draft_model=draft, proxy=None if proxy == "none" else proxy, threshold=config.promote_threshold,
+            k=config.spec_k, sampling=sampling)
+        answer = first_line(out.text) if data.template.first_line_only else out.text.strip()
+        st = spec_stats(steps)
+        by_step = {t.step: t for t in trace}
+        for j, step in enumerate(steps):
+            row = {"sample_index": i, "sample_id": plan.sample_id, "step": j, "drafted": step.drafted_ids,
+                   "accepted": step.num_accepted, "emitted": step.emitted_ids, "step_ms": round(step.step_ms, 3),
+                   "ngram_source_chunk": step.source_chunk}
+            if j in by_step:
+                row.update({k: v for k, v in by_step[j].as_dict().items() if k not in ("step", "drafted", "accepted")})
+            trace_rows.append(row)
+        if -1 in by_step:  # the warm-start round before the first token
+            trace_rows.append({"sample_index": i, "sample_id": plan.sample_id, **by_step[-1].as_dict()})
+        promoted = [c for t in trace for c in t.promoted]
+        rows.append({
+            "sample_index": i, "sample_id": plan.sample_id, "answer": answer, "raw_output": out.text,
+            "gold": [list(a) for a in plan.answers],
+            "score": score_answer(data.metric, answer, plan.answers) if plan.answers else None,
+            "ttft_ms": round(out.ttft_ms, 3), "tpot_ms": round(out.tpot_ms, 3),
+            "num_output_tokens": len(out.token_ids), "output_ids": out.token_ids,
+            "acceptance_rate": st.acceptance_rate, "mean_accepted": st.mean_accepted, "num_steps": st.num_steps,
+            "tokens_per_s": (len(out.token_ids) / (sum(out.token_ms) / 1e3)) if out.token_ms else None,
+            "promotions": len(promoted), "promoted_chunks": promoted,
+            "demotions": sum(len(t.demoted) for t in trace),
+            "initial_gpu_chunks": [s.index for s in placement.resident],
+            "chunk_ids": list(plan.chunk_ids),
+        })
+    scored = [r["score"] for r in rows if r["score"] is not None]
+    mean = lambda key: (sum(r[key] for r in rows if r[key] is not None) /  # noqa: E731
+                        max(1, sum(r[key] is not None for r in rows)))
+    result = {
+        "dataset": data.name, "model": engine.model.name, "drafter": config.drafter,
+        "draft_model": draft.name if draft is not None else None, "proxy": proxy, "gpu_chunks": gpu_chunks,
+        "top_k": config.top_k, "threshold": config.promote_threshold, "spec_k": config.spec_k,
+        "mode": config.mode, "ratio": config.ratio, "device": str(engine.model.device),
+        "dtype": str(engine.model.dtype).removeprefix("torch."), "metric": data.metric,
+        "mean_score": sum(scored) / len(scored) if scored else None,
+        "mean_ttft_ms": mean("ttft_ms"), "mean_tpot_ms": mean("tpot_ms"), "tokens_per_s": mean("tokens_per_s"),
+        "acceptance_rate": mean("acceptance_rate"), "promotions_per_sample": mean("promotions"),
+        "samples": rows,
+    }
+    path = paths(config)["decode_dir"] / f"{spec_label(config, gpu_chunks, proxy)}.json"
+    atomic_write_json(path, result)
+    trace_path = trace_path or paths(config)["decode_dir"] / "speculative_trace.json"
+    atomic_write_json(trace_path, {"config": {k: result[k] for k in ("dataset", "model", "drafter", "draft_model",
+                                                                     "proxy", "gpu_chunks", "threshold", "spec_k")},
+                                   "trace": trace_rows,
+                                   "results": [{k: r[k] for k in ("sample_index", "sample_id", "answer", "ttft_ms",
+                                                                  "tpot_ms", "acceptance_rate", "promotions",
+                                                                  "score")} for r in rows]})
+    return path
+
+
+def run_budget_sweep(config: EngineConfig, max_chunks: int | None = None, progress: bool = True) -> tuple[Path, list]:
+    """For GPU budgets of 1..N chunks, with and without promotions: quality, fidelity to all-resident,
+    TTFT, TPOT, promotions. Writes decoding/<dataset>_budget_sweep.json."""
+    import json
+
+    from kvblend.eval.metrics import fidelity
+
+    engine = _engine(config)
+    n = max_chunks or config.top_k
+    runs = []
+    ref_path = run_speculative(config, engine=engine, gpu_chunks=n, proxy="none", progress=progress)
+    ref = json.loads(ref_path.read_text())
+    ref_answers = {r["sample_id"]: r["answer"] for r in ref["samples"]}
+    for g in range(1, n + 1):
+        for proxy in ("none", config.proxy) if g < n else ("none",):
+            if proxy == "none" and g == n:
+                res = ref
+            else:
+                res = json.loads(run_speculative(config, engine=engine, gpu_chunks=g, proxy=proxy,
+                                                 progress=progress).read_text())
+            fid = [fidelity(r["answer"], ref_answers[r["sample_id"]]) for r in res["samples"]]
+            runs.append({"gpu_chunks": g, "proxy": proxy, "score": res["mean_score"], "metric": res["metric"],
+                         "fidelity_exact": sum(f["exact"] for f in fid) / len(fid),
+                         "fidelity_rougeL": sum(f["rougeL"] for f in fid) / len(fid),
+                         "mean_ttft_ms": res["mean_ttft_ms"], "mean_tpot_ms": res["mean_tpot_ms"],
+                         "promotions_per_sample": res["promotions_per_sample"],
+                         "acceptance_rate": res["acceptance_rate"]})
+    path = paths(config)["decode_dir"] / f"{dataset_label(config)}_budget_sweep.json"
+    atomic_write_json(path, {"dataset": dataset_label(config), "model": engine.model.name,
+                             "drafter": config.drafter, "top_k": config.top_k, "runs": runs})
+    return path, runs
+
+
+def format_sweep_table(runs: list) -> str:
+    def f(x, spec=".3f"):
+        return "-" if x is None else format(x, spec)
+
+    lines = ["| GPU chunks | promotions by | score | fidelity exact | fidelity Rouge-L | TTFT ms | TPOT ms | "
+             "promotions/sample | acceptance |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        lines.append(f"| {r['gpu_chunks']} | {r['proxy']} | {f(r['score'])} | {f(r['fidelity_exact'])} | "
+                     f"{f(r['fidelity_rougeL'])} | {f(r['mean_ttft_ms'], '.0f')} | {f(r['mean_tpot_ms'], '.1f')} | "
+                     f"{f(r['promotions_per_sample'], '.2f')} | {f(r['acceptance_rate'], '.2f')} |")
+    return "\n".join(lines)

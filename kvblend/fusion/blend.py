@@ -139,6 +139,13 @@ def _place_chunk(state: KVState, chunk: ChunkKV, start: int, model: DecoderModel
     state.v[:, :, start:end] = chunk.v.to(model.device)
 
 
+def _elapsed_ms(t_start: float, device: torch.device) -> float:
+    """Wall time since t_start, after the device has finished the work queued so far."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - t_start) * 1e3
+
+
 def _check_length(model: DecoderModel, num_tokens: int) -> None:
     s = model.shape
     if num_tokens > s.max_position_embeddings:
@@ -207,7 +214,7 @@ def prefill(model: DecoderModel, prompt: PromptIds, chunks: Sequence[ChunkKV] | 
         if resident[i]:
             chunk_pos_parts.append(torch.arange(start, end, device=dev))
         start = end
-    kv_load_ms = (time.perf_counter() - t_start) * 1e3
+    kv_load_ms = _elapsed_ms(t_start, dev)
     chunk_pos = torch.cat(chunk_pos_parts) if chunk_pos_parts else torch.empty(0, dtype=torch.long, device=dev)
     always = torch.cat([torch.arange(len(prompt.prefix_ids), device=dev), torch.arange(start, n, device=dev)])
 
@@ -260,7 +267,7 @@ def prefill(model: DecoderModel, prompt: PromptIds, chunks: Sequence[ChunkKV] | 
         else:
             h = _attend_mlp(model, layer, h, q, pos, state, n, causal_prefix=is_all)
     logits = _logits(model, h[-1])
-    prefill_ms = (time.perf_counter() - t_start) * 1e3
+    prefill_ms = _elapsed_ms(t_start, dev)
     stats = BlendStats(
         mode=mode, num_tokens=n, num_chunk_tokens=int(chunk_pos.numel()),
         num_recomputed=int(pos.numel()), selected_positions=tuple(selected.tolist()),

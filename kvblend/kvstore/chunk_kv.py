@@ -43,7 +43,13 @@ class ChunkKV:
         return self.kv.numel() * self.kv.element_size()
 
     def to(self, device: torch.device | str, pin: bool = False) -> "ChunkKV":
-        kv = self.kv.to(device, non_blocking=pin)
-        if pin and kv.device.type == "cpu" and torch.cuda.is_available():
-            kv = kv.pin_memory()
+        """Copy to `device`. Host -> GPU from pinned memory is asynchronous (ordered on the current stream);
+        GPU -> host is blocking, so the host copy is complete when this returns."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            kv = self.kv.to(device)  # blocking: readers on the host see finished bytes
+            if pin and torch.cuda.is_available() and not kv.is_pinned():
+                kv = kv.pin_memory()
+        else:
+            kv = self.kv.to(device, non_blocking=self.kv.device.type == "cpu" and self.kv.is_pinned())
         return ChunkKV(self.key, self.token_ids, kv, self.rope_offset, self.sink_ids, self.text)
