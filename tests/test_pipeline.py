@@ -1,0 +1,60 @@
+"""The user pipeline end to end on the real default model: retrieve, build (and resume), decode, eval,
+speculative decode with its trace."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kvblend.config import EngineConfig
+from kvblend.engine import Engine
+from kvblend.model.registry import load_model
+from kvblend.pipeline import run_build, run_decode, run_eval, run_retrieve, run_speculative
+from kvblend.retrieval import load_retrieval
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    config = EngineConfig(home=str(tmp / "home"), results_dir=str(tmp / "results"), dataset="toy", limit=1,
+                          max_new_tokens=8, top_k=4, top_k_gpu=4)
+    model = load_model("smollm2-135m-instruct", dtype="float32", device="cpu")
+    return config, model
+
+
+def test_pipeline_end_to_end(setup):
+    config, model = setup
+    path, recall = run_retrieve(config, progress=False)
+    assert recall is None  # toy samples have no gold answers
+    run = load_retrieval(path)
+    assert path.name == "toy_rag_bm25_k4.json" and len(run.retrieved[0].passage_ids) == 4
+
+    summary = json.loads(run_build(config, engine=Engine(config, model=model), progress=False).read_text())
+    assert (summary["chunks_built"], summary["chunks_reused"]) == (4, 0)
+    assert summary["model_fingerprint"] == model.fingerprint and len(summary["placements"]) == 1
+
+    # an interrupted build: one chunk file lost; a fresh process rebuilds only that one
+    engine = Engine(config, model=model)
+    victim = summary["placements"][0]["chunks"][2]["key"]
+    for p in engine.store.disk.paths(victim):
+        p.unlink()
+    engine = Engine(config, model=model)
+    again = json.loads(run_build(config, engine=engine, progress=False).read_text())
+    assert (again["chunks_built"], again["chunks_reused"]) == (1, 3)
+
+    for mode in ("full", "blend"):
+        res = json.loads(run_decode(config, mode=mode, engine=engine, progress=False).read_text())
+        row = res["samples"][0]
+        assert row["num_output_tokens"] >= 1 and row["ttft_ms"] > 0 and row["prompt_tokens"] > 1000
+    _, table = run_eval(config, ("full", "blend"))
+    by_mode = {r["mode"]: r for r in table}
+    assert by_mode["full"]["fidelity_exact"] == 1.0 and by_mode["blend"]["fidelity_rougeL"] is not None
+
+    spec = json.loads(run_speculative(config, engine=engine, gpu_chunks=2, proxy="key_bounds",
+                                      progress=False).read_text())
+    assert spec["samples"][0]["initial_gpu_chunks"] == [0, 1]
+    trace = json.loads((Path(config.results_dir) / "decoding" / "speculative_trace.json").read_text())
+    assert trace["results"][0]["sample_id"] == "toy/0"
+    assert trace["trace"] and all("gpu_chunks" in r for r in trace["trace"] if "proxy_scores" in r)
