@@ -196,24 +196,20 @@ class Promoter:
         self.store.demote(slot.key)
         self.resident.discard(idx)
 
-    @torch.inference_mode()
-    def __call__(self, step: int, state: KVState) -> None:
-        rec = StepTrace(step=step)
-        t0 = time.perf_counter()
-        # 1. fuse the chunks whose copy was started last step
+    def _fuse_pending(self, state: KVState, rec: StepTrace) -> None:
+        """Fuse every requested chunk into the target's KV at its reserved positions."""
         for idx, (chunk, event) in list(self.pending.items()):
             if event is not None:
                 torch.cuda.current_stream().wait_event(event)
-            slot = self.slots[idx]
-            promote_chunk(self.target, state, chunk, slot.start)
+            promote_chunk(self.target, state, chunk, self.slots[idx].start)
             self.resident.add(idx)
             rec.promoted.append(idx)
         self.pending.clear()
-        # 2. score with the signals of the last pass and request the chunks that pass the threshold
-        rec.scores = self._scores(state)
+
+    def _request(self, state: KVState, rec: StepTrace) -> None:
+        """Start fetching the chunks over the threshold, best first, demoting less useful ones for room."""
         wanted = sorted((i for i, v in rec.scores.items() if v >= self.threshold and i not in self.resident),
                         key=lambda i: -rec.scores[i])
-        moved_before = sum(self.store.stats.bytes_moved.values())
         for idx in wanted:
             if len(self.resident) + len(self.pending) >= self.max_gpu_chunks:
                 victim = self._victim(rec.scores)
@@ -225,6 +221,8 @@ class Promoter:
             self.store.pin(slot.key)
             self.pending[idx] = self._fetch(slot)
             rec.requested.append(idx)
+
+    def _record(self, rec: StepTrace, t0: float, moved_before: int) -> None:
         rec.bytes_moved = sum(self.store.stats.bytes_moved.values()) - moved_before
         rec.copy_ms = (time.perf_counter() - t0) * 1e3
         rec.gpu_chunks = sorted(self.resident | set(self.pending))
@@ -233,46 +231,35 @@ class Promoter:
         self.trace.append(rec)
 
     @torch.inference_mode()
+    def __call__(self, step: int, state: KVState) -> None:
+        rec, t0, moved = StepTrace(step=step), time.perf_counter(), sum(self.store.stats.bytes_moved.values())
+        self._fuse_pending(state, rec)  # the copies started last step
+        rec.scores = self._scores(state)  # signals of the last verification pass
+        self._request(state, rec)  # fused at the next pass: the copy overlaps this one
+        self._record(rec, t0, moved)
+
+    @torch.inference_mode()
     def warm_start(self, state: KVState, prompt_ids: Sequence[int], query_start: int) -> torch.Tensor | None:
         """Before the first token: score the placeholders with the prompt's last query, promote the ones that
         pass, and recompute the query (exactly as if those chunks had been resident from the start).
-        Returns the new last-position logits, or None when nothing was promoted."""
+        Returns the new last-position logits, or None when nothing changed."""
         if self.proxy not in ("key_bounds", "draft_attention"):
             return None
-        last = int(prompt_ids[-1])
         model, kv = (self.target, state) if self.proxy == "key_bounds" else (self.drafter.model, self.drafter.state)
         if kv.length != len(prompt_ids):
             return None
+        rec, t0, moved = StepTrace(step=-1), time.perf_counter(), sum(self.store.stats.bytes_moved.values())
         queries: list[torch.Tensor] = []
         kv.truncate(kv.length - 1)
-        forward_tokens(model, kv, [last], num_logits=0, queries_out=queries)  # same KV, now with its queries
+        forward_tokens(model, kv, [int(prompt_ids[-1])], num_logits=0, queries_out=queries)  # same KV + queries
         if self.proxy == "key_bounds":
             self.probe[:] = queries  # the list speculative_generate refills after each pass
         else:
             self.drafter.last_queries = [q[:, -1] for q in queries]
-        rec = StepTrace(step=-1)
         rec.scores = self._scores(state)
-        budget = self.max_gpu_chunks - len(self.resident)
-        for idx in sorted(rec.scores, key=lambda i: -rec.scores[i]):
-            if idx in self.resident or rec.scores[idx] < self.threshold:
-                continue
-            if budget <= 0:
-                victim = self._victim(rec.scores)
-                if victim is None or rec.scores.get(victim, 0.0) >= rec.scores[idx]:
-                    break
-                self._demote(state, victim)
-                rec.demoted.append(victim)
-                budget += 1
-            slot = self.slots[idx]
-            self.store.pin(slot.key)
-            promote_chunk(self.target, state, self.store.get(slot.key, tier="gpu"), slot.start)
-            self.resident.add(idx)
-            rec.promoted.append(idx)
-            budget -= 1
-        rec.gpu_chunks = sorted(self.resident)
-        rec.cpu_chunks = sorted({s.index for s in self.slots} - self.resident)
-        rec.gpu_bytes = self.store.used_bytes()["gpu"]
-        self.trace.append(rec)
+        self._request(state, rec)
+        self._fuse_pending(state, rec)
+        self._record(rec, t0, moved)
         if not rec.promoted and not rec.demoted:
             return None
         state.truncate(query_start)
