@@ -109,7 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="speculative decoding with --top-k-gpu chunks resident and proxy promotions")
     decode.add_argument("--trace-out", default=None, help="trace file (default results/decoding/speculative_trace.json)")
     _add_spec_args(decode)
-    _add_pipeline_args(sub.add_parser("eval", help="quality and fidelity table from the decoding files"))
+    evaluate = sub.add_parser("eval", help="quality and fidelity table from the decoding files")
+    _add_pipeline_args(evaluate)
+    evaluate.add_argument("--token-f1", action="store_true",
+                          help="also the CacheBlend token-id F1 (with its Yes/No collapse; for comparison only)")
     run = sub.add_parser("run", help="retrieve + build + decode (full, reuse, blend) + eval")
     _add_pipeline_args(run)
     run.add_argument("--modes", default="full,reuse,blend", help="comma-separated decode modes")
@@ -244,8 +247,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from kvblend.pipeline import format_eval_table, run_eval
 
     config = _config_from_args(args)
-    path, table = run_eval(config)
+    path, table = run_eval(config, token_f1=args.token_f1)
     print(format_eval_table(table))
+    if args.token_f1:
+        for row in table:
+            value = row["token_f1_cacheblend"]
+            print(f"{row['mode']}: CacheBlend token-id F1 = {'-' if value is None else f'{value:.3f}'}")
     print(f"\nwrote {path}")
     return 0
 

@@ -237,10 +237,24 @@ def run_decode(config: EngineConfig, mode: str | None = None, engine=None, progr
 
 
 # eval -----------------------------------------------------------------------------------------------
-def run_eval(config: EngineConfig, modes: tuple[str, ...] = ("full", "reuse", "blend")) -> tuple[Path, list[dict]]:
+def _token_encoder(config: EngineConfig):
+    """Text -> token ids of the configured model's tokenizer (no special tokens), for the token-id F1."""
+    from transformers import AutoTokenizer
+
+    from kvblend.model.registry import resolve_model
+
+    folder, _, _ = resolve_model(config.model)
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    return lambda text: tok(text, add_special_tokens=False)["input_ids"]
+
+
+def run_eval(config: EngineConfig, modes: tuple[str, ...] = ("full", "reuse", "blend"),
+             token_f1: bool = False) -> tuple[Path, list[dict]]:
+    """Quality (F1/EM or Rouge-L) and fidelity to the full-prefill answers per mode. token_f1 adds the
+    CacheBlend token-id F1 (its Yes/No collapse included) computed with the configured model's tokenizer."""
     import json
 
-    from kvblend.eval.metrics import best_em, fidelity, score_answer
+    from kvblend.eval.metrics import best_em, cacheblend_f1, fidelity, flatten_answers, score_answer
 
     loaded = {}
     for mode in modes:
@@ -256,6 +270,7 @@ def run_eval(config: EngineConfig, modes: tuple[str, ...] = ("full", "reuse", "b
         raise PipelineError(f"no decoding files for {dataset_label(config)} under {paths(config)['decode_dir']}; "
                             f"run `kvblend decode` first")
     full = {r["sample_id"]: r["answer"] for r in loaded.get("full", {}).get("samples", [])}
+    encode = _token_encoder(config) if token_f1 else None
     table = []
     for mode, res in loaded.items():
         rows = res["samples"]
@@ -264,10 +279,13 @@ def run_eval(config: EngineConfig, modes: tuple[str, ...] = ("full", "reuse", "b
         scores = [score_answer(metric, r["answer"], g) for r, g in zip(rows, golds) if g]
         ems = [best_em(r["answer"], g) for r, g in zip(rows, golds) if g] if metric != "rougeL" else []
         fid = [fidelity(r["answer"], full[r["sample_id"]]) for r in rows if r["sample_id"] in full]
+        tok = [max(cacheblend_f1(r.get("raw_output", r["answer"]), a, encode) for a in flatten_answers(g))
+               for r, g in zip(rows, golds) if g] if encode is not None and metric != "rougeL" else []
         table.append({
             "mode": mode, "ratio": res.get("ratio"), "num_samples": len(rows), "metric": metric,
             "score": sum(scores) / len(scores) if scores else None,
             "em": sum(ems) / len(ems) if ems else None,
+            "token_f1_cacheblend": sum(tok) / len(tok) if tok else None,
             "fidelity_exact": sum(f["exact"] for f in fid) / len(fid) if fid else None,
             "fidelity_rougeL": sum(f["rougeL"] for f in fid) / len(fid) if fid else None,
             "mean_ttft_ms": res.get("mean_ttft_ms"), "mean_tpot_ms": res.get("mean_tpot_ms"),
