@@ -169,7 +169,10 @@ class DecoderModel:
     def hf_forward_logits(self, input_ids: torch.Tensor, cache: Any = None, position_ids: torch.Tensor | None = None):
         """transformers' own forward (reference for tests); returns (logits [T, V], cache)."""
         kwargs = {_cache_kwarg(self.hf_model): cache} if cache is not None else {}
-        out = self.hf_model(input_ids=input_ids[None], position_ids=position_ids, use_cache=True, **kwargs)
+        if position_ids is not None:
+            position_ids = position_ids.to(self.device)
+        out = self.hf_model(input_ids=input_ids[None].to(self.device), position_ids=position_ids, use_cache=True,
+                            **kwargs)
         return out.logits[0], out.past_key_values
 
 
