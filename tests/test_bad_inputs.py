@@ -148,6 +148,9 @@ def test_corrupt_decoding_file(capsys, tmp_path):
 
 def test_passage_longer_than_context(capsys, tmp_path, monkeypatch):
     """A real model: the prompt check names the sample and the context size; nothing is written."""
+    from kvblend.model.registry import DEFAULT_MODEL, NAMED_MODELS, converted_folder
+
+    converted_folder(NAMED_MODELS[DEFAULT_MODEL])  # the one-time conversion (with its progress bar) first
     results = tmp_path / "results"
     long = " ".join(["word"] * 9000)
     data = _write(tmp_path, "long.json", json.dumps(
