@@ -11,7 +11,7 @@ import pytest
 from kvblend.config import EngineConfig
 from kvblend.engine import Engine
 from kvblend.model.registry import load_model
-from kvblend.pipeline import run_build, run_decode, run_eval, run_retrieve, run_speculative
+from kvblend.pipeline import run_budget_sweep, run_build, run_decode, run_eval, run_retrieve, run_speculative
 from kvblend.retrieval import load_retrieval
 
 
@@ -58,3 +58,11 @@ def test_pipeline_end_to_end(setup):
     trace = json.loads((Path(config.results_dir) / "decoding" / "speculative_trace.json").read_text())
     assert trace["results"][0]["sample_id"] == "toy/0"
     assert trace["trace"] and all("gpu_chunks" in r for r in trace["trace"] if "proxy_scores" in r)
+
+
+def test_budget_sweep(setup):
+    config, _ = setup  # runs after test_pipeline_end_to_end: retrieval file and chunks exist
+    path, runs = run_budget_sweep(config, max_chunks=2, progress=False)
+    assert [(r["gpu_chunks"], r["proxy"]) for r in runs] == [(1, "none"), (1, "key_bounds"), (2, "none")]
+    assert runs[-1]["fidelity_exact"] == 1.0  # the all-resident run is its own reference
+    assert json.loads(path.read_text())["runs"] == runs
