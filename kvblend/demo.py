@@ -68,7 +68,7 @@ def run_demo(config: EngineConfig, dataset: str = "musique_s", num_samples: int 
 
 
 def format_table(rows: list[DemoRow]) -> str:
-    header = f"| sample | gold | mode | answer | F1 | = full | TTFT ms | recomputed |"
+    header = "| sample | gold | mode | answer | F1 | = full | TTFT ms | recomputed |"
     lines = [header, "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ans = r.answer.replace("|", "\\|")[:60]
