@@ -70,6 +70,8 @@ def _add_pipeline_args(p: argparse.ArgumentParser, mode: bool = False) -> None:
     p.add_argument("--cpu-budget", dest="cpu_budget", default=None)
     p.add_argument("--ratio", type=_ratio, default=None, help="blend recompute ratio (default 0.15)")
     p.add_argument("--max-new-tokens", dest="max_new_tokens", type=_positive_int, default=None)
+    p.add_argument("--max-context-tokens", dest="max_context_tokens", type=_positive_int, default=None,
+                   help="drop middle chunks beyond this many chunk tokens (default: samsum 3400, others none)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     if mode:
         p.add_argument("--mode", choices=["full", "reuse", "blend"], default=None)
@@ -87,7 +89,7 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
 
 PIPELINE_FLAGS = ("model", "dtype", "device", "dataset", "limit", "seed", "top_k", "retrieval_mode",
                   "retrieval_scope", "results_dir", "top_k_gpu", "gpu_budget", "cpu_budget", "ratio",
-                  "max_new_tokens", "mode", "drafter", "draft_model", "proxy", "promote_threshold", "spec_k")
+                  "max_new_tokens", "max_context_tokens", "mode", "drafter", "draft_model", "proxy", "promote_threshold", "spec_k")
 
 
 def _config_from_args(args: argparse.Namespace):

@@ -72,6 +72,7 @@ class EngineConfig:
     retrieval_mode: str = "bm25"  # bm25 | dense | both | colbert
     retrieval_scope: str = "per_sample"  # per_sample | pooled
     top_k: int = 5  # retrieved chunks per question
+    max_context_tokens: int = 0  # cap on chunk tokens (middle chunks dropped); 0 = dataset default (samsum 3400)
     results_dir: str = "results"
 
     def __post_init__(self) -> None:
@@ -109,6 +110,8 @@ class EngineConfig:
              f"promote_threshold: expected a number in [0, 1], got {self.promote_threshold!r}")
         need(isinstance(self.spec_k, int) and self.spec_k >= 0, f"spec_k: expected an integer >= 0, got {self.spec_k!r}")
         need(isinstance(self.limit, int) and self.limit >= 0, f"limit: expected an integer >= 0, got {self.limit!r}")
+        need(isinstance(self.max_context_tokens, int) and self.max_context_tokens >= 0,
+             f"max_context_tokens: expected an integer >= 0, got {self.max_context_tokens!r}")
         need(isinstance(self.top_k, int) and self.top_k >= 1, f"top_k: expected an integer >= 1, got {self.top_k!r}")
         need(self.retrieval_mode in ("bm25", "dense", "both", "colbert"),
              f"retrieval_mode: expected bm25, dense, both or colbert, got {self.retrieval_mode!r}")

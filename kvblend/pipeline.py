@@ -108,24 +108,46 @@ def load_inputs(config: EngineConfig) -> tuple[Dataset, dict]:
     return data, by_id
 
 
+SAMSUM_CONTEXT_TOKENS = 3400  # CacheBlend's samsum cap: middle few-shot examples are dropped beyond it
+
+
+def keep_within(lengths: list[int], cap: int) -> list[int]:
+    """Indices kept when the middle items are dropped one by one until the total length fits `cap`
+    (the first and last items go last); every index when cap <= 0."""
+    keep = list(range(len(lengths)))
+    while cap > 0 and len(keep) > 1 and sum(lengths[i] for i in keep) > cap:
+        del keep[len(keep) // 2]
+    return keep
+
+
 def plan_samples(config: EngineConfig, engine, data: Dataset, by_id: dict) -> list[SamplePlan]:
     from kvblend.types import Passage
 
     plans = []
     context = engine.model.shape.max_position_embeddings
+    cap = config.max_context_tokens or (SAMSUM_CONTEXT_TOKENS if data.metric == "rougeL" else 0)
     for sample in data.samples:
         r = by_id[sample.sample_id]
         titles = r.titles or ("",) * len(r.texts)
         texts = tuple(data.template.format_passage(Passage(pid, t, x))
                       for pid, t, x in zip(r.passage_ids, titles, r.texts))
-        prompt = engine.prompt(data.template.prefix, texts, data.template.format_query(sample.question))
+        passage_ids, scores = tuple(r.passage_ids), tuple(r.scores)
+        query = data.template.format_query(sample.question)
+        prompt = engine.prompt(data.template.prefix, texts, query)
+        keep = keep_within([len(c) for c in prompt.chunk_ids], cap)
+        if len(keep) < len(texts):
+            log.info("%s: dropped %d middle chunks to fit %d context tokens", sample.sample_id,
+                     len(texts) - len(keep), cap)
+            texts = tuple(texts[i] for i in keep)
+            passage_ids, scores = tuple(passage_ids[i] for i in keep), tuple(scores[i] for i in keep)
+            prompt = engine.prompt(data.template.prefix, texts, query)
         needed = prompt.num_tokens + (config.max_new_tokens or data.max_new_tokens)
         if needed > context:
             raise PipelineError(f"sample {sample.sample_id}: prompt of {prompt.num_tokens} tokens + answer exceeds "
                                 f"the {context}-token context of {engine.model.name}; lower --top-k or shorten "
                                 f"the passages")
         plans.append(SamplePlan(sample.sample_id, sample.question, sample.answers, prompt, texts,
-                                tuple(r.passage_ids), tuple(r.scores)))
+                                passage_ids, scores))
     return plans
 
 

@@ -63,3 +63,12 @@ def test_budget_cli_table_and_errors(capsys, tmp_path):
     (tmp_path / "config.json").write_text('{"num_hidden_layers": 2}')
     assert main(["budget", "--model", str(tmp_path)]) == 1
     assert "config.json lacks" in capsys.readouterr().err
+
+
+def test_keep_within_drops_middle_chunks_first():
+    from kvblend.pipeline import keep_within
+
+    assert keep_within([100, 100, 100, 100, 100], 350) == [0, 1, 4]
+    assert keep_within([100, 100, 100], 0) == [0, 1, 2]  # no cap
+    assert keep_within([500, 600], 100) == [0]  # never below one chunk
+    assert keep_within([10, 20, 30], 60) == [0, 1, 2]
