@@ -161,6 +161,8 @@ def _validate_chunks(chunks: Sequence[ChunkKV], chunk_ids: Sequence[Sequence[int
         # token ids end to end: cached KV is used only for exactly the ids it was computed from
         if tuple(ck.token_ids) != tuple(ids):
             raise ValueError(f"chunk {i}: cached KV was computed for other token ids ({ck.key})")
+        if ck.key.model_fingerprint != model.fingerprint:
+            raise ValueError(f"chunk {i}: cached KV belongs to model {ck.key.model_fingerprint}, not {model.fingerprint}")
         if ck.k.shape[0] != model.shape.num_layers or ck.k.shape[1] != model.shape.num_kv_heads:
             raise ValueError(f"chunk {i}: cached KV shape {tuple(ck.k.shape)} does not fit model {model.name}")
 
