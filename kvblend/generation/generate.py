@@ -33,35 +33,50 @@ class NewlineDetector:
         return self._cache[token_id]
 
 
+class Stopper:
+    """The stopping rules shared by generate() and speculative_generate(), applied one token at a time given
+    the cache length at that token (the token itself not yet in the cache)."""
+
+    def __init__(self, model: DecoderModel, params: SamplingParams, eos: set[int], capacity: int,
+                 newline: NewlineDetector | None):
+        self.model, self.params, self.eos, self.capacity, self.newline = model, params, eos, capacity, newline
+        self.tokens: list[int] = []
+        self.text_started = False
+        self.reason: str | None = None
+
+    def push(self, token: int, cache_len: int) -> bool:
+        """Record token; True when decoding stops here (self.reason says why)."""
+        if token in self.eos:
+            self.reason = "eos"
+            return True
+        self.tokens.append(token)
+        if self.params.stop_on_newline and self.newline is not None:
+            if self.newline(token) and self.text_started:
+                self.reason = "newline"
+                return True
+            self.text_started = self.text_started or bool(self.model.tokenizer.decode([token]).strip())
+        if len(self.tokens) >= self.params.max_new_tokens or cache_len >= self.capacity:
+            self.reason = "length"
+            return True
+        return False
+
+
 @torch.inference_mode()
 def generate(model: DecoderModel, prefilled: PrefillResult, params: SamplingParams, t_start: float,
              newline: NewlineDetector | None = None) -> GenOutput:
     """Decode up to params.max_new_tokens tokens; t_start is the request's start (perf_counter) for TTFT."""
-    eos = model.eos_token_ids()
     gen = torch.Generator().manual_seed(params.seed)
     token = sample(prefilled.logits, params, gen)
     ttft_ms = (time.perf_counter() - t_start) * 1e3
-    tokens: list[int] = []
-    token_ms: list[float] = []
-    stop_reason = "length"
-    text_started = False
     state = prefilled.state
-    while True:
-        if token in eos:
-            stop_reason = "eos"
-            break
-        tokens.append(token)
-        if params.stop_on_newline and newline is not None:
-            if newline(token) and text_started:
-                stop_reason = "newline"
-                break
-            text_started = text_started or bool(model.tokenizer.decode([token]).strip())
-        if len(tokens) >= params.max_new_tokens or state.length >= state.capacity:
-            break
+    stop = Stopper(model, params, model.eos_token_ids(), state.capacity, newline)
+    token_ms: list[float] = []
+    while not stop.push(token, state.length):
         t0 = time.perf_counter()
         logits = forward_tokens(model, state, [token])[-1]
         token = sample(logits, params, gen)
         token_ms.append((time.perf_counter() - t0) * 1e3)
+    tokens = stop.tokens
     text = model.tokenizer.decode(tokens, skip_special_tokens=True) if model.tokenizer is not None else ""
-    return GenOutput(token_ids=tokens, text=text, ttft_ms=ttft_ms, token_ms=token_ms, stop_reason=stop_reason,
+    return GenOutput(token_ids=tokens, text=text, ttft_ms=ttft_ms, token_ms=token_ms, stop_reason=stop.reason,
                      blend=prefilled.stats)

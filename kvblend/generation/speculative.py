@@ -17,7 +17,7 @@ import torch
 
 from kvblend.fusion.blend import KVState, PrefillResult, forward_tokens
 from kvblend.generation.drafters import Drafter
-from kvblend.generation.generate import NewlineDetector
+from kvblend.generation.generate import NewlineDetector, Stopper
 from kvblend.generation.sampling import SamplingParams, logits_to_probs, sample
 from kvblend.model.hf import DecoderModel
 from kvblend.types import GenOutput, PromptIds
@@ -114,34 +114,6 @@ def _draft_q(drafter: Drafter, drafts: list[int], vocab_size: int) -> torch.Tens
     return q[:, :vocab_size]
 
 
-class _Stopper:
-    """generate()'s stopping rules applied to one token at a time, given the cache length at that token (the
-    token itself not yet in the cache)."""
-
-    def __init__(self, model: DecoderModel, params: SamplingParams, eos: set[int], capacity: int,
-                 newline: NewlineDetector | None):
-        self.model, self.params, self.eos, self.capacity, self.newline = model, params, eos, capacity, newline
-        self.tokens: list[int] = []
-        self.text_started = False
-        self.reason: str | None = None
-
-    def push(self, token: int, cache_len: int) -> bool:
-        """Record token; True when decoding stops here (self.reason says why)."""
-        if token in self.eos:
-            self.reason = "eos"
-            return True
-        self.tokens.append(token)
-        if self.params.stop_on_newline and self.newline is not None:
-            if self.newline(token) and self.text_started:
-                self.reason = "newline"
-                return True
-            self.text_started = self.text_started or bool(self.model.tokenizer.decode([token]).strip())
-        if len(self.tokens) >= self.params.max_new_tokens or cache_len >= self.capacity:
-            self.reason = "length"
-            return True
-        return False
-
-
 @torch.inference_mode()
 def speculative_generate(target: DecoderModel, prefilled: PrefillResult, drafter: Drafter, params: SamplingParams,
                          t_start: float, *, prompt_ids: PromptIds | Sequence[int], k: int = 4,
@@ -172,7 +144,7 @@ def speculative_generate(target: DecoderModel, prefilled: PrefillResult, drafter
     gen = torch.Generator().manual_seed(params.seed)
     token = sample(prefilled.logits, params, gen)
     ttft_ms = (time.perf_counter() - t_start) * 1e3
-    stop = _Stopper(target, params, target.eos_token_ids() if eos is None else set(eos), state.capacity, newline)
+    stop = Stopper(target, params, target.eos_token_ids() if eos is None else set(eos), state.capacity, newline)
     steps: list[StepRecord] = []
     token_ms: list[float] = []
     done = stop.push(token, state.length)
