@@ -175,7 +175,20 @@ def _batches_by_length(texts: Sequence[str], batch_size: int) -> Iterator[list[i
         yield order[start : start + batch_size]
 
 
-class SentenceEncoder:
+class _LazyBackbone:
+    """Loads the encoder folder at self._path on first use (importing kvblend.retrieval stays cheap)."""
+
+    _path: Path
+    _backbone: _Backbone | None
+
+    @property
+    def backbone(self) -> _Backbone:
+        if self._backbone is None:
+            self._backbone = _load_backbone(str(self._path))
+        return self._backbone
+
+
+class SentenceEncoder(_LazyBackbone):
     """Pooled sentence embeddings: mean over the attention mask, then L2 normalisation (float32).
 
     ``max_length`` defaults to the folder's sentence-transformers ``max_seq_length`` (256 for
@@ -197,12 +210,6 @@ class SentenceEncoder:
         self.batch_size = int(batch_size)
         self.show_progress = show_progress
         self._cache: dict[str, np.ndarray] = {}
-
-    @property
-    def backbone(self) -> _Backbone:
-        if self._backbone is None:
-            self._backbone = _load_backbone(str(self._path))
-        return self._backbone
 
     @property
     def max_length(self) -> int:
@@ -246,7 +253,7 @@ class SentenceEncoder:
                 bar.update(len(idx))
 
 
-class TokenEncoder:
+class TokenEncoder(_LazyBackbone):
     """Per-token L2-normalised embeddings for ColBERT-style late interaction (MaxSim).
 
     Default model (bundled all-MiniLM-L6-v2): an UNTRAINED stand-in for ColBERT. Documents and queries
@@ -283,12 +290,6 @@ class TokenEncoder:
         self._doc_cache: dict[str, np.ndarray] = {}
         self._query_cache: dict[str, np.ndarray] = {}
         self._skip_ids: frozenset[int] | None = None
-
-    @property
-    def backbone(self) -> _Backbone:
-        if self._backbone is None:
-            self._backbone = _load_backbone(str(self._path))
-        return self._backbone
 
     @property
     def is_colbert_checkpoint(self) -> bool:
