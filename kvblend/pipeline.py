@@ -200,6 +200,14 @@ def run_build(config: EngineConfig, engine=None, progress: bool = True) -> Path:
 
 
 # decode ---------------------------------------------------------------------------------------------
+def _answer_and_score(data: Dataset, plan: SamplePlan, text: str) -> tuple[str, float | None]:
+    """The answer per the dataset's template (first line for QA) and its metric (None without gold)."""
+    from kvblend.eval.metrics import first_line, score_answer
+
+    answer = first_line(text) if data.template.first_line_only else text.strip()
+    return answer, score_answer(data.metric, answer, plan.answers) if plan.answers else None
+
+
 def _read_build_summary(config: EngineConfig) -> dict | None:
     """The build summary if present (decode builds missing chunks itself); PipelineError if corrupt."""
     import json
@@ -218,8 +226,6 @@ def _read_build_summary(config: EngineConfig) -> dict | None:
 
 
 def run_decode(config: EngineConfig, mode: str | None = None, engine=None, progress: bool = True) -> Path:
-    from kvblend.eval.metrics import first_line, score_answer
-
     mode = mode or config.mode
     data, by_id = load_inputs(config)
     summary = _read_build_summary(config)
@@ -233,8 +239,7 @@ def run_decode(config: EngineConfig, mode: str | None = None, engine=None, progr
     torch.manual_seed(config.seed)
     for plan in tqdm(plans, desc=f"decoding ({mode})", unit="sample", disable=not progress):
         out = engine.answer(plan.prompt, plan.chunk_texts, mode=mode, sampling=sampling)
-        answer = first_line(out.text) if data.template.first_line_only else out.text.strip()
-        score = score_answer(data.metric, answer, plan.answers) if plan.answers else None
+        answer, score = _answer_and_score(data, plan, out.text)
         rows.append({
             "sample_id": plan.sample_id, "question": plan.question, "answer": answer, "raw_output": out.text,
             "gold": [list(a) for a in plan.answers], "metric": data.metric, "score": score,
@@ -342,7 +347,6 @@ def run_speculative(config: EngineConfig, engine=None, draft=None, gpu_chunks: i
                     proxy: str | None = None, progress: bool = True, trace_path: Path | None = None) -> Path:
     """Tiered speculative decoding: top `gpu_chunks` resident, the rest CPU placeholders promoted by `proxy`.
     Writes decoding/<dataset>_spec_<drafter>_<proxy>_g<N>.json and the per-step trace."""
-    from kvblend.eval.metrics import first_line, score_answer
     from kvblend.generation.speculative import spec_stats
     from kvblend.model.registry import load_model
 
@@ -363,7 +367,7 @@ def run_speculative(config: EngineConfig, engine=None, draft=None, gpu_chunks: i
             plan.prompt, plan.chunk_texts, plan.scores, gpu_chunks=gpu_chunks, drafter=config.drafter,
             draft_model=draft, proxy=None if proxy == "none" else proxy, threshold=config.promote_threshold,
             k=config.spec_k, sampling=sampling)
-        answer = first_line(out.text) if data.template.first_line_only else out.text.strip()
+        answer, score = _answer_and_score(data, plan, out.text)
         st = spec_stats(steps)
         by_step = {t.step: t for t in trace}
         for j, step in enumerate(steps):
@@ -379,7 +383,7 @@ def run_speculative(config: EngineConfig, engine=None, draft=None, gpu_chunks: i
         rows.append({
             "sample_index": i, "sample_id": plan.sample_id, "answer": answer, "raw_output": out.text,
             "gold": [list(a) for a in plan.answers],
-            "score": score_answer(data.metric, answer, plan.answers) if plan.answers else None,
+            "score": score,
             "ttft_ms": round(out.ttft_ms, 3), "tpot_ms": round(out.tpot_ms, 3),
             "num_output_tokens": len(out.token_ids), "output_ids": out.token_ids,
             "acceptance_rate": st.acceptance_rate, "mean_accepted": st.mean_accepted, "num_steps": st.num_steps,
