@@ -48,7 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from kvblend.fusion.blend import _place_chunk, allocate_state, prefill  # noqa: E402
+from kvblend.fusion.blend import _place_chunk, prefill  # noqa: E402
+from kvblend.model.runner import allocate_state  # noqa: E402
 from kvblend.kvstore.builder import build_chunk_kv  # noqa: E402
 from kvblend.kvstore.chunk_kv import ChunkKV  # noqa: E402
 from kvblend.model.hf import DecoderModel, random_model  # noqa: E402

@@ -141,7 +141,32 @@ def build_parser() -> argparse.ArgumentParser:
                              "the pipeline flags below; --model is then the engine model)")
     _add_pipeline_args(budget)
     _add_spec_args(budget)
+    for name, (module, text) in PLUGGED.items():
+        mod = _plugged(module)
+        if mod is not None:
+            mod.add_arguments(sub.add_parser(name, help=text))
     return parser
+
+
+# subcommands whose flags and code live in their own package: add_arguments(parser), run(args) -> exit code;
+# importing the module must not import torch (the parser is built on every call)
+PLUGGED = {
+    "bench": ("kvblend.bench.cli", "benchmarks: prefill | decode | serve (JSON under results/bench/)"),
+    "frontier": ("kvblend.quality.cli", "quality frontier: KL / fidelity / score vs recompute ratio per variant"),
+    "serve": ("kvblend.serve.cli", "OpenAI-compatible HTTP server reusing chunk KV across requests"),
+    "analyze": ("kvblend.analysis.cli", "plots and a report from results/ into results/analysis/"),
+}
+
+
+def _plugged(module: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not (module == exc.name or module.startswith(exc.name + ".")):
+            raise
+        return None
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -159,7 +184,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.out:
         from dataclasses import asdict
 
-        from kvblend.kvstore.tiers import atomic_write_json
+        from kvblend.io import atomic_write_json
 
         atomic_write_json(Path(args.out), {"config": config.as_dict(), "rows": [asdict(r) for r in rows]})
     return 0
@@ -293,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
+        if args.command in PLUGGED:
+            return _plugged(PLUGGED[args.command][0]).run(args)
         return COMMANDS[args.command](args)
     except (KvblendError, ValueError, OSError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

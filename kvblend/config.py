@@ -6,7 +6,8 @@ import re
 from dataclasses import asdict, dataclass, fields
 
 from kvblend.errors import ConfigError
-from kvblend.model.registry import DEFAULT_MODEL
+from kvblend.vocab import (CHUNK_SINKS, DEFAULT_MODEL, DRAFTERS, DTYPES, MODES, PROXIES, RETRIEVAL_MODES,
+                            RETRIEVAL_SCOPES, SCORE_ON)
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -24,6 +25,12 @@ def parse_bytes(value: int | float | str, what: str = "size") -> int:
     if not m or m.group(2).lower() not in _UNITS:
         raise ConfigError(f"{what}: expected a byte size like 80GiB, 512MB or 1048576, got {value!r}")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def _alts(names) -> str:
+    """('a', 'b', 'c') -> 'a, b or c' (for error messages)."""
+    names = list(names)
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 def format_bytes(n: float) -> str:
@@ -80,17 +87,16 @@ class EngineConfig:
             if not cond:
                 raise ConfigError(msg)
 
-        need(self.mode in ("full", "reuse", "blend"), f"mode: expected full, reuse or blend, got {self.mode!r}")
+        need(self.mode in MODES, f"mode: expected {_alts(MODES)}, got {self.mode!r}")
         need(isinstance(self.ratio, (int, float)) and 0.0 <= self.ratio <= 1.0,
              f"ratio: expected a number in [0, 1], got {self.ratio!r}")
         need(isinstance(self.check_layer, int) and self.check_layer >= 1,
              f"check_layer: expected an integer >= 1, got {self.check_layer!r}")
-        need(self.score_on in ("k", "v"), f"score_on: expected k or v, got {self.score_on!r}")
-        need(self.dtype in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"),
-             f"dtype: expected auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        need(self.score_on in SCORE_ON, f"score_on: expected {_alts(SCORE_ON)}, got {self.score_on!r}")
+        need(self.dtype in DTYPES, f"dtype: expected auto, float32, bfloat16 or float16, got {self.dtype!r}")
         need(self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:"),
              f"device: expected auto, cpu or cuda, got {self.device!r}")
-        need(self.chunk_sink in ("auto", "none"), f"chunk_sink: expected auto or none, got {self.chunk_sink!r}")
+        need(self.chunk_sink in CHUNK_SINKS, f"chunk_sink: expected {_alts(CHUNK_SINKS)}, got {self.chunk_sink!r}")
         need(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0,
              f"max_new_tokens: expected an integer >= 0 (0 = dataset default), got {self.max_new_tokens!r}")
         need(isinstance(self.temperature, (int, float)) and self.temperature >= 0,
@@ -100,10 +106,9 @@ class EngineConfig:
         need(isinstance(self.top_k_gpu, int) and self.top_k_gpu >= 0,
              f"top_k_gpu: expected an integer >= 0, got {self.top_k_gpu!r}")
         need(isinstance(self.seed, int), f"seed: expected an integer, got {self.seed!r}")
-        need(self.drafter in ("ngram", "model", "none"), f"drafter: expected ngram, model or none, got {self.drafter!r}")
+        need(self.drafter in DRAFTERS, f"drafter: expected {_alts(DRAFTERS)}, got {self.drafter!r}")
         need(self.drafter != "model" or bool(self.draft_model), "drafter 'model' needs draft_model (--draft-model)")
-        need(self.proxy in ("draft_attention", "key_bounds", "ngram_source", "none"),
-             f"proxy: expected draft_attention, key_bounds, ngram_source or none, got {self.proxy!r}")
+        need(self.proxy in PROXIES, f"proxy: expected {_alts(PROXIES)}, got {self.proxy!r}")
         need(self.proxy != "draft_attention" or self.drafter == "model",
              "proxy 'draft_attention' needs drafter 'model' (the draft attends to every chunk)")
         need(isinstance(self.promote_threshold, (int, float)) and 0 <= self.promote_threshold <= 1,
@@ -113,10 +118,10 @@ class EngineConfig:
         need(isinstance(self.max_context_tokens, int) and self.max_context_tokens >= 0,
              f"max_context_tokens: expected an integer >= 0, got {self.max_context_tokens!r}")
         need(isinstance(self.top_k, int) and self.top_k >= 1, f"top_k: expected an integer >= 1, got {self.top_k!r}")
-        need(self.retrieval_mode in ("bm25", "dense", "both", "colbert"),
-             f"retrieval_mode: expected bm25, dense, both or colbert, got {self.retrieval_mode!r}")
-        need(self.retrieval_scope in ("per_sample", "pooled"),
-             f"retrieval_scope: expected per_sample or pooled, got {self.retrieval_scope!r}")
+        need(self.retrieval_mode in RETRIEVAL_MODES,
+             f"retrieval_mode: expected {_alts(RETRIEVAL_MODES)}, got {self.retrieval_mode!r}")
+        need(self.retrieval_scope in RETRIEVAL_SCOPES,
+             f"retrieval_scope: expected {_alts(RETRIEVAL_SCOPES)}, got {self.retrieval_scope!r}")
         for name in ("gpu_budget", "cpu_budget", "disk_budget"):
             parse_bytes(getattr(self, name), name)
 

@@ -7,9 +7,7 @@ Data flow (no stage imports a later stage):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
-BlendMode = Literal["full", "reuse", "blend"]
 
 
 @dataclass(frozen=True, slots=True)

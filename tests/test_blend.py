@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from conftest import make_tiny
-from kvblend.fusion.blend import forward_tokens, prefill
-from kvblend.fusion.rope import rerotate
+from kvblend.fusion.blend import prefill
+from kvblend.model.runner import forward_tokens
+from kvblend.model.rope import rerotate
 from kvblend.fusion.select import num_to_select, select_top
 from kvblend.kvstore.builder import build_chunk_kv
 from kvblend.model.hf import hf_cache_from_kv, kv_from_hf_cache

@@ -75,7 +75,8 @@ def test_each_proxy_scores_every_chunk(tiny_engine, proxy):
 def test_attention_mass_sums_to_one_over_the_whole_prompt():
     model = make_tiny("llama")
     prompt = random_prompt(model.shape.vocab_size, seed=3)
-    from kvblend.fusion.blend import forward_tokens, prefill
+    from kvblend.fusion.blend import prefill
+    from kvblend.model.runner import forward_tokens
     res = prefill(model, prompt, mode="full", extra_capacity=2)
     queries: list = []
     forward_tokens(model, res.state, [5], queries_out=queries)

@@ -15,7 +15,8 @@ from typing import Protocol, Sequence
 
 import torch
 
-from kvblend.fusion.blend import forward_tokens, prefill
+from kvblend.fusion.blend import prefill
+from kvblend.model.runner import forward_tokens
 from kvblend.generation.sampling import logits_to_probs
 from kvblend.model.hf import DecoderModel
 from kvblend.types import PromptIds

@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from kvblend.fusion.blend import PrefillResult, forward_tokens
+from kvblend.fusion.blend import PrefillResult
+from kvblend.model.runner import forward_tokens
 from kvblend.generation.sampling import SamplingParams, sample
 from kvblend.model.hf import DecoderModel
 from kvblend.types import GenOutput

@@ -24,8 +24,9 @@ from typing import Sequence
 
 import torch
 
-from kvblend.fusion.blend import KVState, forward_tokens, promote_chunk
-from kvblend.fusion.rope import rerotate
+from kvblend.fusion.blend import promote_chunk
+from kvblend.model.runner import KVState, forward_tokens
+from kvblend.model.rope import rerotate
 from kvblend.kvstore.chunk_kv import ChunkKV
 from kvblend.kvstore.store import ChunkKVStore, ChunkSlot
 from kvblend.model.hf import DecoderModel

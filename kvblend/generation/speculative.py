@@ -15,7 +15,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from kvblend.fusion.blend import KVState, PrefillResult, forward_tokens
+from kvblend.fusion.blend import PrefillResult
+from kvblend.model.runner import KVState, forward_tokens
 from kvblend.generation.drafters import Drafter
 from kvblend.generation.generate import NewlineDetector, Stopper
 from kvblend.generation.sampling import SamplingParams, logits_to_probs, sample

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from kvblend.fusion.blend import allocate_state, forward_tokens
+from kvblend.model.runner import allocate_state, forward_tokens
 from kvblend.kvstore.chunk_kv import ChunkKV
 from kvblend.kvstore.key import ChunkKey, token_hash
 from kvblend.model.hf import DecoderModel

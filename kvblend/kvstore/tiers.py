@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -22,31 +20,13 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from kvblend.errors import ChunkCorruptError
+from kvblend.io import atomic_write_bytes, atomic_write_json
 from kvblend.kvstore.chunk_kv import LAYOUT, ChunkKV
 from kvblend.kvstore.key import ChunkKey
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over `path` (never a partial file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: object) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode())
 
 
 class MemoryTier:

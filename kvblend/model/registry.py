@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from kvblend.errors import ModelError
+from kvblend.vocab import DEFAULT_MODEL  # noqa: F401  (re-exported for callers of the registry)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 @dataclass(frozen=True, slots=True)
