@@ -199,11 +199,18 @@ def hf_cache_from_kv(kv: list[tuple[torch.Tensor, torch.Tensor]], config: Any) -
     return cache
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str, device: torch.device, shape: tuple[int, int] | None = None) -> torch.dtype:
+    """A dtype name -> torch dtype. "auto": bf16 on CUDA; on CPU bf16 only where the CPU has bf16 matrix support
+    and a one-time probe with matmuls of the model's (hidden, intermediate) `shape` finds it faster, else fp32
+    (kvblend.model.dtype_probe). Explicit names never probe."""
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return torch.bfloat16
+        from kvblend.model.dtype_probe import auto_cpu_dtype
+
+        return auto_cpu_dtype(shape).torch_dtype
     if dtype not in table:
         raise ModelError(f"unknown dtype '{dtype}'; use auto, float32, bfloat16 or float16")
     return table[dtype]

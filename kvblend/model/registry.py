@@ -166,4 +166,11 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str = "auto", device: str = "au
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ModelError("device 'cuda' requested but CUDA is not available; use --device cpu or auto")
     folder, name, fingerprint = resolve_model(spec)
-    return load_hf_folder(folder, resolve_dtype(dtype, dev), dev, name=name, fingerprint=fingerprint)
+    shape = None
+    if dtype == "auto" and dev.type == "cpu":  # the auto-dtype probe times matmuls of this model's shape class
+        try:
+            cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+            shape = (int(cfg["hidden_size"]), int(cfg["intermediate_size"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            shape = None
+    return load_hf_folder(folder, resolve_dtype(dtype, dev, shape), dev, name=name, fingerprint=fingerprint)
