@@ -6,7 +6,7 @@ import logging
 import re
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from kvblend.config import EngineConfig
 from kvblend.data.prompt import build_prompt, sink_ids
@@ -64,8 +64,10 @@ class Engine:
         return self.store.get_or_build(self.chunk_key(token_ids), self._builder(token_ids, text), tier)
 
     def answer(self, prompt: PromptIds, chunk_texts: Sequence[str] | None = None, mode: str | None = None,
-               ratio: float | None = None, sampling: SamplingParams | None = None) -> GenOutput:
-        """Prefill (full / reuse / blend) and decode. TTFT counts from here, chunk fetches included."""
+               ratio: float | None = None, sampling: SamplingParams | None = None,
+               on_token: Callable[[int], bool | None] | None = None) -> GenOutput:
+        """Prefill (full / reuse / blend) and decode. TTFT counts from here, chunk fetches included.
+        on_token: streaming callback, see generation.generate.generate."""
         c = self.config
         mode = mode or c.mode
         ratio = c.ratio if ratio is None else ratio
@@ -85,7 +87,7 @@ class Engine:
         finally:
             for key in keys:
                 self.store.unpin(key)
-        return generate(self.model, result, sampling, t_start, self.newline)
+        return generate(self.model, result, sampling, t_start, self.newline, on_token=on_token)
 
     def answer_speculative(self, prompt: PromptIds, chunk_texts: Sequence[str], scores: Sequence[float], *,
                            gpu_chunks: int, drafter: str = "ngram", draft_model: DecoderModel | None = None,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -64,8 +64,10 @@ class Stopper:
 
 @torch.inference_mode()
 def generate(model: DecoderModel, prefilled: PrefillResult, params: SamplingParams, t_start: float,
-             newline: NewlineDetector | None = None) -> GenOutput:
-    """Decode up to params.max_new_tokens tokens; t_start is the request's start (perf_counter) for TTFT."""
+             newline: NewlineDetector | None = None, on_token: Callable[[int], bool | None] | None = None) -> GenOutput:
+    """Decode up to params.max_new_tokens tokens; t_start is the request's start (perf_counter) for TTFT.
+    on_token (streaming; None = no effect): called with each answer token before the next one is computed
+    (the final token arrives only in the result); returning True stops decoding there (stop_reason "callback")."""
     gen = torch.Generator().manual_seed(params.seed)
     token = sample(prefilled.logits, params, gen)
     ttft_ms = (time.perf_counter() - t_start) * 1e3
@@ -73,6 +75,9 @@ def generate(model: DecoderModel, prefilled: PrefillResult, params: SamplingPara
     stop = Stopper(model, params, model.eos_token_ids(), state.capacity, newline)
     token_ms: list[float] = []
     while not stop.push(token, state.length):
+        if on_token is not None and on_token(token):
+            stop.reason = "callback"
+            break
         t0 = time.perf_counter()
         logits = forward_tokens(model, state, [token])[-1]
         token = sample(logits, params, gen)
