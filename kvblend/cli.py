@@ -73,8 +73,24 @@ def _add_pipeline_args(p: argparse.ArgumentParser, mode: bool = False) -> None:
     p.add_argument("--max-context-tokens", dest="max_context_tokens", type=_positive_int, default=None,
                    help="drop middle chunks beyond this many chunk tokens (default: samsum 3400, others none)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_blend_args(p)
     if mode:
         p.add_argument("--mode", choices=["full", "reuse", "blend"], default=None)
+
+
+def _add_blend_args(p: argparse.ArgumentParser) -> None:
+    """How chunks are precomputed and which tokens a blend recomputes (docs/QUALITY.md compares them)."""
+    from kvblend.vocab import CHUNK_SINKS, SCORE_ON
+
+    p.add_argument("--chunk-sink", dest="chunk_sink", choices=CHUNK_SINKS, default=None,
+                   help="what each chunk is prefilled after: auto (BOS) | none | prefix (the prompt's shared "
+                        "prefix) | text (a fixed short sink text); part of the chunk's store key")
+    p.add_argument("--score-on", dest="score_on", choices=SCORE_ON, default=None,
+                   help="blend selection signal: k | v deviation, attn (query attention), k_attn_rank, k_attn_product")
+    p.add_argument("--select-first-tokens", dest="select_first_tokens", type=int, default=None,
+                   help="always recompute each chunk's first N tokens (EPIC), inside the ratio budget")
+    p.add_argument("--select-layers", dest="select_layers", type=_positive_int, default=None,
+                   help="progressive narrowing over N check layers (N x ratio ... 1 x ratio)")
 
 
 def _add_spec_args(p: argparse.ArgumentParser) -> None:
@@ -89,7 +105,8 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
 
 PIPELINE_FLAGS = ("model", "dtype", "device", "dataset", "limit", "seed", "top_k", "retrieval_mode",
                   "retrieval_scope", "results_dir", "top_k_gpu", "gpu_budget", "cpu_budget", "ratio",
-                  "max_new_tokens", "max_context_tokens", "mode", "drafter", "draft_model", "proxy", "promote_threshold", "spec_k")
+                  "max_new_tokens", "max_context_tokens", "mode", "chunk_sink", "score_on", "select_first_tokens",
+                  "select_layers", "drafter", "draft_model", "proxy", "promote_threshold", "spec_k")
 
 
 def _config_from_args(args: argparse.Namespace):

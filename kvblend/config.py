@@ -50,12 +50,14 @@ class EngineConfig:
     home: str = ""  # KVBLEND_HOME (converted models, chunk store); "" = $KVBLEND_HOME or ~/.cache/kvblend
     # prompt
     chat_template: bool = True  # wrap prefix...query in the tokenizer's chat template when it has one
-    chunk_sink: str = "auto"  # tokens prefilled before each chunk then dropped: auto (BOS if the tokenizer adds one) | none
+    chunk_sink: str = "auto"  # what each chunk is prefilled after (rows dropped): auto (BOS if the tokenizer adds one) | none | prefix (the prompt's shared prefix) | text (a fixed short sink text)
     # blending
     mode: str = "blend"  # full | reuse | blend
     ratio: float = 0.15  # fraction of chunk tokens recomputed in blend mode (LMCache default)
     check_layer: int = 1
-    score_on: str = "k"  # deviation of K (LMCache) or V (original CacheBlend)
+    score_on: str = "k"  # selection signal: k | v deviation (LMCache | original CacheBlend), attn (query attention), k_attn_rank, k_attn_product
+    select_first_tokens: int = 0  # each chunk's first N tokens always recomputed (EPIC), inside the ratio budget
+    select_layers: int = 1  # progressive narrowing over this many check layers (N x ratio, ..., 1 x ratio)
     # generation
     max_new_tokens: int = 0  # 0 = the dataset's default (32 for QA, 128 for samsum)
     temperature: float = 0.0  # 0 = greedy
@@ -93,6 +95,10 @@ class EngineConfig:
         need(isinstance(self.check_layer, int) and self.check_layer >= 1,
              f"check_layer: expected an integer >= 1, got {self.check_layer!r}")
         need(self.score_on in SCORE_ON, f"score_on: expected {_alts(SCORE_ON)}, got {self.score_on!r}")
+        need(isinstance(self.select_first_tokens, int) and self.select_first_tokens >= 0,
+             f"select_first_tokens: expected an integer >= 0, got {self.select_first_tokens!r}")
+        need(isinstance(self.select_layers, int) and self.select_layers >= 1,
+             f"select_layers: expected an integer >= 1, got {self.select_layers!r}")
         need(self.dtype in DTYPES, f"dtype: expected auto, float32, bfloat16 or float16, got {self.dtype!r}")
         need(self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:"),
              f"device: expected auto, cpu or cuda, got {self.device!r}")

@@ -49,7 +49,7 @@ def run_demo(config: EngineConfig, dataset: str = "musique_s", num_samples: int 
     with tqdm(total=total, desc="building chunk KV", unit="chunk", disable=not progress) as bar:
         for prompt, texts in prompts:
             for ids, text in zip(prompt.chunk_ids, texts):
-                engine.ensure_chunk(ids, text)
+                engine.ensure_chunk(ids, text, prefix_ids=prompt.prefix_ids)
                 bar.update()
     sampling = engine.sampling(data.max_new_tokens)
     # one uncounted warm-up so the first timed answer does not pay one-time costs

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from kvblend.config import EngineConfig
-from kvblend.data.prompt import build_prompt, sink_ids
+from kvblend.data.prompt import build_prompt, chunk_context_ids
 from kvblend.fusion.blend import prefill
+from kvblend.fusion.select import SelectionPolicy
 from kvblend.generation.generate import NewlineDetector, generate
 from kvblend.generation.sampling import SamplingParams
 from kvblend.kvstore.builder import build_chunk_kv, chunk_key, dtype_name
@@ -40,7 +41,9 @@ class Engine:
             disk_budget_bytes=config.budget_bytes("disk"), device=self.model.device, model_name=self.model.name,
         )
         tok = self.model.tokenizer
-        self.sink_ids = sink_ids(tok, config.chunk_sink)
+        # the fixed chunk context (chunk_sink auto / none / text); prefix contexts come with each prompt
+        self.sink_ids = () if config.chunk_sink == "prefix" else chunk_context_ids(tok, config.chunk_sink)
+        self.selection = SelectionPolicy(config.score_on, config.select_first_tokens, config.select_layers)
         self.newline = NewlineDetector(tok) if tok is not None else None
 
     def sampling(self, max_new_tokens: int | None = None) -> SamplingParams:
@@ -53,15 +56,25 @@ class Engine:
             raise ValueError(f"{self.model.name} has no tokenizer; pass token ids (PromptIds) instead of text")
         return build_prompt(self.model.tokenizer, prefix_text, chunk_texts, query_text, self.config.chat_template)
 
-    def chunk_key(self, token_ids: Sequence[int]) -> ChunkKey:
-        return chunk_key(self.model, token_ids, self.sink_ids)
+    def chunk_context(self, prefix_ids: Sequence[int] | None = None) -> tuple[int, ...]:
+        """Ids a chunk is prefilled after (config.chunk_sink); prefix_ids: the prompt's prefix, needed for
+        chunk_sink 'prefix'."""
+        if self.config.chunk_sink != "prefix":
+            return self.sink_ids
+        return chunk_context_ids(self.model.tokenizer, "prefix", prefix_ids)
 
-    def _builder(self, token_ids: Sequence[int], text: str):
-        return lambda: build_chunk_kv(self.model, token_ids, self.sink_ids, text)
+    def chunk_key(self, token_ids: Sequence[int], prefix_ids: Sequence[int] | None = None) -> ChunkKey:
+        return chunk_key(self.model, token_ids, self.chunk_context(prefix_ids))
 
-    def ensure_chunk(self, token_ids: Sequence[int], text: str = "", tier: str = "disk") -> ChunkKV:
-        """The chunk's cached KV, built (prefilled alone) and stored if missing or corrupt."""
-        return self.store.get_or_build(self.chunk_key(token_ids), self._builder(token_ids, text), tier)
+    def _builder(self, token_ids: Sequence[int], text: str, prefix_ids: Sequence[int] | None = None):
+        context = self.chunk_context(prefix_ids)
+        return lambda: build_chunk_kv(self.model, token_ids, context, text)
+
+    def ensure_chunk(self, token_ids: Sequence[int], text: str = "", tier: str = "disk",
+                     prefix_ids: Sequence[int] | None = None) -> ChunkKV:
+        """The chunk's cached KV, built (prefilled after its context) and stored if missing or corrupt."""
+        return self.store.get_or_build(self.chunk_key(token_ids, prefix_ids),
+                                       self._builder(token_ids, text, prefix_ids), tier)
 
     def answer(self, prompt: PromptIds, chunk_texts: Sequence[str] | None = None, mode: str | None = None,
                ratio: float | None = None, sampling: SamplingParams | None = None,
@@ -75,14 +88,14 @@ class Engine:
         texts = list(chunk_texts) if chunk_texts is not None else [""] * len(prompt.chunk_ids)
         t_start = time.perf_counter()
         chunks: list[ChunkKV] = []
-        keys = [self.chunk_key(ids) for ids in prompt.chunk_ids] if mode != "full" else []
+        keys = [self.chunk_key(ids, prompt.prefix_ids) for ids in prompt.chunk_ids] if mode != "full" else []
         for key in keys:
             self.store.pin(key)
         try:
             for ids, text, key in zip(prompt.chunk_ids, texts, keys):
-                chunks.append(self.store.get_or_build(key, self._builder(ids, text), tier="gpu"))
+                chunks.append(self.store.get_or_build(key, self._builder(ids, text, prompt.prefix_ids), tier="gpu"))
             result = prefill(self.model, prompt, chunks if mode != "full" else None, mode=mode, ratio=ratio,
-                             check_layer=c.check_layer, score_on=c.score_on,
+                             check_layer=c.check_layer, selection=self.selection,
                              extra_capacity=sampling.max_new_tokens)
         finally:
             for key in keys:
@@ -114,9 +127,9 @@ class Engine:
         gpu_chunks = min(gpu_chunks, n)
         if gpu_chunks == n and c.mode == "full":
             mode = "full"
-        keys = [self.chunk_key(ids) for ids in prompt.chunk_ids]
+        keys = [self.chunk_key(ids, prompt.prefix_ids) for ids in prompt.chunk_ids]
         for ids, text in zip(prompt.chunk_ids, chunk_texts):
-            self.ensure_chunk(ids, text)
+            self.ensure_chunk(ids, text, prefix_ids=prompt.prefix_ids)
         t_start = time.perf_counter()
         placement = self.store.place(keys, [len(i) for i in prompt.chunk_ids], scores,
                                      first_position=len(prompt.prefix_ids), top_k=gpu_chunks)
@@ -126,7 +139,7 @@ class Engine:
             chunks = [self.store.get(s.key, "gpu") if r else None for s, r in zip(placement.slots, resident)]
             extra = sampling.max_new_tokens + k + 2
             result = prefill(self.model, prompt, chunks if mode != "full" else None, mode=mode, ratio=ratio,
-                             check_layer=c.check_layer, score_on=c.score_on, extra_capacity=extra,
+                             check_layer=c.check_layer, selection=self.selection, extra_capacity=extra,
                              resident=resident)
             if drafter == "model":
                 spec = ModelDrafter(draft_model, prompt, extra_capacity=extra)

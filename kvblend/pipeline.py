@@ -167,15 +167,15 @@ def run_build(config: EngineConfig, engine=None, progress: bool = True) -> Path:
     unique = {}
     for plan in plans:
         for ids, text in zip(plan.prompt.chunk_ids, plan.chunk_texts):
-            unique.setdefault(engine.chunk_key(ids), (ids, text))
-    for key, (ids, text) in tqdm(unique.items(), desc="building chunk KV", unit="chunk", disable=not progress):
+            unique.setdefault(engine.chunk_key(ids, plan.prompt.prefix_ids), (ids, text, plan.prompt.prefix_ids))
+    for key, (ids, text, prefix_ids) in tqdm(unique.items(), desc="building chunk KV", unit="chunk", disable=not progress):
         if key in engine.store:
             skipped += 1
             continue
-        engine.ensure_chunk(ids, text)
+        engine.ensure_chunk(ids, text, prefix_ids=prefix_ids)
         built += 1
     for plan in plans:
-        keys = [engine.chunk_key(ids) for ids in plan.prompt.chunk_ids]
+        keys = [engine.chunk_key(ids, plan.prompt.prefix_ids) for ids in plan.prompt.chunk_ids]
         placement = engine.store.place(keys, [len(i) for i in plan.prompt.chunk_ids], plan.scores,
                                        first_position=len(plan.prompt.prefix_ids), top_k=config.top_k_gpu)
         placements.append({

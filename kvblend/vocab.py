@@ -13,7 +13,8 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 BlendMode = Literal["full", "reuse", "blend"]
 MODES: tuple[str, ...] = get_args(BlendMode)
 
-ScoreOn = Literal["k", "v"]
+# selection signal of a blended prefill (kvblend/fusion/select.py): K / V deviation, the query's attention, both
+ScoreOn = Literal["k", "v", "attn", "k_attn_rank", "k_attn_product"]
 SCORE_ON: tuple[str, ...] = get_args(ScoreOn)
 
 DrafterName = Literal["ngram", "model", "none"]
@@ -31,7 +32,9 @@ RETRIEVAL_SCOPES: tuple[str, ...] = get_args(RetrievalScope)
 Tier = Literal["gpu", "cpu", "disk"]
 TIERS: tuple[str, ...] = get_args(Tier)
 
-ChunkSink = Literal["auto", "none"]
+# what each chunk is prefilled after (rows dropped): auto = BOS if the tokenizer adds one, none, the prompt's
+# shared prefix, or a fixed short sink text (kvblend/data/prompt.py::chunk_context_ids)
+ChunkSink = Literal["auto", "none", "prefix", "text"]
 CHUNK_SINKS: tuple[str, ...] = get_args(ChunkSink)
 
 # dtype names: every accepted spelling -> the canonical torch attribute name; "auto" is decided at run time

@@ -54,3 +54,29 @@ def sink_ids(tokenizer: Any, mode: str = "auto") -> tuple[int, ...]:
     if bos is not None and len(with_special) > len(plain) and with_special[0] == bos:
         return (int(bos),)
     return ()
+
+
+# the fixed context of chunk_sink "text": a short neutral line that takes the attention-sink role a chunk's
+# first tokens would otherwise play (CacheClip, EPIC)
+SINK_TEXT = "Passage:\n"
+
+
+def chunk_context_ids(tokenizer: Any, mode: str = "auto", prefix_ids: Sequence[int] | None = None) -> tuple[int, ...]:
+    """Ids each chunk is prefilled after (their rows are dropped); part of the chunk's store key.
+
+    auto / none: sink_ids(); prefix: the prompt's shared prefix (the chunk then sits at the local positions
+    the first chunk has in the prompt, and no chunk carries its own attention sink); text: BOS (if any) +
+    SINK_TEXT. prefix_ids is required for mode prefix, so every path (build, decode, serve, speculative)
+    keys a chunk by the same context.
+    """
+    if mode in ("auto", "none"):
+        return sink_ids(tokenizer, mode)
+    if mode == "prefix":
+        if prefix_ids is None:
+            raise ValueError("chunk_sink 'prefix' needs the prompt's prefix ids to key and build a chunk")
+        return tuple(int(i) for i in prefix_ids)
+    if mode == "text":
+        if tokenizer is None:
+            raise ValueError("chunk_sink 'text' needs a tokenizer")
+        return sink_ids(tokenizer, "auto") + encode(tokenizer, SINK_TEXT)
+    raise ValueError(f"unknown chunk_sink '{mode}'; use auto, none, prefix or text")

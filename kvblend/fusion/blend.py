@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from kvblend.fusion.select import kv_deviation, select_top
+from kvblend.fusion.select import CheckLayer, SelectionPolicy, select_candidates
 from kvblend.kvstore.chunk_kv import ChunkKV
 from kvblend.model.hf import DecoderModel
 from kvblend.model.rope import rerotate, rope_cos_sin
@@ -58,17 +58,54 @@ def _validate_chunks(chunks: Sequence[ChunkKV], chunk_ids: Sequence[Sequence[int
             raise ValueError(f"chunk {i}: cached KV shape {tuple(ck.k.shape)} does not fit model {model.name}")
 
 
+def _check_and_select(model: DecoderModel, state: KVState, h: torch.Tensor, rows_pos: torch.Tensor,
+                      cos: torch.Tensor, sin: torch.Tensor, always: torch.Tensor, chunk_pos: torch.Tensor,
+                      chunk_off: torch.Tensor, query_start: int, n: int, check_layer: int, ratio: float,
+                      policy: SelectionPolicy):
+    """The check layer(s) of a blend: score the candidate chunk tokens, keep the policy's budget, recompute
+    prefix + query + kept tokens through the layer; with policy.layers > 1 the survivors are narrowed again
+    at each following layer. h: hidden states of rows_pos entering check_layer.
+    Returns (h of the recompute set, its positions, the selected chunk positions, the first layer after)."""
+    num_layers = model.shape.num_layers
+    last = min(check_layer + policy.layers, num_layers) - 1
+    cand, cand_off = chunk_pos, chunk_off
+    query_pos = torch.arange(query_start, n, device=h.device)
+    pos = rows_pos
+    for step, layer in enumerate(range(check_layer, last + 1)):
+        q, k, v = qkv(model, layer, h, cos[rows_pos], sin[rows_pos])
+        check = CheckLayer(q=q, k=k, v=v, rows_pos=rows_pos, cached_k=state.k[layer], cached_v=state.v[layer],
+                           cand_pos=cand, query_pos=query_pos, num_keys=n, scale=model.attn_scale,
+                           valid=state.valid if state.has_holes() else None)
+        budget = policy.budget(step, last - check_layer + 1, ratio, chunk_pos.numel())
+        forced = cand_off < policy.first_tokens if policy.first_tokens else None
+        keep = select_candidates(policy, check, budget, forced)
+        cand, cand_off = cand[keep], cand_off[keep]
+        pos = torch.cat([always, cand]).sort().values
+        rows = check.rows_of(pos)
+        write_kv(state, layer, pos, k[:, rows], v[:, rows])
+        if layer == num_layers - 1:
+            rows, pos_out = rows[-1:], pos[-1:]
+        else:
+            pos_out = pos
+        h = attend_mlp(model, layer, h[rows], q[:, rows], pos_out, state, n, causal_prefix=False)
+        rows_pos = pos
+    return h, pos, cand, last + 1
+
+
 @torch.inference_mode()
 def prefill(model: DecoderModel, prompt: PromptIds, chunks: Sequence[ChunkKV] | None = None,
             mode: str = "blend", ratio: float = 0.15, check_layer: int = 1, score_on: str = "k",
-            extra_capacity: int = 0, resident: Sequence[bool] | None = None) -> PrefillResult:
+            extra_capacity: int = 0, resident: Sequence[bool] | None = None,
+            selection: SelectionPolicy | None = None) -> PrefillResult:
     """Prefill `prompt`, reusing `chunks` (cached KV of prompt.chunk_ids, same order) per `mode`.
 
     resident: per chunk, False makes it a placeholder: its positions are reserved but nothing attends to
     it (its entry in `chunks` may be None) until promote_chunk() fills it. Needs mode reuse or blend.
+    selection: which chunk tokens blend recomputes (fusion/select.py); None = SelectionPolicy(score_on).
     Returns the KV state (buffers sized for the prompt + extra_capacity decode tokens) and the last
     position's logits.
     """
+    selection = selection if selection is not None else SelectionPolicy(signal=score_on)
     if mode not in MODES:
         raise ValueError(f"unknown mode '{mode}'; use one of {', '.join(MODES)}")
     s = model.shape
@@ -97,6 +134,7 @@ def prefill(model: DecoderModel, prompt: PromptIds, chunks: Sequence[ChunkKV] | 
 
     # place cached chunk KV at its global positions (new tensors; the cache is read only)
     chunk_pos_parts: list[torch.Tensor] = []
+    chunk_off_parts: list[torch.Tensor] = []  # each chunk token's offset inside its chunk
     start = len(prompt.prefix_ids)
     for i, ids in enumerate(prompt.chunk_ids):
         end = start + len(ids)
@@ -106,6 +144,7 @@ def prefill(model: DecoderModel, prompt: PromptIds, chunks: Sequence[ChunkKV] | 
             _place_chunk(state, chunks[i], start, model)
         if resident[i]:
             chunk_pos_parts.append(torch.arange(start, end, device=dev))
+            chunk_off_parts.append(torch.arange(end - start, device=dev))
         start = end
     kv_load_ms = elapsed_ms(t_start, dev)
     chunk_pos = torch.cat(chunk_pos_parts) if chunk_pos_parts else torch.empty(0, dtype=torch.long, device=dev)
@@ -131,22 +170,10 @@ def prefill(model: DecoderModel, prompt: PromptIds, chunks: Sequence[ChunkKV] | 
             q, k, v = qkv(model, layer, h, cos_a, sin_a)
             write_kv(state, layer, slice(0, n) if dense else active, k, v)
             h = attend_mlp(model, layer, h, q, active, state, n, causal_prefix=dense)
-        q, k, v = qkv(model, check_layer, h, cos_a, sin_a)
-        lut = torch.full((n,), -1, dtype=torch.long, device=dev)
-        lut[active] = torch.arange(active.numel(), device=dev)
-        fresh = (k if score_on == "k" else v)[:, lut[chunk_pos]]
-        cached = (state.k if score_on == "k" else state.v)[check_layer][:, chunk_pos]
-        selected = chunk_pos[select_top(kv_deviation(fresh, cached), ratio)]
-        pos = torch.cat([always, selected]).sort().values
-        rows = lut[pos]
-        write_kv(state, check_layer, pos, k[:, rows], v[:, rows])
-        if check_layer == s.num_layers - 1:
-            rows = rows[-1:]
-            pos_out = pos[-1:]
-        else:
-            pos_out = pos
-        h = attend_mlp(model, check_layer, h[rows], q[:, rows], pos_out, state, n, causal_prefix=False)
-        first_partial = check_layer + 1
+        chunk_off = torch.cat(chunk_off_parts) if chunk_off_parts else chunk_pos
+        h, pos, selected, first_partial = _check_and_select(
+            model, state, h, active, cos, sin, always, chunk_pos, chunk_off, n - len(prompt.query_ids), n,
+            check_layer, ratio, selection)
 
     if mode != "blend":
         h = h[pos]

@@ -1,10 +1,30 @@
-"""HKVD token selection: which chunk tokens deviate most from their cached KV at the check layer."""
+"""Which chunk tokens a blended prefill recomputes: selection signals and the selection policy.
+
+At a check layer every candidate chunk token has a fresh K/V (computed over the blended context) and a
+cached K/V (computed when the chunk was prefilled alone). A signal scores each candidate; the policy keeps
+the top `ratio` of chunk tokens. Signals (kvblend.vocab.SCORE_ON):
+
+  k               squared deviation of fresh K from the cached row (LMCache's CacheBlend)
+  v               the same on V (the original CacheBlend code)
+  attn            attention mass from the query tokens onto the token at the check layer, with the positions
+                  the model really sees (information flow, as in InfoFlow KV)
+  k_attn_rank     rank of k + rank of attn (a token must matter on both)
+  k_attn_product  k deviation x attention mass
+
+Policy extras: `first_tokens` keeps each chunk's first N tokens always (EPIC's false attention sinks),
+inside the same budget; `layers` > 1 narrows progressively (CacheBlend's gradual filtering): the first check
+layer keeps layers x ratio, the next (layers-1) x ratio of the survivors' fresh scores, ... down to ratio.
+Ratio 0 selects nothing (= reuse) and ratio 1 everything (= full prefill), whatever the signal.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+
+from kvblend.vocab import SCORE_ON
 
 
 def kv_deviation(fresh: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
@@ -24,3 +44,125 @@ def select_top(deviation: torch.Tensor, ratio: float) -> torch.Tensor:
     if n == 0:
         return torch.empty(0, dtype=torch.long, device=deviation.device)
     return torch.topk(deviation, n, sorted=False).indices.sort().values
+
+
+@dataclass(frozen=True, slots=True)
+class SelectionPolicy:
+    """How a blended prefill picks the chunk tokens it recomputes (see the module docstring)."""
+
+    signal: str = "k"
+    first_tokens: int = 0
+    layers: int = 1
+
+    def __post_init__(self) -> None:
+        if self.signal not in SCORE_ON:
+            raise ValueError(f"unknown selection signal '{self.signal}'; use one of {', '.join(SCORE_ON)}")
+        if not isinstance(self.first_tokens, int) or self.first_tokens < 0:
+            raise ValueError(f"first_tokens must be an integer >= 0, got {self.first_tokens!r}")
+        if not isinstance(self.layers, int) or self.layers < 1:
+            raise ValueError(f"layers must be an integer >= 1, got {self.layers!r}")
+
+    @property
+    def needs_attention(self) -> bool:
+        return self.signal in ("attn", "k_attn_rank", "k_attn_product")
+
+    def budget(self, step: int, num_steps: int, ratio: float, num_chunk_tokens: int) -> int:
+        """Chunk tokens kept after check step `step` of `num_steps`: (num_steps - step) x ratio of them, so
+        the last step keeps exactly ceil(ratio x chunk tokens) and a ratio of 0 or 1 is kept at every step."""
+        frac = 1.0 if ratio >= 1.0 else min(1.0, ratio * (num_steps - step))
+        return num_to_select(num_chunk_tokens, frac)
+
+
+@dataclass(slots=True)
+class CheckLayer:
+    """What one check layer offers the selection.
+
+    q, k, v: fresh [H, R, D] / [H_kv, R, D] of the rows the layer computed, at global positions `rows_pos`;
+    cached_k, cached_v: the layer's KV buffer [H_kv, capacity, D] (cached chunk rows, re-rotated);
+    cand_pos: global positions of the candidate chunk tokens (a subset of rows_pos);
+    query_pos: global positions of the query tokens (a subset of rows_pos);
+    num_keys: prompt length; valid: attendable rows [capacity] or None (all).
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    rows_pos: torch.Tensor
+    cached_k: torch.Tensor
+    cached_v: torch.Tensor
+    cand_pos: torch.Tensor
+    query_pos: torch.Tensor
+    num_keys: int
+    scale: float
+    valid: torch.Tensor | None = None
+
+    def rows_of(self, pos: torch.Tensor) -> torch.Tensor:
+        lut = torch.full((self.num_keys,), -1, dtype=torch.long, device=pos.device)
+        lut[self.rows_pos] = torch.arange(self.rows_pos.numel(), device=pos.device)
+        return lut[pos]
+
+
+def query_attention(layer: CheckLayer) -> torch.Tensor:
+    """Attention probability mass from the query tokens onto each candidate, summed over heads and query
+    tokens [T_cand] (fp32). Keys are what the query sees at this layer: fresh rows where computed, the cached
+    (re-rotated) rows elsewhere; per-token causal mask, placeholders masked out."""
+    n = layer.num_keys
+    keys = layer.cached_k[:, :n].to(torch.float32).clone()
+    keys[:, layer.rows_pos] = layer.k.to(torch.float32)
+    q = layer.q[:, layer.rows_of(layer.query_pos)].to(torch.float32)  # [H, Tq, D]
+    group = q.shape[0] // keys.shape[0]
+    if group > 1:
+        keys = keys.repeat_interleave(group, dim=0)
+    scores = torch.matmul(q, keys.transpose(1, 2)) * layer.scale  # [H, Tq, n]
+    mask = torch.arange(n, device=q.device)[None, :] <= layer.query_pos[:, None]
+    if layer.valid is not None:
+        mask = mask & layer.valid[None, :n]
+    probs = scores.masked_fill(~mask[None], float("-inf")).softmax(dim=-1)
+    return probs.sum(dim=(0, 1))[layer.cand_pos]
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    """0 for the smallest value ... T-1 for the largest (fp32)."""
+    out = torch.empty_like(x, dtype=torch.float32)
+    out[x.argsort()] = torch.arange(x.numel(), dtype=torch.float32, device=x.device)
+    return out
+
+
+def token_scores(signal: str, layer: CheckLayer) -> torch.Tensor:
+    """Importance of each candidate [T_cand] (higher = recompute first)."""
+    rows = layer.rows_of(layer.cand_pos)
+    if signal in ("k", "v", "k_attn_rank", "k_attn_product"):
+        on_v = signal == "v"
+        fresh = (layer.v if on_v else layer.k)[:, rows]
+        cached = (layer.cached_v if on_v else layer.cached_k)[:, layer.cand_pos]
+        dev = kv_deviation(fresh, cached)
+        if signal in ("k", "v"):
+            return dev
+    attn = query_attention(layer)
+    if signal == "attn":
+        return attn
+    if signal == "k_attn_rank":
+        return _ranks(dev) + _ranks(attn)
+    if signal == "k_attn_product":
+        return dev * attn
+    raise ValueError(f"unknown selection signal '{signal}'")
+
+
+def select_candidates(policy: SelectionPolicy, layer: CheckLayer, budget: int,
+                      forced: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices into layer.cand_pos (ascending) of the `budget` candidates kept at this check layer.
+
+    forced (bool [T_cand]): candidates kept first (each chunk's first tokens), ranked by score if they alone
+    exceed the budget; the rest of the budget goes to the best-scoring others."""
+    num = layer.cand_pos.numel()
+    budget = min(budget, num)
+    dev = layer.cand_pos.device
+    if budget == 0:
+        return torch.empty(0, dtype=torch.long, device=dev)
+    if budget == num:
+        return torch.arange(num, device=dev)
+    scores = token_scores(policy.signal, layer).to(torch.float32)
+    if forced is not None and bool(forced.any()):
+        # forced tokens outrank every other: shift them above the maximum
+        scores = torch.where(forced, scores + (scores.abs().max() + 1.0) * 2.0, scores)
+    return torch.topk(scores, budget, sorted=False).indices.sort().values
