@@ -32,9 +32,16 @@ def logits_to_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0
     return probs
 
 
+def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The sampling generator: on the host for CPU decoding, on the GPU for CUDA decoding (sampling then
+    never leaves the device; its stream differs from the host generator's)."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> int:
-    """One token id from logits [V]."""
+    """One token id from logits [V]; sampled where the generator lives (the host when None)."""
     if params.temperature <= 0:
         return int(logits.argmax())
     probs = logits_to_probs(logits, params.temperature, params.top_p)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+    where = generator.device if generator is not None else torch.device("cpu")
+    return int(torch.multinomial(probs.to(where), 1, generator=generator))

@@ -4,6 +4,8 @@ accepted prefix, roll the target cache back with state.truncate().
 Lossless: greedy verification emits exactly the tokens plain greedy `generate()` emits (same stopping rules);
 sampled verification (Leviathan et al.; Chen et al.) emits tokens distributed as the target's sampling.
 Between steps an `on_step` callback may promote placeholder chunks into the target's state.
+On CUDA the target's verification passes replay CUDA graphs (model/decode_graph.py), one per pass length,
+and the draft length adapts to the running acceptance (DraftLength).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from typing import Callable, Sequence
 import torch
 
 from kvblend.fusion.blend import PrefillResult
-from kvblend.model.runner import KVState, forward_tokens
+from kvblend.model.decode_graph import decode_runner
+from kvblend.model.runner import KVState
 from kvblend.generation.drafters import Drafter
 from kvblend.generation.generate import NewlineDetector, Stopper
 from kvblend.generation.sampling import SamplingParams, logits_to_probs, sample
@@ -58,11 +61,32 @@ def spec_stats(steps: Sequence[StepRecord]) -> SpecStats:
                      mean_emitted=emitted / n if n else 0.0)
 
 
+class DraftLength:
+    """Adaptive draft length: starts at k_max; +2 after a pass that accepted every draft, -1 (not below
+    k_min) after one that rejected some (transformers' heuristic schedule). adaptive=False keeps k_max."""
+
+    def __init__(self, k_max: int, k_min: int = 1, adaptive: bool = True):
+        self.k_max, self.k_min, self.adaptive = k_max, min(k_min, k_max), adaptive
+        self.k = k_max
+
+    def update(self, num_drafted: int, num_accepted: int) -> None:
+        if not self.adaptive or num_drafted == 0:
+            return
+        if num_accepted == num_drafted:
+            self.k = min(self.k_max, self.k + 2)
+        else:
+            self.k = max(self.k_min, self.k - 1)
+
+
 def verify_greedy(target_logits: torch.Tensor, drafts: Sequence[int]) -> tuple[list[int], int]:
     """target_logits [k+1, V] at [last token, d1..dk] -> (drafts kept while equal to the target argmax, then the
     target argmax after them: a correction, or a bonus when all pass; num_accepted)."""
     assert target_logits.shape[0] == len(drafts) + 1, (tuple(target_logits.shape), len(drafts))
-    best = target_logits.argmax(-1).tolist()
+    return accept_greedy(target_logits.argmax(-1).tolist(), drafts)
+
+
+def accept_greedy(best: Sequence[int], drafts: Sequence[int]) -> tuple[list[int], int]:
+    """verify_greedy on the target's argmax ids best [k+1] (read from the device once)."""
     n = 0
     while n < len(drafts) and drafts[n] == best[n]:
         n += 1
@@ -120,7 +144,8 @@ def speculative_generate(target: DecoderModel, prefilled: PrefillResult, drafter
                          t_start: float, *, prompt_ids: PromptIds | Sequence[int], k: int = 4,
                          newline: NewlineDetector | None = None, eos: set[int] | None = None,
                          on_step: Callable[[int, KVState], None] | None = None,
-                         probe: list | None = None) -> tuple[GenOutput, list[StepRecord]]:
+                         probe: list | None = None, adaptive_k: bool = True,
+                         graphs: bool | None = None) -> tuple[GenOutput, list[StepRecord]]:
     """Decode like generate(), verifying up to k drafts per target pass.
 
     prompt_ids: the ids the state was prefilled with (the drafter sees prompt + emitted tokens as context).
@@ -134,6 +159,10 @@ def speculative_generate(target: DecoderModel, prefilled: PrefillResult, drafter
     GenOutput.token_ms: each step's time spread evenly over the tokens it produced.
     probe: if a list, after each verification pass it holds that pass's per-layer target queries [H, T, D]
     (row 0 is the newest emitted token), for relevance proxies that score chunks against the target's query.
+    adaptive_k: the draft length adapts to the acceptance, between 1 and k (DraftLength); False: always k.
+    graphs: replay CUDA-graph-captured target passes (None = on CUDA). If on_step also has `before_pass` and
+    `during_pass` methods (Promoter does), the first runs before the pass and the second while the GPU runs it
+    (its host work then overlaps the pass) instead of calling on_step.
     """
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
@@ -148,42 +177,48 @@ def speculative_generate(target: DecoderModel, prefilled: PrefillResult, drafter
     stop = Stopper(target, params, target.eos_token_ids() if eos is None else set(eos), state.capacity, newline)
     steps: list[StepRecord] = []
     token_ms: list[float] = []
+    length = DraftLength(k, adaptive=adaptive_k)
+    split = on_step is not None and hasattr(on_step, "before_pass") and hasattr(on_step, "during_pass")
     done = stop.push(token, state.length)
-    while not done:
-        t0 = time.perf_counter()
-        base = state.length  # cache: prompt + emitted tokens but the last (`token`)
-        room = min(k, params.max_new_tokens - len(stop.tokens) - 1, state.capacity - base - 1)
-        drafts = [int(t) for t in drafter.propose(context + stop.tokens, room)][:room] if room > 0 else []
-        if any(not 0 <= t < vocab_size for t in drafts):
-            raise ValueError(f"drafter proposed ids outside the target vocabulary of {vocab_size}: {drafts}")
-        source = getattr(drafter, "last_source_chunk", None) if drafts else None
-        if on_step is not None:
-            on_step(len(steps), state)
-            assert state.length == base, f"on_step changed the state length ({base} -> {state.length})"
-        if probe is not None:
-            probe.clear()
-        logits = forward_tokens(target, state, [token] + drafts, queries_out=probe)  # [len(drafts)+1, V]
-        if params.temperature <= 0:
-            out, num_accepted = verify_greedy(logits, drafts)
-        else:
-            p = logits_to_probs(logits, params.temperature, params.top_p)
-            out = verify_sampling(p, _draft_q(drafter, drafts, vocab_size), drafts, gen)
-            num_accepted = len(out) - 1
-        accept = getattr(drafter, "accept", None)
-        if accept is not None and room > 0:  # the drafter was asked this step
-            accept(num_accepted, out)
-        emitted_before = len(stop.tokens)
-        used = len(out)
-        for i, t in enumerate(out):  # out[i] sits after token, d1..di: cache length base + 1 + i
-            if stop.push(t, base + 1 + i):
-                done, used = True, i + 1
-                break
-        state.truncate(base + used)  # keep token and the drafts that precede the last used output
-        step_ms = (time.perf_counter() - t0) * 1e3
-        token_ms.extend([step_ms / len(out)] * used)
-        steps.append(StepRecord(drafted_ids=drafts, num_accepted=num_accepted,
-                                emitted_ids=stop.tokens[emitted_before:], step_ms=step_ms, source_chunk=source))
-        token = out[-1]
+    with decode_runner(target, state, graphs) as runner:
+        while not done:
+            t0 = time.perf_counter()
+            base = state.length  # cache: prompt + emitted tokens but the last (`token`)
+            room = min(length.k, params.max_new_tokens - len(stop.tokens) - 1, state.capacity - base - 1)
+            drafts = [int(t) for t in drafter.propose(context + stop.tokens, room)][:room] if room > 0 else []
+            if any(not 0 <= t < vocab_size for t in drafts):
+                raise ValueError(f"drafter proposed ids outside the target vocabulary of {vocab_size}: {drafts}")
+            source = getattr(drafter, "last_source_chunk", None) if drafts else None
+            if on_step is not None:
+                (on_step.before_pass if split else on_step)(len(steps), state)
+                assert state.length == base, f"on_step changed the state length ({base} -> {state.length})"
+            if probe is not None:
+                probe.clear()
+            pending = runner.launch([token] + drafts, queries_out=probe)  # [len(drafts)+1] positions
+            if split:
+                on_step.during_pass(len(steps), state)  # host work while the device verifies
+            if params.temperature <= 0:
+                out, num_accepted = accept_greedy(pending.argmax(), drafts)
+            else:
+                p = logits_to_probs(pending.logits(), params.temperature, params.top_p)
+                out = verify_sampling(p, _draft_q(drafter, drafts, vocab_size), drafts, gen)
+                num_accepted = len(out) - 1
+            length.update(len(drafts), num_accepted)
+            accept = getattr(drafter, "accept", None)
+            if accept is not None and room > 0:  # the drafter was asked this step
+                accept(num_accepted, out)
+            emitted_before = len(stop.tokens)
+            used = len(out)
+            for i, t in enumerate(out):  # out[i] sits after token, d1..di: cache length base + 1 + i
+                if stop.push(t, base + 1 + i):
+                    done, used = True, i + 1
+                    break
+            state.truncate(base + used)  # keep token and the drafts that precede the last used output
+            step_ms = (time.perf_counter() - t0) * 1e3
+            token_ms.extend([step_ms / len(out)] * used)
+            steps.append(StepRecord(drafted_ids=drafts, num_accepted=num_accepted,
+                                    emitted_ids=stop.tokens[emitted_before:], step_ms=step_ms, source_chunk=source))
+            token = out[-1]
     tokens = stop.tokens
     text = target.tokenizer.decode(tokens, skip_special_tokens=True) if target.tokenizer is not None else ""
     st = spec_stats(steps)
