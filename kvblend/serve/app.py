@@ -1,0 +1,132 @@
+"""FastAPI routes: /v1/chat/completions, /v1/models, /health, /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kvblend.serve.protocol import ApiError, chunk_body, completion_body, parse_chat_request, sse
+from kvblend.serve.worker import Job, QueueFull, Worker
+
+log = logging.getLogger(__name__)
+
+DISCONNECT_POLL_S = 0.2
+MAX_BODY_BYTES = 16 * 2**20
+
+
+def error_response(exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+async def _next_event(job: Job, request: Request):
+    """The job's next event, or None when the client went away first (the job is then cancelled)."""
+    while True:
+        try:
+            return await asyncio.wait_for(job.events.get(), timeout=DISCONNECT_POLL_S)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                job.cancel()
+                return None
+
+
+def create_app(worker: Worker, served_model: str) -> FastAPI:
+    app = FastAPI(title="kvblend", docs_url=None, redoc_url=None, openapi_url=None)
+    metrics = worker.metrics
+    started = int(time.time())
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return error_response(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                                       code=code, type_="invalid_request_error"))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        return error_response(ApiError(400, str(exc).splitlines()[0], code="invalid_value"))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": served_model, "queue_depth": worker.depth(),
+                "queue_capacity": worker.max_queue}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": served_model, "object": "model", "created": started,
+                                            "owned_by": "kvblend", "max_model_len": worker.context}]}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(worker.depth(), worker.max_queue),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        raw = await request.body()
+        try:
+            if len(raw) > MAX_BODY_BYTES:
+                raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes", code="request_too_large")
+            req = parse_chat_request(raw)
+            if req.model is not None and req.model != served_model:
+                raise ApiError(404, f"the model '{req.model}' does not exist; this server serves "
+                                    f"'{served_model}' (GET /v1/models)", param="model", code="model_not_found")
+        except ApiError as exc:
+            metrics.count_request("bad_request")
+            return error_response(exc)
+        job = Job(req, asyncio.get_running_loop())
+        try:
+            worker.submit(job)
+        except QueueFull as exc:
+            metrics.count_request("rejected_queue_full")
+            return error_response(ApiError(
+                429, f"the server's queue is full ({worker.max_queue} requests waiting); retry after "
+                     f"{exc.retry_after_s} s", code="queue_full", headers={"Retry-After": str(exc.retry_after_s)}))
+        event = await _next_event(job, request)
+        if event is None:
+            return Response(status_code=499)
+        kind, payload = event
+        if kind == "error":
+            return error_response(payload)
+        if not req.stream:
+            while kind != "done":
+                event = await _next_event(job, request)
+                if event is None:
+                    return Response(status_code=499)
+                kind, payload = event
+                if kind == "error":
+                    return error_response(payload)
+            extra = {"completion_token_ids": payload["token_ids"]}
+            if payload["retrieved"]:
+                extra["retrieved"] = payload["retrieved"]
+            return JSONResponse(completion_body(req, served_model, payload["text"], payload["finish_reason"],
+                                                payload["usage"], extra))
+        return StreamingResponse(_stream(job, req), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def _stream(job: Job, req):
+        try:
+            yield sse(chunk_body(req, served_model, {"role": "assistant", "content": ""}))
+            while True:
+                kind, payload = await job.events.get()
+                if kind == "delta":
+                    yield sse(chunk_body(req, served_model, {"content": payload}))
+                elif kind == "error":  # after the stream started: an error event, then [DONE]
+                    yield sse(payload.body())
+                    break
+                else:
+                    yield sse(chunk_body(req, served_model, {}, finish_reason=payload["finish_reason"]))
+                    if req.include_usage:
+                        yield sse(chunk_body(req, served_model, {}, usage=payload["usage"], with_choice=False))
+                    job.finished = True
+                    break
+            yield sse("[DONE]")
+        finally:
+            if not job.finished:
+                job.cancel()
+
+    return app

@@ -1,0 +1,114 @@
+"""`kvblend serve`: flags and start-up. Importing this module does not import torch (run() does)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import sys
+
+log = logging.getLogger(__name__)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number in 1..65535, got {text!r}")
+    return value
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from kvblend.vocab import MODES
+
+    p.add_argument("--model", default=None, help="named model (default smollm2-135m-instruct) or local HF folder")
+    p.add_argument("--served-model-name", dest="served_model_name", default=None,
+                   help="the name clients pass as 'model' (default: the model's name)")
+    p.add_argument("--dtype", default=None, help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda")
+    p.add_argument("--config", default=None, help="TOML config file (flags > KVBLEND_* env > file > defaults)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: loopback only)")
+    p.add_argument("--port", type=_port, default=8000)
+    p.add_argument("--corpus", default=None,
+                   help="dataset name (its pooled passages) or JSON/JSONL file for server-side retrieval "
+                        "(requests with \"retrieval\": {\"top_k\": K})")
+    p.add_argument("--mode", choices=list(MODES), default=None, help="default prefill mode (default blend)")
+    p.add_argument("--ratio", type=_ratio, default=None, help="default blend recompute ratio (default 0.15)")
+    p.add_argument("--gpu-budget", dest="gpu_budget", default=None, help="chunk store GPU tier budget, e.g. 4GiB")
+    p.add_argument("--cpu-budget", dest="cpu_budget", default=None, help="chunk store CPU tier budget")
+    p.add_argument("--max-queue", dest="max_queue", type=_positive_int, default=64,
+                   help="requests that may wait for the worker; more get HTTP 429 (default 64)")
+    p.add_argument("--max-tokens", dest="default_max_tokens", type=_positive_int, default=256,
+                   help="completion tokens when a request gives no max_tokens (default 256, clipped to the context)")
+
+
+def _check_listen(host: str, port: int) -> None:
+    """Fail with one line before loading the model when the address cannot be bound."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ValueError(f"--host {host}: cannot be resolved ({exc.strerror})") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as exc:
+            raise ValueError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvblend.config import load_config
+
+    flags = {k: getattr(args, k) for k in ("model", "dtype", "device", "mode", "ratio", "gpu_budget", "cpu_budget")}
+    config = load_config(args.config, flags)
+    _check_listen(args.host, args.port)
+    corpus = None
+    if args.corpus:
+        from kvblend.serve.corpus import load_corpus
+
+        corpus = load_corpus(args.corpus)
+        print(f"kvblend serve: corpus {corpus.name}: {len(corpus.documents)} passages (bm25)", file=sys.stderr)
+
+    import uvicorn
+
+    from kvblend.engine import Engine
+    from kvblend.serve.app import create_app
+    from kvblend.serve.metrics import ServerMetrics
+    from kvblend.serve.worker import Worker
+
+    print(f"kvblend serve: loading {config.model} ...", file=sys.stderr)
+    engine = Engine(config)
+    served = args.served_model_name or engine.model.name
+    worker = Worker(engine, ServerMetrics(), max_queue=args.max_queue, default_max_tokens=args.default_max_tokens,
+                    corpus=corpus)
+    worker.start()
+    app = create_app(worker, served)
+    print(f"kvblend serve: {served} ({engine.model.dtype}, {engine.model.device}) on http://{args.host}:{args.port}"
+          f"/v1 - mode {config.mode}, ratio {config.ratio}, max queue {args.max_queue}", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False,
+                timeout_graceful_shutdown=2)
+    worker.stop()
+    return 0

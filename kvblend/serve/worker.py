@@ -1,0 +1,204 @@
+"""The worker: one thread owns the engine (model + chunk store) and answers queued requests in order.
+
+The HTTP side (asyncio) validates a request, wraps it in a Job and puts it in a bounded FIFO queue (full:
+429). The worker tokenizes the prompt (the tokenizer is only ever used from this thread), checks it fits the
+context, answers it with Engine.answer and sends events back to the job's asyncio queue: ("accepted",
+info) once the prompt is valid, ("delta", text) while streaming, then ("done", result) or ("error",
+ApiError). A job whose client left is skipped if still queued, or stops decoding at its next token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvblend.serve.metrics import ServerMetrics
+from kvblend.serve.protocol import ApiError, ChatRequest, Document, StopText
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Job:
+    request: ChatRequest
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    enqueued_at: float = field(default_factory=time.perf_counter)
+    finished: bool = False
+
+    def emit(self, kind: str, payload: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+        except RuntimeError:  # the event loop is gone (server shutting down)
+            self.cancelled.set()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after_s: int):
+        super().__init__(f"queue full; retry after {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+class Worker:
+    def __init__(self, engine, metrics: ServerMetrics, max_queue: int, default_max_tokens: int = 256,
+                 corpus=None):
+        self.engine = engine
+        self.metrics = metrics
+        self.max_queue = max_queue
+        self.default_max_tokens = default_max_tokens
+        self.corpus = corpus
+        self.queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self._service_s: list[float] = []  # recent service times, for Retry-After
+        self._thread = threading.Thread(target=self._loop, name="kvblend-serve-worker", daemon=True)
+        self.model_name = engine.model.name
+        self.context = engine.model.shape.max_position_embeddings
+        metrics.publish_store(engine.store.summary())
+
+    # HTTP side ----------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        try:
+            self.queue.put_nowait(None)
+        except queue.Full:
+            pass
+
+    def depth(self) -> int:
+        return self.queue.qsize()
+
+    def submit(self, job: Job) -> None:
+        try:
+            self.queue.put_nowait(job)
+        except queue.Full:
+            recent = self._service_s[-16:]
+            mean = sum(recent) / len(recent) if recent else 1.0
+            raise QueueFull(max(1, round(mean * (self.queue.qsize() + 1)))) from None
+
+    # worker thread ------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            while True:
+                job = self.queue.get()
+                if job is None:
+                    return
+                if job.cancelled.is_set():
+                    self.metrics.count_request("cancelled")
+                    continue
+                t0 = time.perf_counter()
+                self.metrics.set_running(1)
+                try:
+                    self._answer(job)
+                except ApiError as exc:
+                    self.metrics.count_request("bad_request" if exc.status < 500 else "error")
+                    job.emit("error", exc)
+                except Exception as exc:  # keep serving; the client gets a 500 error object
+                    log.exception("request %s failed", job.request.request_id)
+                    self.metrics.count_request("error")
+                    job.emit("error", ApiError(500, f"internal error: {type(exc).__name__}: "
+                                                    f"{str(exc).splitlines()[0] if str(exc) else ''}",
+                                               code="internal_error"))
+                finally:
+                    self.metrics.set_running(0)
+                    self._service_s = (self._service_s + [time.perf_counter() - t0])[-64:]
+                    self.metrics.publish_store(self.engine.store.summary())
+
+    def _documents(self, req: ChatRequest) -> tuple[Document, ...]:
+        if req.documents is not None:
+            return req.documents
+        if req.retrieval_top_k is None:
+            return ()
+        if self.corpus is None:
+            raise ApiError(400, "'retrieval' needs a server started with --corpus; send 'documents' instead",
+                           param="retrieval", code="no_corpus")
+        return tuple(self.corpus.search(req.query, req.retrieval_top_k))
+
+    def _answer(self, job: Job) -> None:
+        from kvblend.generation.sampling import SamplingParams
+
+        req, engine = job.request, self.engine
+        queue_s = time.perf_counter() - job.enqueued_at
+        docs = self._documents(req)
+        # a string document is one chunk followed by a blank line, as the pipeline's passage template does
+        texts = [d.text if d.doc_id else (f"{d.title}\n\n{d.text}\n\n" if d.title else f"{d.text}\n\n")
+                 for d in docs]
+        prompt = engine.prompt(req.system, texts, req.query)
+        room = self.context - prompt.num_tokens
+        if req.max_tokens is not None and req.max_tokens > room or room < 1:
+            asked = req.max_tokens or 1
+            raise ApiError(400, f"this model's maximum context length is {self.context} tokens; the prompt has "
+                                f"{prompt.num_tokens} tokens and {asked} completion tokens were asked for; "
+                                f"send fewer or shorter documents or lower max_tokens",
+                           param="messages", code="context_length_exceeded")
+        max_tokens = req.max_tokens or min(self.default_max_tokens, room)
+        seed = req.seed if req.seed is not None else random.randrange(2**31)
+        sampling = SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                                  stop_on_newline=False, seed=seed)
+        mode = req.mode or engine.config.mode
+        ratio = engine.config.ratio if req.ratio is None else req.ratio
+        job.emit("accepted", {"prompt_tokens": prompt.num_tokens})
+        before = engine.store.summary()["stats"]
+        tokenizer = engine.model.tokenizer
+        stop_text = StopText(req.stop)
+        tokens: list[int] = []
+        stopped_by: list[str] = []
+
+        def on_token(token: int) -> bool:
+            if job.cancelled.is_set():
+                stopped_by.append("cancelled")
+                return True
+            if not (req.stream or req.stop):
+                return False
+            tokens.append(token)
+            delta, hit = stop_text.update(tokenizer.decode(tokens, skip_special_tokens=True))
+            if delta and req.stream:
+                job.emit("delta", delta)
+            if hit:
+                stopped_by.append("stop")
+            return hit
+
+        out = engine.answer(prompt, texts, mode=mode, ratio=ratio, sampling=sampling, on_token=on_token)
+        if stopped_by and stopped_by[0] == "cancelled":
+            self.metrics.count_request("cancelled")
+            return
+        delta, text = stop_text.finish(out.text)
+        if delta and req.stream:
+            job.emit("delta", delta)
+        after = engine.store.summary()["stats"]
+        hits = {t: after["hits"].get(t, 0) - before["hits"].get(t, 0) for t in ("gpu", "cpu", "disk")}
+        stats = out.blend
+        chunk_tokens = sum(len(c) for c in prompt.chunk_ids)
+        recomputed = stats.num_recomputed if stats is not None else prompt.num_tokens
+        finish = "length" if out.stop_reason == "length" else "stop"
+        usage = {
+            "prompt_tokens": prompt.num_tokens, "completion_tokens": len(out.token_ids),
+            "total_tokens": prompt.num_tokens + len(out.token_ids),
+            "kvblend": {
+                "mode": mode, "ratio": ratio if mode == "blend" else None, "chunks": len(prompt.chunk_ids),
+                "chunk_tokens": chunk_tokens, "recomputed_tokens": recomputed,
+                "chunk_hits": hits, "chunk_misses": after["misses"] - before["misses"],
+                "chunk_corrupt": after.get("corrupt", 0) - before.get("corrupt", 0),
+                "ttft_ms": round(out.ttft_ms, 3), "tpot_ms": round(out.tpot_ms, 3),
+                "prefill_ms": round(stats.prefill_ms, 3) if stats is not None else None,
+                "queue_ms": round(queue_s * 1e3, 3),
+            },
+        }
+        retrieved = [{"id": d.doc_id, "title": d.title, "score": d.score} for d in docs if d.doc_id]
+        self.metrics.observe_request(out.ttft_ms / 1e3, out.tpot_ms / 1e3 if out.token_ms else None, queue_s,
+                                     {"prompt": prompt.num_tokens, "completion": len(out.token_ids),
+                                      "chunk": chunk_tokens, "recomputed": recomputed})
+        self.metrics.count_request("ok")
+        job.emit("done", {"text": text, "finish_reason": finish, "usage": usage,
+                          "retrieved": retrieved, "token_ids": list(out.token_ids)})
