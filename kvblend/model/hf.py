@@ -110,6 +110,23 @@ class LayerModules:
     mlp: nn.Module
 
 
+@dataclass(frozen=True, slots=True)
+class FusedLayer:
+    """One layer's projections as one matmul each: QKV [Hq*D + 2*Hkv*D, hidden] and gate/up [2*I, hidden].
+
+    Built once (at load, again only if the weights moved to another device or dtype). The modules'
+    own q/k/v and gate/up parameters are views into these tensors, so there is one copy of the weights
+    and transformers' forward keeps working on the same storage.
+    """
+
+    qkv_weight: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    gate_up_weight: torch.Tensor
+    gate_up_bias: torch.Tensor | None
+    down_proj: nn.Module
+    act_fn: Any
+
+
 class DecoderModel:
     """A loaded causal LM, taken apart for layer-by-layer driving.
 
@@ -145,6 +162,45 @@ class DecoderModel:
         if self.rope_attention_scaling != 1.0:
             raise ModelError(f"{name}: RoPE attention scaling {self.rope_attention_scaling} != 1 is not supported")
         self.inv_freq = rotary.inv_freq.detach().to(torch.float32).clone()  # [D/2]
+        self._mlp_modules = [layer.mlp for layer in inner.layers]
+        self._fused: list[FusedLayer] = []
+        self._fuse()
+
+    def _fuse(self) -> None:
+        """Concatenate each layer's q/k/v and gate/up weights (and biases) and make the modules' parameters
+        views into them (one copy of the weights)."""
+        def cat_as_views(mods: list[nn.Linear], attr: str) -> torch.Tensor | None:
+            parts = [getattr(m, attr) for m in mods]
+            if any(p is None for p in parts):
+                return None
+            fused = torch.cat([p.detach() for p in parts], dim=0)
+            offset = 0
+            for m, p in zip(mods, parts):
+                view = fused[offset:offset + p.shape[0]]
+                setattr(m, attr, nn.Parameter(view, requires_grad=False))
+                offset += p.shape[0]
+            return fused
+
+        fused = []
+        with torch.no_grad():
+            for lm, mlp in zip(self.layers, self._mlp_modules):
+                qkv_mods = [lm.q_proj, lm.k_proj, lm.v_proj]
+                gu_mods = [mlp.gate_proj, mlp.up_proj]
+                fused.append(FusedLayer(
+                    qkv_weight=cat_as_views(qkv_mods, "weight"), qkv_bias=cat_as_views(qkv_mods, "bias"),
+                    gate_up_weight=cat_as_views(gu_mods, "weight"), gate_up_bias=cat_as_views(gu_mods, "bias"),
+                    down_proj=mlp.down_proj, act_fn=mlp.act_fn))
+        self._fused = fused
+
+    def fused_layer(self, layer: int) -> FusedLayer:
+        """The layer's fused projections; rebuilt first if the model's weights were moved (e.g. .to(device))
+        since they were fused (the modules' parameters then no longer share the fused storage)."""
+        f = self._fused[layer]
+        if self.layers[layer].q_proj.weight.data_ptr() != f.qkv_weight.data_ptr() or \
+                self._mlp_modules[layer].gate_proj.weight.data_ptr() != f.gate_up_weight.data_ptr():
+            self._fuse()
+            f = self._fused[layer]
+        return f
 
     @property
     def device(self) -> torch.device:

@@ -32,14 +32,18 @@ class KVState:
     v: torch.Tensor
     length: int = 0
     valid: torch.Tensor | None = None  # bool [capacity]; None = every row < length is valid
+    # host mirror of `valid` (1 = valid), so has_holes() never waits for the device
+    valid_host: bytearray | None = None
 
     def has_holes(self) -> bool:
-        return self.valid is not None and not bool(self.valid[: self.length].all())
+        return self.valid_host is not None and self.valid_host.find(0, 0, self.length) >= 0
 
     def set_valid(self, start: int, end: int, value: bool) -> None:
         if self.valid is None:
             self.valid = torch.ones(self.capacity, dtype=torch.bool, device=self.k.device)
+            self.valid_host = bytearray(b"\x01") * self.capacity
         self.valid[start:end] = value
+        self.valid_host[start:end] = (b"\x01" if value else b"\x00") * len(range(self.capacity)[start:end])
 
     @property
     def capacity(self) -> int:
@@ -64,14 +68,17 @@ def allocate_state(model: DecoderModel, capacity: int) -> KVState:
 
 
 def qkv(model: DecoderModel, layer: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """h [T, hidden] -> q [H, T, D], k [H_kv, T, D] (both after RoPE), v [H_kv, T, D]."""
+    """h [T, hidden] -> q [H, T, D], k [H_kv, T, D] (both after RoPE), v [H_kv, T, D].
+
+    One fused QKV matmul (weights fused once at load, model.fused_layer) and one RoPE over q and k together.
+    """
     s, lm = model.shape, model.layers[layer]
+    f = model.fused_layer(layer)
     x = lm.input_norm(h)
     t = h.shape[0]
-    q = lm.q_proj(x).view(t, s.num_heads, s.head_dim).transpose(0, 1)
-    k = lm.k_proj(x).view(t, s.num_kv_heads, s.head_dim).transpose(0, 1)
-    v = lm.v_proj(x).view(t, s.num_kv_heads, s.head_dim).transpose(0, 1)
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+    y = F.linear(x, f.qkv_weight, f.qkv_bias).view(t, s.num_heads + 2 * s.num_kv_heads, s.head_dim).transpose(0, 1)
+    qk = apply_rope(y[: s.num_heads + s.num_kv_heads], cos, sin)
+    return qk[: s.num_heads], qk[s.num_heads:], y[s.num_heads + s.num_kv_heads:]
 
 
 def write_kv(state: KVState, layer: int, pos: torch.Tensor | slice, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -83,29 +90,44 @@ def write_kv(state: KVState, layer: int, pos: torch.Tensor | slice, k: torch.Ten
         state.v[layer].index_copy_(1, pos, v)
 
 
+def causal_mask(q_pos: torch.Tensor, num_keys: int, state: KVState | None = None) -> torch.Tensor:
+    """Boolean [r, num_keys]: key position <= query position (and the key row is valid in `state`).
+    Build it once per prefill and pass it to attend_mlp for every layer that has the same queries."""
+    mask = torch.arange(num_keys, device=q_pos.device)[None, :] <= q_pos[:, None]
+    if state is not None and state.has_holes():
+        mask = mask & state.valid[None, :num_keys]
+    return mask
+
+
+def mlp(model: DecoderModel, layer: int, x: torch.Tensor) -> torch.Tensor:
+    """The layer's gated MLP with one fused gate/up matmul: down(act(gate(x)) * up(x))."""
+    f = model.fused_layer(layer)
+    gate, up = F.linear(x, f.gate_up_weight, f.gate_up_bias).chunk(2, dim=-1)
+    return f.down_proj(f.act_fn(gate) * up)
+
+
 def attend_mlp(model: DecoderModel, layer: int, h: torch.Tensor, q: torch.Tensor, q_pos: torch.Tensor,
-                state: KVState, num_keys: int, causal_prefix: bool) -> torch.Tensor:
+               state: KVState, num_keys: int, causal_prefix: bool, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of queries q [H, r, D] at positions q_pos [r] over keys [0, num_keys), then o_proj + MLP.
 
     causal_prefix: the queries are exactly positions 0..num_keys-1 (a plain causal prefill).
+    mask: the boolean [r, num_keys] mask of causal_mask(q_pos, num_keys, state), when the caller built it
+    once for several layers; otherwise it is built here.
     """
     s, lm = model.shape, model.layers[layer]
     keys = state.k[layer, :, :num_keys][None]
     vals = state.v[layer, :, :num_keys][None]
-    holes = state.has_holes()
-    if causal_prefix and not holes:
+    if mask is None and causal_prefix and not state.has_holes():
         out = F.scaled_dot_product_attention(q[None], keys, vals, is_causal=True, scale=model.attn_scale,
                                              enable_gqa=True)
     else:
-        # per-token causal mask: key position <= query position
-        mask = torch.arange(num_keys, device=q.device)[None, :] <= q_pos[:, None]
-        if holes:
-            mask = mask & state.valid[None, :num_keys]
+        if mask is None:
+            mask = causal_mask(q_pos, num_keys, state)
         out = F.scaled_dot_product_attention(q[None], keys, vals, attn_mask=mask[None, None],
                                              scale=model.attn_scale, enable_gqa=True)
     r = q.shape[1]
     h = h + lm.o_proj(out[0].transpose(0, 1).reshape(r, s.num_heads * s.head_dim))
-    return h + lm.mlp(lm.post_norm(h))
+    return h + mlp(model, layer, lm.post_norm(h))
 
 
 def lm_logits(model: DecoderModel, h: torch.Tensor) -> torch.Tensor:
