@@ -41,12 +41,15 @@ def plot_recall(rows: list[dict], path: Path) -> Path:
     fig, axes = plt.subplots(1, len(datasets), figsize=(6.2 * len(datasets), 4.2), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
         kmax = 1
+        styles = iter([("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", "-"), ("P", "--")] * 4)
         for r in (r for r in rows if r["dataset"] == dataset):
+            marker, ls = next(styles)  # distinct markers and dashes: equal curves stay visible
             label = r["mode"] + ("" if r["scope"] == "per_sample" else f" ({r['scope']})")
             label += f", n={r['num_samples']}"
             if r["curve"]:
                 ks = sorted(r["curve"])
-                line, = ax.plot(ks, [r["curve"][k] for k in ks], marker="o", label=label)
+                ax.plot(ks, [r["curve"][k] for k in ks], marker=marker, linestyle=ls, markersize=7, alpha=0.85,
+                        label=label)
                 kmax = max(kmax, ks[-1])
             elif r["recall_at_k"] is not None:
                 ax.plot([r["k"]], [r["recall_at_k"]], marker="s", linestyle="none", markersize=9, label=label)
@@ -209,8 +212,8 @@ def plot_timeline(t: Timeline, path: Path) -> Path:
     ax.legend(handles=legend, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     cfg = t.config
     ax.set_title(f"{t.dataset} {t.sample_id}: promotions timeline\n{cfg.get('drafter', '?')} drafts, proxy "
-                 f"{cfg.get('proxy', '?')}, threshold {cfg.get('threshold', '?')}, {cfg.get('gpu_chunks', '?')} "
-                 f"chunks on GPU at start; model {cfg.get('model', '?')}", fontsize=10)
+                 f"{cfg.get('proxy', '?')}, threshold {cfg.get('threshold', '?')}, chunks on GPU at start: "
+                 f"{cfg.get('gpu_chunks', '?')}; model {cfg.get('model', '?')}", fontsize=10)
     if has_scores:
         axs = axes[1]
         for c in range(k):
