@@ -66,7 +66,8 @@ def _spec(root: Path, gpu_chunks: int, proxy: str) -> None:
         row.update({"sample_index": i, "acceptance_rate": 0.5, "mean_accepted": 1.0, "num_steps": 3,
                     "tokens_per_s": 5.0, "promotions": 2 if (i == 0 and proxy != "none") else 0,
                     "promoted_chunks": [2, 1] if (i == 0 and proxy != "none") else [], "demotions": 0,
-                    "initial_gpu_chunks": list(range(gpu_chunks))})
+                    "initial_gpu_chunks": list(range(gpu_chunks)), "fetch_ms": 12.5,  # newer fields
+                    "chunk_tiers": ["gpu"] * gpu_chunks + ["cpu"] * (3 - gpu_chunks)})
         rows.append(row)
     _write(root / "decoding" / f"musique_s_spec_ngram_{proxy}_g{gpu_chunks}.json", {
         "dataset": "musique_s", "model": "smollm2-135m-instruct", "drafter": "ngram", "draft_model": None,
@@ -162,6 +163,8 @@ def test_analyze_writes_figures_and_report(results, tmp_path):
     # the timeline table: warm-start promotion of chunk 2, chunk 1 requested at step 1 and fused at step 2
     assert "| musique_s/0 | 3 | [1] | 2@warm, 1@1 | 2@warm, 1@2 |" in report
     assert "| 1 | key_bounds | 0.600 |" in report  # the sweep table
+    assert "| spec ngram/key_bounds 1/3 on GPU | 2 | 1,000 | 3.20x | 12.5 |" in report  # fetch_ms inside TTFT
+    assert "chunk_tiers=['gpu', 'cpu', 'cpu']" in report
 
 
 def test_stale_figures_removed_and_missing_sections_noted(results):

@@ -97,6 +97,7 @@ def read_results(root: Path, exclude: Path | None = None) -> Inputs:
     """Every recognised result file under `root` (recursively; `exclude` and hidden files skipped)."""
     inputs = Inputs(root=root)
     exclude = exclude.resolve() if exclude is not None else None
+    unknown: list[str] = []
     for path in sorted(root.rglob("*.json")):
         resolved = path.resolve()
         if exclude is not None and (resolved == exclude or exclude in resolved.parents):
@@ -110,9 +111,12 @@ def read_results(root: Path, exclude: Path | None = None) -> Inputs:
             continue
         kind = classify(doc)
         if kind is None:
-            inputs.notes.append(f"skipped {inputs.rel(path)}: not a kvblend result file of a known kind")
+            unknown.append(inputs.rel(path))
             continue
         inputs.files.append(ResultFile(path, kind, doc))
+    if unknown:  # e.g. bench/ or quality/ (frontier) files, which have reports of their own
+        shown = ", ".join(unknown[:8]) + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else "")
+        inputs.notes.append(f"skipped {shown}: not a kvblend result file of a kind analysed here")
     log.info("read %d result files under %s (%s)", len(inputs.files), root,
              ", ".join(f"{k}: {len(inputs.of(k))}" for k in KINDS if inputs.of(k)))
     return inputs

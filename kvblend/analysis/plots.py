@@ -84,6 +84,8 @@ def plot_latency(dataset: str, runs: list[Run], path: Path) -> Path:
         means = [m / scale for m in means]
         top /= scale
         ax.barh(ys, means, color=colors, alpha=0.75)
+        if attr == "mean_ttft_ms" and any(r.mean_fetch_ms for r in runs):  # the fetch part of TTFT
+            ax.barh(ys, [(r.mean_fetch_ms or 0.0) / scale for r in runs], height=0.35, color="#444444", alpha=0.8)
         for y, r in zip(ys, runs):
             pts = [p / scale for p in getattr(r, values)]
             ax.scatter(pts, [y] * len(pts), color="black", s=12, zorder=3)
@@ -99,6 +101,8 @@ def plot_latency(dataset: str, runs: list[Run], path: Path) -> Path:
     handles = [Patch(color="#1f77b4", alpha=0.75, label="plain decoding (mean)")] * any(r.kind == "decode" for r in runs)
     handles += [Patch(color="#9467bd", alpha=0.75, label="speculative (mean)")] * any(r.kind == "spec" for r in runs)
     handles.append(Line2D([], [], marker="o", color="black", linestyle="none", markersize=4, label="one sample"))
+    if any(r.mean_fetch_ms for r in runs):
+        handles.append(Patch(color="#444444", alpha=0.8, label="of TTFT: fetching chunks to GPU tier (mean)"))
     ax2.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     meta = sorted({f"{r.model}, {r.dtype}, {r.doc.get('device', '?')}" for r in runs})
     fig.suptitle(f"{dataset}: TTFT and TPOT per mode ({'; '.join(meta)})", fontsize=11)

@@ -145,10 +145,11 @@ def analyze(results_dir: Path, out_dir: Path, max_timelines: int = 12, progress:
             rows = []
             for r in rs:
                 speed = f"{full_ttft / r.mean_ttft_ms:.2f}x" if full_ttft and r.mean_ttft_ms else "-"
-                rows.append([r.label, str(len(r.samples)), _f(r.mean_ttft_ms, ",.0f"), speed, _f(r.mean_tpot_ms, ".1f"),
+                rows.append([r.label, str(len(r.samples)), _f(r.mean_ttft_ms, ",.0f"), speed,
+                             _f(r.mean_fetch_ms, ",.1f"), str(r.doc.get("start_tier", "-")), _f(r.mean_tpot_ms, ".1f"),
                              r.model, r.dtype, str(r.doc.get("device", "?")), f"`{r.file}`"])
-            md += _table(["run", "n", "mean TTFT ms", "TTFT full / run", "mean TPOT ms", "model", "dtype", "device",
-                          "file"], rows)
+            md += _table(["run", "n", "mean TTFT ms", "TTFT full / run", "of which fetch ms", "start tier",
+                          "mean TPOT ms", "model", "dtype", "device", "file"], rows)
             md += ["", img(out_dir / f"latency_{_slug(dataset)}.png"), ""]
     else:
         result.missing.append("decoding")
@@ -208,8 +209,9 @@ def analyze(results_dir: Path, out_dir: Path, max_timelines: int = 12, progress:
             res, spec = t.result, t.spec_sample
             extra = []
             for key in ("chunk_tiers", "fetch_ms"):
-                if key in spec:
-                    extra.append(f"{key}={spec[key]}")
+                value = spec.get(key, res.get(key))
+                if value is not None:
+                    extra.append(f"{key}={value}")
             initial_cpu = t.steps[0]["cpu_chunks"] if t.steps else []
             rows.append([f"`{t.trace_file}`", t.sample_id, str(len([s for s in t.steps if s["step"] >= 0])),
                          str(initial_cpu), ", ".join(f"{c}@{_step_label(s)}" for s, c in t.requests) or "-",

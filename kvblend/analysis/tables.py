@@ -84,6 +84,7 @@ class Run:
     samples: list[dict]
     ttft_ms: list[float] = field(default_factory=list)
     tpot_ms: list[float] = field(default_factory=list)
+    fetch_ms: list[float] = field(default_factory=list)  # inside TTFT: chunks brought to the GPU tier (newer files)
     score: float | None = None
     metric: str = "?"
     fidelity_exact: float | None = None
@@ -94,6 +95,10 @@ class Run:
     @property
     def mean_ttft_ms(self) -> float | None:
         return mean(self.ttft_ms) if self.ttft_ms else number(self.doc.get("mean_ttft_ms"))
+
+    @property
+    def mean_fetch_ms(self) -> float | None:
+        return mean(self.fetch_ms) if self.fetch_ms else number(self.doc.get("mean_fetch_ms"))
 
     @property
     def mean_tpot_ms(self) -> float | None:
@@ -131,6 +136,7 @@ def decoding_runs(inputs: Inputs, notes: list[str]) -> dict[str, list[Run]]:
                   model=str(f.doc.get("model", "?")))
         run.ttft_ms = [v for v in (number(s.get("ttft_ms")) for s in samples) if v is not None]
         run.tpot_ms = [v for v in (number(s.get("tpot_ms")) for s in samples) if v is not None]
+        run.fetch_ms = [v for v in (number(s.get("fetch_ms")) for s in samples) if v is not None]
         run.score = mean(s.get("score") for s in samples)
         if run.score is None:
             run.score = number(f.doc.get("mean_score"))
