@@ -1,0 +1,155 @@
+"""Decoding fast paths: step runner, adaptive draft length, split promotion hook, `kvblend bench decode`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+
+from kvblend.bench import decode as bench_decode
+from kvblend.fusion.blend import prefill
+from kvblend.generation.drafters import NgramDrafter
+from kvblend.generation.generate import generate
+from kvblend.generation.sampling import SamplingParams, make_generator, sample
+from kvblend.generation.speculative import DraftLength, accept_greedy, speculative_generate
+from kvblend.model.decode_graph import StepRunner, decode_runner
+from kvblend.model.runner import forward_tokens
+from kvblend.types import PromptIds
+
+
+def _prompt(vocab: int, seed: int, chunk_len: int = 30) -> PromptIds:
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda n: tuple(torch.randint(0, vocab, (n,), generator=g).tolist())  # noqa: E731
+    return PromptIds(ids(5), (ids(chunk_len), ids(chunk_len), ids(chunk_len)), ids(8))
+
+
+def test_draft_length_schedule():
+    d = DraftLength(6)
+    assert d.k == 6
+    d.update(6, 2)
+    assert d.k == 5
+    for _ in range(10):
+        d.update(d.k, 0)
+    assert d.k == 1  # never below k_min
+    d.update(1, 1)
+    assert d.k == 3  # +2 after a fully accepted pass
+    d.update(0, 0)
+    assert d.k == 3  # no drafts: no evidence
+    fixed = DraftLength(4, adaptive=False)
+    fixed.update(4, 0)
+    assert fixed.k == 4
+
+
+def test_accept_greedy():
+    assert accept_greedy([5, 6, 7], [5, 9]) == ([5, 6], 1)
+    assert accept_greedy([5, 6, 7], [5, 6]) == ([5, 6, 7], 2)
+    assert accept_greedy([4], []) == ([4], 0)
+
+
+def test_step_runner_cpu_equals_forward_tokens(tiny_llama):
+    prompt = _prompt(tiny_llama.shape.vocab_size, seed=1)
+    a = prefill(tiny_llama, prompt, mode="full", extra_capacity=8)
+    b = prefill(tiny_llama, prompt, mode="full", extra_capacity=8)
+    with decode_runner(tiny_llama, b.state) as runner:
+        assert not runner.graphs
+        got = runner.logits([3, 4, 5])
+        ref = forward_tokens(tiny_llama, a.state, [3, 4, 5])
+        assert torch.equal(got, ref) and a.state.length == b.state.length
+        assert runner.argmax([7]) == forward_tokens(tiny_llama, a.state, [7]).argmax(-1).tolist()
+    with pytest.raises(ValueError, match="CUDA"):
+        StepRunner(tiny_llama, a.state, graphs=True)
+
+
+def test_host_sampling_stream_unchanged():
+    logits = torch.randn(50)
+    params = SamplingParams(temperature=0.7, top_p=0.9, seed=4)
+    a = [sample(logits, params, torch.Generator().manual_seed(4)) for _ in range(3)]
+    b = [sample(logits, params, make_generator(4, "cpu")) for _ in range(3)]
+    assert a == b
+
+
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_adaptive_and_fixed_draft_length_equal_generate(tiny_model, adaptive):
+    prompt = _prompt(tiny_model.shape.vocab_size, seed=2)
+    params = SamplingParams(max_new_tokens=24, stop_on_newline=False)
+    ref = generate(tiny_model, prefill(tiny_model, prompt, mode="full", extra_capacity=30), params, 0.0)
+    pre = prefill(tiny_model, prompt, mode="full", extra_capacity=40)
+    out, steps = speculative_generate(tiny_model, pre, NgramDrafter(prompt.chunk_ids), params, 0.0,
+                                      prompt_ids=prompt, k=6, adaptive_k=adaptive)
+    assert out.token_ids == ref.token_ids and out.stop_reason == ref.stop_reason
+    if not adaptive:
+        assert all(len(s.drafted_ids) <= 6 for s in steps)
+
+
+def test_split_hook_runs_before_and_during_each_pass(tiny_llama):
+    prompt = _prompt(tiny_llama.shape.vocab_size, seed=3)
+    calls: list[tuple[str, int, int]] = []
+
+    class Hook:
+        def before_pass(self, step, state):
+            calls.append(("before", step, state.length))
+
+        def during_pass(self, step, state):
+            calls.append(("during", step, state.length))
+
+        def __call__(self, step, state):  # pragma: no cover - must not be used when split
+            raise AssertionError("split hooks are called as before_pass/during_pass")
+
+    params = SamplingParams(max_new_tokens=6, stop_on_newline=False)
+    pre = prefill(tiny_llama, prompt, mode="full", extra_capacity=12)
+    base = pre.state.length
+    out, steps = speculative_generate(tiny_llama, pre, NgramDrafter([]), params, 0.0, prompt_ids=prompt, k=0,
+                                      on_step=Hook())
+    assert [c[0] for c in calls] == ["before", "during"] * len(steps)
+    assert [c[2] for c in calls[::2]] == [base + i for i in range(len(steps))]  # before: the pass not yet run
+    assert [c[2] for c in calls[1::2]] == [base + i + 1 for i in range(len(steps))]  # during: pass queued
+
+
+def _args(tmp_path, **kw) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    bench_decode.add_arguments(p)
+    argv = ["--device", "cpu", "--quick", "--samples", "1", "--repeats", "1", "--promotion-steps", "4",
+            "--no-fp32-check", "--out", str(tmp_path / "decode.json"), "--summary", str(tmp_path / "summary.json")]
+    for key, value in kw.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    return p.parse_args(argv)
+
+
+def test_quick_bench_writes_json_and_summary(tmp_path, capsys):
+    (tmp_path / "summary.json").write_text(json.dumps({"P1_other": {"measured": 1.0}}))
+    assert bench_decode.run(_args(tmp_path)) == 0
+    result = json.loads((tmp_path / "decode.json").read_text())
+    configs = result["configs"]
+    assert set(configs) == {"target_plain", "spec_ngram", "spec_ngram_fixed", "hf_generate"}
+    for name in ("spec_ngram", "spec_ngram_fixed"):
+        assert configs[name]["identical_to_target"] is True  # lossless greedy speculation
+        assert 0.0 <= configs[name]["acceptance_rate"] <= 1.0
+    for c in configs.values():
+        assert c["tpot_ms"] > 0 and math.isfinite(c["tokens_per_s"])
+    pr = result["promotion"]
+    assert pr["promotions"] >= 2 and pr["ratio"] > 0  # every step fused a chunk copied the step before
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert "P1_other" in summary  # other benchmarks' keys kept
+    for key in ("P7_tpot_ms", "P7b_vs_hf_generate", "P4_spec_speedup", "P5_promotion_overhead"):
+        e = summary[key]
+        assert e["source"] == str(tmp_path / "decode.json") and e["better"] in ("higher", "lower")
+        assert math.isfinite(e["measured"]) and e["met"] == (e["measured"] <= e["target"] if e["better"] == "lower"
+                                                            else e["measured"] >= e["target"])
+    assert summary["P4_spec_speedup"]["identical_output"] is True
+    # the same entries again from the JSON alone (how the GPU run's copy is summarised), plus the plot
+    again = tmp_path / "again.json"
+    assert bench_decode.run(_args(tmp_path, from_json=tmp_path / "decode.json", summary=again,
+                                  plot=tmp_path / "p.png")) == 0
+    assert json.loads(again.read_text())["P7_tpot_ms"] == summary["P7_tpot_ms"]
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    assert "spec_ngram" in capsys.readouterr().out
+
+
+def test_bench_bad_input_is_one_line(tmp_path, capsys):
+    assert bench_decode.run(_args(tmp_path, from_json=tmp_path / "missing.json")) == 1
+    assert bench_decode.run(_args(tmp_path, k=0)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("kvblend bench decode:") for line in err)
