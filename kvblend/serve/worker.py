@@ -200,5 +200,6 @@ class Worker:
                                      {"prompt": prompt.num_tokens, "completion": len(out.token_ids),
                                       "chunk": chunk_tokens, "recomputed": recomputed})
         self.metrics.count_request("ok")
+        self.metrics.publish_store(engine.store.summary())  # before the client can see the answer
         job.emit("done", {"text": text, "finish_reason": finish, "usage": usage,
                           "retrieved": retrieved, "token_ids": list(out.token_ids)})
