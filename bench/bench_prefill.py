@@ -16,7 +16,7 @@ Modes timed per shape:
   blend@R        kvblend prefill, mode blend, ratio R (cached chunks on the compute device)
   reuse_pinned, blend@R_pinned   (CUDA only) the same with the cached chunks in pinned host memory
   kv_load, kv_load_pinned        allocate the KV buffer + place/re-rotate every cached chunk, synchronised
-                                 (the part of prefill that PrefillResult.stats.kv_load_ms times on the host)
+                                 (the part of prefill that PrefillResult.stats.place_ms times on the host)
 
 Writes a JSON (atomically) and prints a markdown table. Usage (from the repository root):
   PYTHONPATH=. python bench/bench_prefill.py --device cuda --shapes llama3-8b,qwen2.5-1.5b --dtype bfloat16
@@ -369,7 +369,7 @@ def bench_shape(shape_name: str, args: argparse.Namespace, device: torch.device,
             if rnd >= args.warmup:
                 times[name].append(dt)
                 if hasattr(out, "stats"):
-                    host_load[name].append(out.stats.kv_load_ms)
+                    host_load[name].append(out.stats.place_ms)
             del out
     metrics: dict[str, Any] = {}
     for name, ms in times.items():
@@ -511,7 +511,7 @@ def markdown(results: list[dict]) -> str:
                          f"{fmt('achieved_tflops', '{:.0f}')} |")
     lines.append("")
     lines.append("| shape | blend case | x vs full | 1/ratio ceiling | reached | FLOP ceiling | reached | "
-                 "stats.kv_load_ms (host, median) |")
+                 "stats.place_ms (host, median) |")
     lines.append("|---|---|---:|---:|---:|---:|---:|---:|")
     for res in results:
         for name, m in res.get("metrics", {}).items():

@@ -12,63 +12,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvblend.errors import ConfigError
-
-DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2, "fp8": 1, "int8": 1}
-
-
-@dataclass(frozen=True, slots=True)
-class ModelDims:
-    name: str
-    num_layers: int
-    hidden_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    vocab_size: int
-    tie_word_embeddings: bool = False
-    attention_bias: bool = False
+from kvblend.model.shape import PRESETS, ModelShape, from_config_dict
+from kvblend.vocab import DTYPE_ALIASES, DTYPE_BYTES
 
 
-# Architecture shapes of well-known checkpoints (from their published config.json), so budgets can be
-# planned without downloading anything.
-PRESETS: dict[str, ModelDims] = {
-    d.name: d
-    for d in (
-        ModelDims("llama-3-8b", 32, 4096, 32, 8, 128, 14336, 128256),
-        ModelDims("llama-3.1-8b", 32, 4096, 32, 8, 128, 14336, 128256),
-        ModelDims("llama-3-70b", 80, 8192, 64, 8, 128, 28672, 128256),
-        ModelDims("mistral-7b", 32, 4096, 32, 8, 128, 14336, 32000),
-        ModelDims("qwen2.5-7b", 28, 3584, 28, 4, 128, 18944, 152064, attention_bias=True),
-        ModelDims("qwen2.5-1.5b", 28, 1536, 12, 2, 128, 8960, 151936, True, True),
-        ModelDims("qwen2.5-coder-1.5b-instruct", 28, 1536, 12, 2, 128, 8960, 151936, True, True),
-        ModelDims("qwen2.5-coder-0.5b-instruct", 24, 896, 14, 2, 64, 4864, 151936, True, True),
-        ModelDims("smollm2-135m-instruct", 30, 576, 9, 3, 64, 1536, 49152, True),
-    )
-}
-PRESETS["smollm2-135m"] = PRESETS["smollm2-135m-instruct"]
+def _dtype_bytes(dtype: str) -> int:
+    name = DTYPE_ALIASES.get(dtype, dtype)
+    if name not in DTYPE_BYTES:
+        raise ConfigError(f"dtype: expected one of {', '.join([*DTYPE_ALIASES, 'fp8', 'int8'])}, got {dtype!r}")
+    return DTYPE_BYTES[name]
 
 
-def dims_from_config(config: dict, name: str) -> ModelDims:
-    try:
-        heads = int(config["num_attention_heads"])
-        return ModelDims(
-            name=name,
-            num_layers=int(config["num_hidden_layers"]),
-            hidden_size=int(config["hidden_size"]),
-            num_heads=heads,
-            num_kv_heads=int(config.get("num_key_value_heads") or heads),
-            head_dim=int(config.get("head_dim") or config["hidden_size"] // heads),
-            intermediate_size=int(config["intermediate_size"]),
-            vocab_size=int(config["vocab_size"]),
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            attention_bias=bool(config.get("attention_bias", config.get("model_type") == "qwen2")),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ConfigError(f"{name}: config.json lacks or mistypes field {exc}; is this a decoder LM config?") from None
-
-
-def resolve_dims(model: str) -> ModelDims:
+def resolve_shape(model: str) -> ModelShape:
     """A preset name, or a folder / config.json path."""
     key = model.lower()
     if key in PRESETS:
@@ -83,16 +38,14 @@ def resolve_dims(model: str) -> ModelDims:
         config = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid JSON ({exc})") from None
-    return dims_from_config(config, path.parent.name)
+    return from_config_dict(config, path.parent.name)
 
 
-def kv_bytes_per_token(d: ModelDims, dtype: str = "bfloat16") -> int:
-    if dtype not in DTYPE_BYTES:
-        raise ConfigError(f"dtype: expected one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
-    return d.num_layers * d.num_kv_heads * d.head_dim * 2 * DTYPE_BYTES[dtype]
+def kv_bytes_per_token(d: ModelShape, dtype: str = "bfloat16") -> int:
+    return d.num_layers * d.num_kv_heads * d.head_dim * 2 * _dtype_bytes(dtype)
 
 
-def num_parameters(d: ModelDims) -> int:
+def num_parameters(d: ModelShape) -> int:
     q = d.num_heads * d.head_dim
     kv = d.num_kv_heads * d.head_dim
     attn = d.hidden_size * (q + 2 * kv) + q * d.hidden_size + (q + 2 * kv if d.attention_bias else 0)
@@ -116,7 +69,7 @@ class BudgetPlan:
     max_chunks: int
 
 
-def plan_budget(d: ModelDims, gpu_bytes: int, dtype: str = "bfloat16", workspace_fraction: float = 0.1,
+def plan_budget(d: ModelShape, gpu_bytes: int, dtype: str = "bfloat16", workspace_fraction: float = 0.1,
                 min_workspace_bytes: int = 1 << 30, chunk_tokens: int = 512,
                 weights_dtype: str | None = None) -> BudgetPlan:
     """How many KV tokens and chunks fit after the weights and a workspace of
@@ -126,7 +79,7 @@ def plan_budget(d: ModelDims, gpu_bytes: int, dtype: str = "bfloat16", workspace
     if chunk_tokens < 1:
         raise ConfigError(f"chunk tokens must be >= 1, got {chunk_tokens}")
     per_token = kv_bytes_per_token(d, dtype)
-    weights = num_parameters(d) * DTYPE_BYTES[weights_dtype or dtype]
+    weights = num_parameters(d) * _dtype_bytes(weights_dtype or dtype)
     workspace = max(min_workspace_bytes, int(workspace_fraction * gpu_bytes))
     available = max(0, gpu_bytes - weights - workspace)
     max_tokens = available // per_token

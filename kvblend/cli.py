@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from kvblend.errors import KvblendError
+from kvblend.vocab import DRAFTERS, MODES, PROXIES, RETRIEVAL_MODES, RETRIEVAL_SCOPES, TIERS
 
 log = logging.getLogger("kvblend")
 
@@ -32,6 +33,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def _ratio(text: str) -> float:
     try:
         value = float(text)
@@ -44,8 +55,9 @@ def _ratio(text: str) -> float:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="named model (default smollm2-135m-instruct) or local HF folder")
-    p.add_argument("--dtype", default=None, help="auto | float32 | bfloat16 | float16 (auto: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--device", default=None, help="auto | cpu | cuda")
+    p.add_argument("--dtype", default=None,
+                   help="auto (bf16 on CUDA; on CPU bf16 only where a probe finds it faster) | float32 | bfloat16 | float16")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda[:N]")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -62,10 +74,16 @@ def _add_pipeline_args(p: argparse.ArgumentParser, mode: bool = False) -> None:
     p.add_argument("--limit", type=_positive_int, default=None, help="first N samples only")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--top-k", dest="top_k", type=_positive_int, default=None, help="retrieved chunks per question")
-    p.add_argument("--retrieval-mode", dest="retrieval_mode", choices=["bm25", "dense", "both", "colbert"], default=None)
-    p.add_argument("--scope", dest="retrieval_scope", choices=["per_sample", "pooled"], default=None)
+    p.add_argument("--retrieval-mode", dest="retrieval_mode", choices=RETRIEVAL_MODES, default=None,
+                   help="default both (hybrid BM25 + dense, RRF)")
+    p.add_argument("--scope", dest="retrieval_scope", choices=RETRIEVAL_SCOPES, default=None)
     p.add_argument("--results-dir", dest="results_dir", default=None)
-    p.add_argument("--top-k-gpu", dest="top_k_gpu", type=int, default=None, help="chunks kept on the GPU tier")
+    p.add_argument("--gpu-chunks", "--top-k-gpu", dest="gpu_chunks", type=_non_negative_int, default=None,
+                   help="chunks resident on the GPU tier, best by retrieval score (default 2); the rest are CPU "
+                        "placeholders that speculative decoding promotes (--top-k-gpu: old name)")
+    p.add_argument("--start-tier", dest="start_tier", choices=TIERS, default=None,
+                   help="tier every chunk is staged on before each timed answer, the same for every mode "
+                        "(default cpu)")
     p.add_argument("--gpu-budget", dest="gpu_budget", default=None, help="e.g. 4GiB")
     p.add_argument("--cpu-budget", dest="cpu_budget", default=None)
     p.add_argument("--ratio", type=_ratio, default=None, help="blend recompute ratio (default 0.15)")
@@ -75,7 +93,7 @@ def _add_pipeline_args(p: argparse.ArgumentParser, mode: bool = False) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_blend_args(p)
     if mode:
-        p.add_argument("--mode", choices=["full", "reuse", "blend"], default=None)
+        p.add_argument("--mode", choices=MODES, default=None)
 
 
 def _add_blend_args(p: argparse.ArgumentParser) -> None:
@@ -94,17 +112,18 @@ def _add_blend_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_spec_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--drafter", choices=["ngram", "model", "none"], default=None, help="speculative drafter")
+    p.add_argument("--drafter", choices=DRAFTERS, default=None, help="speculative drafter")
     p.add_argument("--draft-model", dest="draft_model", default=None, help="draft model for --drafter model")
-    p.add_argument("--proxy", choices=["draft_attention", "key_bounds", "ngram_source", "none"], default=None,
+    p.add_argument("--proxy", choices=PROXIES, default=None,
                    help="relevance proxy that promotes CPU chunks (none: never promote)")
     p.add_argument("--threshold", dest="promote_threshold", type=_ratio, default=None,
                    help="proxy score that triggers a promotion (default 0.3)")
-    p.add_argument("--spec-k", dest="spec_k", type=int, default=None, help="drafted tokens per pass (default 4)")
+    p.add_argument("--spec-k", dest="spec_k", type=_non_negative_int, default=None,
+                   help="drafted tokens per pass (default 4)")
 
 
 PIPELINE_FLAGS = ("model", "dtype", "device", "dataset", "limit", "seed", "top_k", "retrieval_mode",
-                  "retrieval_scope", "results_dir", "top_k_gpu", "gpu_budget", "cpu_budget", "ratio",
+                  "retrieval_scope", "results_dir", "gpu_chunks", "start_tier", "gpu_budget", "cpu_budget", "ratio",
                   "max_new_tokens", "max_context_tokens", "mode", "chunk_sink", "score_on", "select_first_tokens",
                   "select_layers", "drafter", "draft_model", "proxy", "promote_threshold", "spec_k")
 
@@ -125,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     decode = sub.add_parser("decode", help="answer every sample (full | reuse | blend), or --speculative")
     _add_pipeline_args(decode, mode=True)
     decode.add_argument("--speculative", action="store_true",
-                        help="speculative decoding with --top-k-gpu chunks resident and proxy promotions")
+                        help="speculative decoding with --gpu-chunks chunks resident (default 2) and proxy promotions")
     decode.add_argument("--trace-out", default=None, help="trace file (default results/decoding/speculative_trace.json)")
     _add_spec_args(decode)
     evaluate = sub.add_parser("eval", help="quality and fidelity table from the decoding files")
@@ -141,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--samples", type=_positive_int, default=3)
     demo.add_argument("--chunks", type=_positive_int, default=5, help="first N passages of each sample as chunks")
     demo.add_argument("--ratio", type=_ratio, default=None, help="blend recompute ratio (default 0.15)")
+    demo.add_argument("--start-tier", dest="start_tier", choices=TIERS, default=None,
+                      help="tier every chunk is staged on before each timed answer (default cpu)")
     demo.add_argument("--out", default=None, help="also write the rows as JSON here")
 
     budget = sub.add_parser("budget", help="KV bytes per token and how many tokens/chunks fit in a GPU",
@@ -191,13 +212,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from kvblend.demo import format_table, run_demo
 
     overrides = {k: v for k, v in (("model", args.model), ("dtype", args.dtype), ("device", args.device),
-                                   ("ratio", args.ratio)) if v is not None}
+                                   ("ratio", args.ratio), ("start_tier", args.start_tier)) if v is not None}
     config = EngineConfig(**overrides)
     t0 = time.perf_counter()
     rows = run_demo(config, num_samples=args.samples, num_chunks=args.chunks)
     print(format_table(rows))
     print(f"\n{len(rows) // 3} samples x 3 modes, {time.perf_counter() - t0:.0f} s; blend ratio {config.ratio}, "
-          f"model {config.model}")
+          f"model {config.model}; every answer started with its chunks on the {config.start_tier} tier")
     if args.out:
         from dataclasses import asdict
 
@@ -208,7 +229,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_budget(args: argparse.Namespace) -> int:
-    from kvblend.budget import plan_budget, resolve_dims
+    from kvblend.budget import plan_budget, resolve_shape
     from kvblend.config import format_bytes, parse_bytes
 
     if args.sweep:
@@ -219,7 +240,7 @@ def cmd_budget(args: argparse.Namespace) -> int:
         print(format_sweep_table(runs))
         print(f"\nwrote {path}")
         return 0
-    dims = resolve_dims(args.model or "smollm2-135m-instruct")
+    dims = resolve_shape(args.model or "smollm2-135m-instruct")
     plan = plan_budget(dims, parse_bytes(args.gpu_mem, "--gpu-mem"), args.dtype or "bfloat16", args.workspace,
                        chunk_tokens=args.chunk_tokens, weights_dtype=args.weights_dtype)
     if args.json:
@@ -303,21 +324,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from kvblend.engine import Engine
-    from kvblend.pipeline import format_eval_table, run_build, run_decode, run_eval, run_retrieve
+    from kvblend.pipeline import format_eval_table, load_inputs, paths, run_build, run_decode, run_eval
 
     config = _config_from_args(args)
     modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
-    bad = [m for m in modes if m not in ("full", "reuse", "blend")]
+    bad = [m for m in modes if m not in MODES]
     if bad or not modes:
-        raise CliError(f"--modes: expected a comma-separated subset of full,reuse,blend, got {args.modes!r}")
+        raise CliError(f"--modes: expected a comma-separated subset of {','.join(MODES)}, got {args.modes!r}")
     progress = not args.quiet
-    path, recall = run_retrieve(config, progress=progress)
-    print(f"retrieve: wrote {path} (answer-recall@{config.top_k} = {'-' if recall is None else f'{recall:.3f}'})")
+    load_inputs(config, progress)  # retrieves only when the retrieval file cannot serve these samples
+    print(f"retrieve: {paths(config)['retrieval']} covers the {config.limit or 'all'} samples asked for")
     engine = Engine(config)
     print(f"build: wrote {run_build(config, engine=engine, progress=progress)}")
     for mode in modes:
         print(f"decode: wrote {run_decode(config, mode=mode, engine=engine, progress=progress)}")
-    path, table = run_eval(config, modes)
+    path, table = run_eval(config, modes, engine=engine, progress=progress)
     print(format_eval_table(table))
     print(f"\neval: wrote {path}")
     return 0

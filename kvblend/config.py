@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import asdict, dataclass, fields
 
 from kvblend.errors import ConfigError
 from kvblend.vocab import (CHUNK_SINKS, DEFAULT_MODEL, DRAFTERS, DTYPES, MODES, PROXIES, RETRIEVAL_MODES,
-                            RETRIEVAL_SCOPES, SCORE_ON)
+                            RETRIEVAL_SCOPES, SCORE_ON, TIERS)
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -68,7 +69,8 @@ class EngineConfig:
     gpu_budget: str = "4GiB"
     cpu_budget: str = "16GiB"
     disk_budget: str = "50GiB"
-    top_k_gpu: int = 5  # chunks kept on the GPU tier; the rest are CPU placeholders
+    gpu_chunks: int = 2  # chunks resident on the GPU tier (best by retrieval score); the rest are CPU placeholders
+    start_tier: str = "cpu"  # tier every chunk is staged on before each timed answer of a comparison: gpu | cpu | disk
     # speculative decoding with promotion (decode --speculative)
     drafter: str = "ngram"  # ngram | model | none
     draft_model: str = ""  # named model or folder for drafter=model (same tokenizer as the target)
@@ -78,7 +80,7 @@ class EngineConfig:
     # pipeline
     dataset: str = "musique_s"  # known name (musique_s, wikimqa_s, samsum, toy) or a data file path
     limit: int = 0  # 0 = every sample
-    retrieval_mode: str = "bm25"  # bm25 | dense | both | colbert
+    retrieval_mode: str = "both"  # bm25 | dense | both (hybrid, RRF) | colbert
     retrieval_scope: str = "per_sample"  # per_sample | pooled
     top_k: int = 5  # retrieved chunks per question
     max_context_tokens: int = 0  # cap on chunk tokens (middle chunks dropped); 0 = dataset default (samsum 3400)
@@ -109,8 +111,9 @@ class EngineConfig:
              f"temperature: expected a number >= 0, got {self.temperature!r}")
         need(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1,
              f"top_p: expected a number in (0, 1], got {self.top_p!r}")
-        need(isinstance(self.top_k_gpu, int) and self.top_k_gpu >= 0,
-             f"top_k_gpu: expected an integer >= 0, got {self.top_k_gpu!r}")
+        need(isinstance(self.gpu_chunks, int) and self.gpu_chunks >= 0,
+             f"gpu_chunks: expected an integer >= 0, got {self.gpu_chunks!r}")
+        need(self.start_tier in TIERS, f"start_tier: expected {_alts(TIERS)}, got {self.start_tier!r}")
         need(isinstance(self.seed, int), f"seed: expected an integer, got {self.seed!r}")
         need(self.drafter in DRAFTERS, f"drafter: expected {_alts(DRAFTERS)}, got {self.drafter!r}")
         need(self.drafter != "model" or bool(self.draft_model), "drafter 'model' needs draft_model (--draft-model)")
@@ -182,6 +185,18 @@ def _field_types() -> dict[str, type]:
     return {f.name: table[str(f.type)] for f in fields(EngineConfig)}
 
 
+# old setting names still accepted (with one deprecation log line) in TOML files and KVBLEND_* variables
+DEPRECATED_KEYS = {"top_k_gpu": "gpu_chunks", "max_gpu_chunks": "gpu_chunks"}
+
+
+def _current_name(key: str, source: str) -> str:
+    new = DEPRECATED_KEYS.get(key)
+    if new is None:
+        return key
+    logging.getLogger(__name__).warning("%s: setting '%s' is deprecated; it is now called '%s'", source, key, new)
+    return new
+
+
 def load_config(path: str | None = None, flags: dict | None = None, environ: dict | None = None) -> EngineConfig:
     """Defaults < TOML file < KVBLEND_<FIELD> environment variables < flags (None values are ignored)."""
     import os
@@ -200,10 +215,15 @@ def load_config(path: str | None = None, flags: dict | None = None, environ: dic
             raise ConfigError(f"{p}: not valid TOML ({str(exc).splitlines()[0]})") from None
         data = data.get("kvblend", data) if isinstance(data.get("kvblend"), dict) else data
         for key, value in data.items():
+            key = _current_name(key, str(p))
             if key not in types:
                 raise ConfigError(f"{p}: unknown key '{key}'; known keys: {', '.join(types)}")
             values[key] = _coerce(key, value, types[key], str(p))
     env = os.environ if environ is None else environ
+    for old, new in DEPRECATED_KEYS.items():
+        var = ENV_PREFIX + old.upper()
+        if var in env and env[var] != "" and (ENV_PREFIX + new.upper()) not in env:
+            values[_current_name(old, f"environment {var}")] = _coerce(new, env[var], types[new], f"environment {var}")
     for name, kind in types.items():
         var = ENV_PREFIX + name.upper()
         if var in env and env[var] != "":

@@ -1,30 +1,73 @@
-"""Engine: orchestration only (prompt ids -> chunk store -> blended prefill -> decoding)."""
+"""Engine: orchestration only (prompt ids + chunk keys -> chunk store -> layout -> blended prefill -> decoding).
+
+TTFT is defined in kvblend/clock.py and measured here for every path (answer, answer_speculative): the clock
+starts when the request is handed in; building a missing or corrupt chunk is reported as build_ms, never inside
+TTFT; fetching cached chunks from their tier is inside TTFT and reported as fetch_ms, with the tier each chunk
+came from (GenOutput.chunk_tiers). Timed comparisons pass start_tier so that every mode starts with its chunks
+on the same tier (Engine.stage).
+"""
 
 from __future__ import annotations
 
 import logging
 import re
 import time
+from collections import OrderedDict
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
+from kvblend.clock import RequestClock
 from kvblend.config import EngineConfig
 from kvblend.data.prompt import build_prompt, chunk_context_ids
+from kvblend.errors import ChunkCorruptError
 from kvblend.fusion.blend import prefill
+from kvblend.fusion.layout import Placement, place
 from kvblend.fusion.select import SelectionPolicy
 from kvblend.generation.generate import NewlineDetector, generate
 from kvblend.generation.sampling import SamplingParams
 from kvblend.kvstore.builder import build_chunk_kv, chunk_key, dtype_name
 from kvblend.kvstore.chunk_kv import ChunkKV
 from kvblend.kvstore.key import ChunkKey
-from kvblend.kvstore.store import ChunkKVStore
+from kvblend.kvstore.store import ChunkKVStore, Fetched
 from kvblend.model.hf import DecoderModel
 from kvblend.model.registry import kvblend_home, load_model
+from kvblend.model.runner import elapsed_ms
 from kvblend.types import GenOutput, PromptIds
-
-DRAFTERS = ("ngram", "model", "none")
+from kvblend.vocab import DRAFTERS, MODES, PROXIES, TIERS
 
 log = logging.getLogger(__name__)
+
+_KNOWN_CHUNKS = 65536  # token ids remembered per chunk key, so a chunk found corrupt anywhere can be rebuilt
+
+
+@dataclass(frozen=True, slots=True)
+class SpecOptions:
+    """How a speculative answer runs (EngineConfig holds the defaults: SpecOptions.from_config)."""
+
+    gpu_chunks: int = 2  # chunks resident on the GPU tier at the start (best by retrieval score)
+    drafter: str = "ngram"  # ngram | model | none
+    proxy: str = "key_bounds"  # draft_attention | key_bounds | ngram_source | none (never promote)
+    threshold: float = 0.3  # proxy score that triggers a promotion
+    k: int = 4  # drafted tokens per verification pass
+    pinned_top: int = 1  # the best resident chunks that are never demoted
+    warm_start: bool = True  # before the first token, promote what the prompt's last query points at
+    mode: str | None = None  # prefill mode; None: config.mode ("blend" when that is "full" and chunks are staged)
+    ratio: float | None = None  # blend ratio; None: config.ratio
+
+    def __post_init__(self) -> None:
+        if self.drafter not in DRAFTERS:
+            raise ValueError(f"unknown drafter '{self.drafter}'; use one of {', '.join(DRAFTERS)}")
+        if self.proxy not in PROXIES:
+            raise ValueError(f"unknown proxy '{self.proxy}'; use one of {', '.join(PROXIES)}")
+        if self.mode is not None and self.mode not in MODES:
+            raise ValueError(f"unknown mode '{self.mode}'; use one of {', '.join(MODES)}")
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, **overrides) -> "SpecOptions":
+        base = cls(gpu_chunks=config.gpu_chunks, drafter=config.drafter, proxy=config.proxy,
+                   threshold=config.promote_threshold, k=config.spec_k)
+        return replace(base, **overrides) if overrides else base
 
 
 class Engine:
@@ -40,11 +83,14 @@ class Engine:
             gpu_budget_bytes=config.budget_bytes("gpu"), cpu_budget_bytes=config.budget_bytes("cpu"),
             disk_budget_bytes=config.budget_bytes("disk"), device=self.model.device, model_name=self.model.name,
         )
+        self._known: OrderedDict[str, tuple[tuple[int, ...], str, tuple[int, ...]]] = OrderedDict()
+        self.store.builder = self._rebuild  # a chunk found missing or corrupt anywhere on the read path heals
         tok = self.model.tokenizer
         # the fixed chunk context (chunk_sink auto / none / text); prefix contexts come with each prompt
         self.sink_ids = () if config.chunk_sink == "prefix" else chunk_context_ids(tok, config.chunk_sink)
         self.selection = SelectionPolicy(config.score_on, config.select_first_tokens, config.select_layers)
         self.newline = NewlineDetector(tok) if tok is not None else None
+        self.warmed_up = False
 
     def sampling(self, max_new_tokens: int | None = None) -> SamplingParams:
         c = self.config
@@ -56,6 +102,7 @@ class Engine:
             raise ValueError(f"{self.model.name} has no tokenizer; pass token ids (PromptIds) instead of text")
         return build_prompt(self.model.tokenizer, prefix_text, chunk_texts, query_text, self.config.chat_template)
 
+    # chunks -----------------------------------------------------------------------------------------
     def chunk_context(self, prefix_ids: Sequence[int] | None = None) -> tuple[int, ...]:
         """Ids a chunk is prefilled after (config.chunk_sink); prefix_ids: the prompt's prefix, needed for
         chunk_sink 'prefix'."""
@@ -63,8 +110,25 @@ class Engine:
             return self.sink_ids
         return chunk_context_ids(self.model.tokenizer, "prefix", prefix_ids)
 
-    def chunk_key(self, token_ids: Sequence[int], prefix_ids: Sequence[int] | None = None) -> ChunkKey:
-        return chunk_key(self.model, token_ids, self.chunk_context(prefix_ids))
+    def chunk_key(self, token_ids: Sequence[int], prefix_ids: Sequence[int] | None = None, text: str = "") -> ChunkKey:
+        """The chunk's content key; the engine remembers its ids so the store can rebuild it when needed."""
+        context = self.chunk_context(prefix_ids)
+        key = chunk_key(self.model, token_ids, context)
+        known = self._known.get(key.digest)
+        if known is None or (text and not known[1]):
+            self._known[key.digest] = (tuple(int(i) for i in token_ids), text, tuple(context))
+            if len(self._known) > _KNOWN_CHUNKS:
+                self._known.popitem(last=False)
+        else:
+            self._known.move_to_end(key.digest)
+        return key
+
+    def _rebuild(self, key: ChunkKey) -> ChunkKV | None:
+        known = self._known.get(key.digest)
+        if known is None:
+            return None
+        ids, text, context = known
+        return build_chunk_kv(self.model, ids, context, text)
 
     def _builder(self, token_ids: Sequence[int], text: str, prefix_ids: Sequence[int] | None = None):
         context = self.chunk_context(prefix_ids)
@@ -73,96 +137,181 @@ class Engine:
     def ensure_chunk(self, token_ids: Sequence[int], text: str = "", tier: str = "disk",
                      prefix_ids: Sequence[int] | None = None) -> ChunkKV:
         """The chunk's cached KV, built (prefilled after its context) and stored if missing or corrupt."""
-        return self.store.get_or_build(self.chunk_key(token_ids, prefix_ids),
+        return self.store.get_or_build(self.chunk_key(token_ids, prefix_ids, text),
                                        self._builder(token_ids, text, prefix_ids), tier)
 
+    def _texts(self, prompt: PromptIds, chunk_texts: Sequence[str] | None) -> list[str]:
+        return list(chunk_texts) if chunk_texts is not None else [""] * len(prompt.chunk_ids)
+
+    def stage(self, prompt: PromptIds, chunk_texts: Sequence[str] | None, tier: str) -> None:
+        """Before a timed comparison (outside every clock): build the prompt's missing chunks, then leave each
+        with `tier` as its fastest tier, so that every mode of the comparison starts from the same tier."""
+        if tier not in TIERS:
+            raise ValueError(f"unknown tier '{tier}'; use one of {', '.join(TIERS)}")
+        for ids, text in zip(prompt.chunk_ids, self._texts(prompt, chunk_texts)):
+            key = self.chunk_key(ids, prompt.prefix_ids, text)
+            self.store.ensure(key, self._builder(ids, text, prompt.prefix_ids), tier="disk")
+            try:
+                self.store.stage(key, tier)
+            except ChunkCorruptError:  # found corrupt while copying it up: rebuild, stage again
+                self.store.ensure(key, self._builder(ids, text, prompt.prefix_ids), tier="disk")
+                self.store.stage(key, tier)
+
+    def warm_up(self, prompt: PromptIds, chunk_texts: Sequence[str] | None = None) -> None:
+        """One uncounted short answer per engine and mode family (first-call costs off the clock): the prompt
+        cut to its first chunk, full and blend, 2 tokens. The one warm-up rule of every timed comparison."""
+        if self.warmed_up:
+            return
+        texts = self._texts(prompt, chunk_texts)
+        short = PromptIds(prompt.prefix_ids, prompt.chunk_ids[:1], prompt.query_ids)
+        sampling = replace(self.sampling(), max_new_tokens=2)
+        for mode in ("full", "blend"):
+            self.answer(short, texts[:1], mode=mode, sampling=sampling)
+        self.warmed_up = True
+
+    def _fetch(self, keys: Sequence[ChunkKey], ids_texts, prefix_ids, clock: RequestClock,
+               tier_of: Callable[[int], str], pin: Callable[[int], bool]) -> tuple[list[Fetched], list[ChunkKV | None]]:
+        """Bring each chunk to the tier tier_of(i) (pinning those pin(i) asks for right after their fetch);
+        fetch time goes to clock.fetch_ms, build time of missing/corrupt chunks is excluded from it."""
+        fetched: list[Fetched] = []
+        chunks: list[ChunkKV | None] = []
+        t0 = time.perf_counter()
+        built_ms = 0.0
+        try:
+            for i, (key, (ids, text)) in enumerate(zip(keys, ids_texts)):
+                got = self.store.ensure(key, self._builder(ids, text, prefix_ids), tier=tier_of(i))
+                if pin(i):
+                    self.store.pin(key)
+                built_ms += got.build_ms
+                fetched.append(got)
+                chunks.append(got.chunk if tier_of(i) == "gpu" else None)
+        except BaseException:
+            for i, got in enumerate(fetched):
+                if pin(i):
+                    self.store.unpin(got.key)
+            raise
+        clock.fetch_ms += elapsed_ms(t0, self.model.device) - built_ms
+        return fetched, chunks
+
+    @staticmethod
+    def _annotate(out: GenOutput, clock: RequestClock, fetched: Sequence[Fetched] | None, tiers: Sequence[str],
+                  build_ms: float) -> GenOutput:
+        out.chunk_tiers = tuple(tiers)
+        out.chunk_outcomes = tuple(f.outcome for f in fetched) if fetched is not None else ()
+        out.fetch_ms = clock.fetch_ms
+        out.build_ms = build_ms
+        return out
+
+    @staticmethod
+    def _tier_label(got: Fetched) -> str:
+        return got.found_tier if got.outcome == "hit" else f"built ({got.outcome})"
+
+    # answers ----------------------------------------------------------------------------------------
     def answer(self, prompt: PromptIds, chunk_texts: Sequence[str] | None = None, mode: str | None = None,
                ratio: float | None = None, sampling: SamplingParams | None = None,
-               on_token: Callable[[int], bool | None] | None = None) -> GenOutput:
-        """Prefill (full / reuse / blend) and decode. TTFT counts from here, chunk fetches included.
+               on_token: Callable[[int], bool | None] | None = None, start_tier: str | None = None) -> GenOutput:
+        """Prefill (full / reuse / blend) and decode. TTFT as kvblend/clock.py defines it.
+        start_tier: stage every chunk on this tier first (before the clock), for comparisons.
         on_token: streaming callback, see generation.generate.generate."""
         c = self.config
         mode = mode or c.mode
         ratio = c.ratio if ratio is None else ratio
         sampling = sampling or self.sampling()
-        texts = list(chunk_texts) if chunk_texts is not None else [""] * len(prompt.chunk_ids)
-        t_start = time.perf_counter()
-        chunks: list[ChunkKV] = []
-        keys = [self.chunk_key(ids, prompt.prefix_ids) for ids in prompt.chunk_ids] if mode != "full" else []
-        for key in keys:
-            self.store.pin(key)
+        texts = self._texts(prompt, chunk_texts)
+        if start_tier is not None:
+            self.stage(prompt, texts, start_tier)
+        build0 = self.store.stats.build_ms
+        clock = RequestClock()
+        keys = [self.chunk_key(ids, prompt.prefix_ids, t) for ids, t in zip(prompt.chunk_ids, texts)]
+        fetched: list[Fetched] | None = None
+        if mode == "full":  # the baseline computes every chunk: nothing is fetched
+            tiers = [self.store.tier_of(k) or "absent" for k in keys]
+            pinned: list[ChunkKey] = []
+            chunks = None
+        else:
+            fetched, chunks = self._fetch(keys, list(zip(prompt.chunk_ids, texts)), prompt.prefix_ids, clock,
+                                          tier_of=lambda i: "gpu", pin=lambda i: True)
+            pinned = keys
+            tiers = [self._tier_label(f) for f in fetched]
         try:
-            for ids, text, key in zip(prompt.chunk_ids, texts, keys):
-                chunks.append(self.store.get_or_build(key, self._builder(ids, text, prompt.prefix_ids), tier="gpu"))
-            result = prefill(self.model, prompt, chunks if mode != "full" else None, mode=mode, ratio=ratio,
-                             check_layer=c.check_layer, selection=self.selection,
-                             extra_capacity=sampling.max_new_tokens)
+            result = prefill(self.model, prompt, chunks, mode=mode, ratio=ratio, check_layer=c.check_layer,
+                             selection=self.selection, extra_capacity=sampling.max_new_tokens)
         finally:
-            for key in keys:
+            for key in pinned:
                 self.store.unpin(key)
-        return generate(self.model, result, sampling, t_start, self.newline, on_token=on_token)
+        clock.build_ms = self.store.stats.build_ms - build0
+        out = generate(self.model, result, sampling, clock.ttft_start(), self.newline, on_token=on_token)
+        return self._annotate(out, clock, fetched, tiers, self.store.stats.build_ms - build0)
 
-    def answer_speculative(self, prompt: PromptIds, chunk_texts: Sequence[str], scores: Sequence[float], *,
-                           gpu_chunks: int, drafter: str = "ngram", draft_model: DecoderModel | None = None,
-                           proxy: str | None = None, threshold: float = 0.3, k: int = 4, pinned_top: int = 1,
-                           mode: str | None = None, ratio: float | None = None,
-                           sampling: SamplingParams | None = None, warm_start: bool = True):
-        """Tiered speculative answer: the top `gpu_chunks` chunks (by score) are resident, the rest are CPU
-        placeholders; `proxy` promotes placeholders during decoding (None: never). The top `pinned_top`
-        resident chunks are never demoted. warm_start: before the first token, promote what the prompt's last
-        query already points at and recompute the query. Returns (GenOutput, steps, trace, placement)."""
+    def answer_speculative(self, prompt: PromptIds, chunk_texts: Sequence[str] | None, scores: Sequence[float],
+                           options: SpecOptions | None = None, *, draft_model: DecoderModel | None = None,
+                           sampling: SamplingParams | None = None, start_tier: str | None = None):
+        """Tiered speculative answer: the top options.gpu_chunks chunks (by score) are resident, the rest are CPU
+        placeholders that options.proxy promotes during decoding ("none": never). The top options.pinned_top
+        resident chunks are never demoted. TTFT as kvblend/clock.py defines it (a warm-start round included).
+        Returns (GenOutput, steps, trace, placement)."""
         from kvblend.generation.drafters import ModelDrafter, NgramDrafter
         from kvblend.generation.promotion import Promoter
         from kvblend.generation.speculative import speculative_generate
 
-        if drafter not in DRAFTERS:
-            raise ValueError(f"unknown drafter '{drafter}'; use one of {', '.join(DRAFTERS)}")
-        if drafter == "model" and draft_model is None:
+        o = options or SpecOptions.from_config(self.config)
+        if o.drafter == "model" and draft_model is None:
             raise ValueError("drafter 'model' needs a draft model (--draft-model)")
         c = self.config
-        mode = mode or ("blend" if c.mode == "full" else c.mode)
-        ratio = c.ratio if ratio is None else ratio
-        sampling = sampling or self.sampling()
         n = len(prompt.chunk_ids)
-        gpu_chunks = min(gpu_chunks, n)
-        if gpu_chunks == n and c.mode == "full":
-            mode = "full"
-        keys = [self.chunk_key(ids, prompt.prefix_ids) for ids in prompt.chunk_ids]
-        for ids, text in zip(prompt.chunk_ids, chunk_texts):
-            self.ensure_chunk(ids, text, prefix_ids=prompt.prefix_ids)
-        t_start = time.perf_counter()
-        placement = self.store.place(keys, [len(i) for i in prompt.chunk_ids], scores,
-                                     first_position=len(prompt.prefix_ids), top_k=gpu_chunks)
+        gpu_chunks = min(o.gpu_chunks, n)
+        mode = o.mode or ("blend" if c.mode == "full" and gpu_chunks < n else c.mode)
+        if mode == "full" and gpu_chunks < n:
+            raise ValueError("placeholders need mode reuse or blend (full prefill computes every chunk)")
+        ratio = c.ratio if o.ratio is None else o.ratio
+        proxy = None if o.proxy == "none" else o.proxy
+        sampling = sampling or self.sampling()
+        texts = self._texts(prompt, chunk_texts)
+        if start_tier is not None:
+            self.stage(prompt, texts, start_tier)
+        build0 = self.store.stats.build_ms
+        clock = RequestClock()
+        keys = [self.chunk_key(ids, prompt.prefix_ids, t) for ids, t in zip(prompt.chunk_ids, texts)]
+        placement: Placement = place(keys, [len(i) for i in prompt.chunk_ids], scores,
+                                     first_position=len(prompt.prefix_ids), gpu_chunks=gpu_chunks)
         resident = [not s.is_placeholder for s in placement.slots]
+        fetched: list[Fetched] = []
         promoter = None
         try:
-            chunks = [self.store.get(s.key, "gpu") if r else None for s, r in zip(placement.slots, resident)]
-            extra = sampling.max_new_tokens + k + 2
+            fetched, chunks = self._fetch(keys, list(zip(prompt.chunk_ids, texts)), prompt.prefix_ids, clock,
+                                          tier_of=lambda i: "gpu" if resident[i] else "cpu",
+                                          pin=lambda i: resident[i])
+            extra = sampling.max_new_tokens + o.k + 2
             result = prefill(self.model, prompt, chunks if mode != "full" else None, mode=mode, ratio=ratio,
                              check_layer=c.check_layer, selection=self.selection, extra_capacity=extra,
                              resident=resident)
-            if drafter == "model":
+            if o.drafter == "model":
                 spec = ModelDrafter(draft_model, prompt, extra_capacity=extra)
             else:
                 spec = NgramDrafter([list(ids) for ids in prompt.chunk_ids])
             probe: list | None = [] if proxy == "key_bounds" else None
             if proxy is not None:
-                ranked = sorted((s for s in placement.resident), key=lambda s: -s.score)
-                promoter = Promoter(self.model, self.store, placement.slots, proxy, threshold=threshold,
-                                    max_gpu_chunks=gpu_chunks, pinned=[s.index for s in ranked[:pinned_top]],
+                ranked = sorted(placement.resident, key=lambda s: -s.score)
+                promoter = Promoter(self.model, self.store, placement.slots, proxy, threshold=o.threshold,
+                                    gpu_chunks=gpu_chunks, pinned=[s.index for s in ranked[:o.pinned_top]],
                                     drafter=spec, probe=probe)
-                if warm_start:
+                if o.warm_start:
                     logits = promoter.warm_start(result.state, prompt.flat(),
                                                  prompt.num_tokens - len(prompt.query_ids))
                     if logits is not None:
                         result.logits = logits
-            out, steps = speculative_generate(self.model, result, spec, sampling, t_start, prompt_ids=prompt,
-                                              k=0 if drafter == "none" else k, newline=self.newline,
-                                              on_step=promoter, probe=probe)
+            clock.build_ms = self.store.stats.build_ms - build0
+            out, steps = speculative_generate(self.model, result, spec, sampling, clock.ttft_start(),
+                                              prompt_ids=prompt, k=0 if o.drafter == "none" else o.k,
+                                              newline=self.newline, on_step=promoter, probe=probe)
         finally:
             if promoter is not None:
-                promoter.release()
+                promoter.release()  # the promoter owns the resident pins from its construction on
             else:
-                self.store.release(placement)
+                for slot, got in zip(placement.slots, fetched):
+                    if not slot.is_placeholder:
+                        self.store.unpin(slot.key)
+        self._annotate(out, clock, fetched, [self._tier_label(f) for f in fetched],
+                       self.store.stats.build_ms - build0)
         trace = promoter.trace if promoter is not None else []
         return out, steps, trace, placement

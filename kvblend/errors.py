@@ -17,6 +17,10 @@ class StoreError(KvblendError):
     """The chunk KV store cannot satisfy a request."""
 
 
+class ChunkMissingError(StoreError):
+    """A chunk is not in the store (on no tier)."""
+
+
 class ChunkCorruptError(StoreError):
     """A chunk file on disk failed hash verification, or is truncated or unreadable."""
 

@@ -75,7 +75,7 @@ class BlendStats:
     num_recomputed: int  # prefix + query + selected chunk tokens
     selected_positions: tuple[int, ...]  # global positions of the selected chunk tokens
     prefill_ms: float
-    kv_load_ms: float = 0.0
+    place_ms: float = 0.0  # KV buffer allocation + copying the cached chunks in, keys re-rotated (not a load)
 
 
 @dataclass(slots=True)
@@ -88,6 +88,12 @@ class GenOutput:
     token_ms: list[float] = field(default_factory=list)  # wall time of each decode step after the first
     stop_reason: str = ""  # "eos" | "newline" | "length"
     blend: BlendStats | None = None
+    # set by the Engine (kvblend/clock.py defines TTFT): per chunk, the tier it was fetched from ("gpu" | "cpu" |
+    # "disk", or "built (missing)" / "built (corrupt)"); fetch time (inside TTFT); build time (outside TTFT)
+    chunk_tiers: tuple[str, ...] = ()
+    chunk_outcomes: tuple[str, ...] = ()  # per chunk: "hit" | "missing" | "corrupt" (empty for full prefill)
+    fetch_ms: float = 0.0
+    build_ms: float = 0.0
 
     @property
     def tpot_ms(self) -> float:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from conftest import make_tiny
-from kvblend.budget import PRESETS, dims_from_config, kv_bytes_per_token, num_parameters, plan_budget
+from kvblend.budget import kv_bytes_per_token, num_parameters, plan_budget
+from kvblend.model.shape import PRESETS, from_config_dict
 from kvblend.cli import main
 from kvblend.config import parse_bytes
 
@@ -28,7 +29,7 @@ def test_parameter_counts_match_published_sizes():
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])
 def test_parameter_count_matches_a_real_model(model_type):
     model = make_tiny(model_type)
-    dims = dims_from_config(model.hf_model.config.to_dict(), "tiny")
+    dims = from_config_dict(model.hf_model.config.to_dict(), "tiny")
     real = sum(p.numel() for p in model.hf_model.parameters())
     assert num_parameters(dims) == real
 

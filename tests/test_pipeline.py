@@ -19,7 +19,7 @@ from kvblend.retrieval import load_retrieval
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipeline")
     config = EngineConfig(home=str(tmp / "home"), results_dir=str(tmp / "results"), dataset="toy", limit=1,
-                          max_new_tokens=8, top_k=4, top_k_gpu=4)
+                          max_new_tokens=8, top_k=4, gpu_chunks=4)
     model = load_model("smollm2-135m-instruct", dtype="float32", device="cpu")
     return config, model
 
@@ -29,7 +29,7 @@ def test_pipeline_end_to_end(setup):
     path, recall = run_retrieve(config, progress=False)
     assert recall is None  # toy samples have no gold answers
     run = load_retrieval(path)
-    assert path.name == "toy_rag_bm25_k4.json" and len(run.retrieved[0].passage_ids) == 4
+    assert path.name == "toy_rag_both_k4.json" and len(run.retrieved[0].passage_ids) == 4  # hybrid by default
 
     summary = json.loads(run_build(config, engine=Engine(config, model=model), progress=False).read_text())
     assert (summary["chunks_built"], summary["chunks_reused"]) == (4, 0)
@@ -48,6 +48,10 @@ def test_pipeline_end_to_end(setup):
         res = json.loads(run_decode(config, mode=mode, engine=engine, progress=False).read_text())
         row = res["samples"][0]
         assert row["num_output_tokens"] >= 1 and row["ttft_ms"] > 0 and row["prompt_tokens"] > 1000
+        # every mode of the comparison starts with its chunks on the same tier, recorded per sample
+        assert res["start_tier"] == "cpu" and row["chunk_tiers"] == ["cpu"] * 4 and row["build_ms"] == 0
+        assert (row["fetch_ms"] > 0) == (mode != "full")
+        assert res["made_from"]["dataset"] == "toy" and res["made_from"]["limit"] == 1
     _, table = run_eval(config, ("full", "blend"))
     by_mode = {r["mode"]: r for r in table}
     assert by_mode["full"]["fidelity_exact"] == 1.0 and by_mode["blend"]["fidelity_rougeL"] is not None

@@ -9,7 +9,7 @@ import torch
 
 from conftest import make_tiny
 from kvblend.config import EngineConfig
-from kvblend.engine import Engine
+from kvblend.engine import Engine, SpecOptions
 from kvblend.generation.promotion import PROXIES, Promoter, attention_mass
 from kvblend.generation.sampling import SamplingParams
 from test_blend import random_prompt
@@ -35,8 +35,9 @@ def test_budget_never_exceeded_and_pinned_never_demoted(tiny_engine, monkeypatch
     monkeypatch.setattr(Promoter, "_scores", random_scores)
     scores = [0.9, 0.8, 0.5, 0.4, 0.3, 0.2]
     out, steps, trace, placement = engine.answer_speculative(
-        prompt, [""] * 6, scores, gpu_chunks=2, drafter="ngram", proxy="ngram_source", threshold=0.3, k=3,
-        pinned_top=1, mode="reuse", sampling=SamplingParams(max_new_tokens=40, stop_on_newline=False))
+        prompt, [""] * 6, scores, SpecOptions(gpu_chunks=2, drafter="ngram", proxy="ngram_source", threshold=0.3,
+                                              k=3, pinned_top=1, mode="reuse"),
+        sampling=SamplingParams(max_new_tokens=40, stop_on_newline=False))
     promotions = sum(len(t.promoted) for t in trace)
     assert promotions >= 5 and sum(len(t.demoted) for t in trace) >= 3
     for t in trace:
@@ -50,8 +51,9 @@ def test_budget_never_exceeded_and_pinned_never_demoted(tiny_engine, monkeypatch
 def test_no_proxy_means_no_promotion_and_placeholders_masked(tiny_engine):
     engine, prompt, _ = tiny_engine
     out, steps, trace, placement = engine.answer_speculative(
-        prompt, [""] * 6, [0.9, 0.8, 0.5, 0.4, 0.3, 0.2], gpu_chunks=2, drafter="none", proxy=None,
-        mode="reuse", sampling=SamplingParams(max_new_tokens=6, stop_on_newline=False))
+        prompt, [""] * 6, [0.9, 0.8, 0.5, 0.4, 0.3, 0.2], SpecOptions(gpu_chunks=2, drafter="none", proxy="none",
+                                                                     mode="reuse"),
+        sampling=SamplingParams(max_new_tokens=6, stop_on_newline=False))
     assert trace == [] and len(out.token_ids) == 6
     assert [s.tier for s in placement.slots] == ["gpu", "gpu", "cpu", "cpu", "cpu", "cpu"]
 
@@ -61,9 +63,10 @@ def test_each_proxy_scores_every_chunk(tiny_engine, proxy):
     engine, prompt, _ = tiny_engine
     draft = make_tiny("llama", num_hidden_layers=2) if proxy == "draft_attention" else None
     out, steps, trace, _ = engine.answer_speculative(
-        prompt, [""] * 6, [0.9, 0.8, 0.5, 0.4, 0.3, 0.2], gpu_chunks=2, proxy=proxy, threshold=2.0, k=2,
-        drafter="model" if draft is not None else "ngram", draft_model=draft, mode="reuse",
-        sampling=SamplingParams(max_new_tokens=8, stop_on_newline=False))
+        prompt, [""] * 6, [0.9, 0.8, 0.5, 0.4, 0.3, 0.2],
+        SpecOptions(gpu_chunks=2, proxy=proxy, threshold=2.0, k=2, mode="reuse",
+                    drafter="model" if draft is not None else "ngram"),
+        draft_model=draft, sampling=SamplingParams(max_new_tokens=8, stop_on_newline=False))
     assert trace, "the promoter runs every step"
     scored = [t.scores for t in trace if t.scores]
     if proxy != "ngram_source":  # n-gram scores only exist when a draft was copied from a chunk
@@ -108,12 +111,12 @@ def test_answer_only_in_cpu_chunk_gets_promoted(smollm_engine, proxy, drafter):
     prompt = engine.prompt(data.template.prefix, texts,
                            data.template.format_query("What is the secret code word of the Oslo museum"))
     scores = [0.9, 0.8, 0.1]  # retrieval ranked the answer last: it starts on the CPU tier
-    base, *_ = engine.answer_speculative(prompt, texts, scores, gpu_chunks=2, drafter="none", proxy=None,
-                                         mode="reuse")
+    base, *_ = engine.answer_speculative(prompt, texts, scores,
+                                         SpecOptions(gpu_chunks=2, drafter="none", proxy="none", mode="reuse"))
     assert "pineapple" not in base.text.lower()
     out, steps, trace, placement = engine.answer_speculative(
-        prompt, texts, scores, gpu_chunks=2, drafter=drafter, draft_model=engine.model, proxy=proxy, k=4,
-        mode="reuse")
+        prompt, texts, scores, SpecOptions(gpu_chunks=2, drafter=drafter, proxy=proxy, k=4, mode="reuse"),
+        draft_model=engine.model)
     assert placement.slots[2].is_placeholder
     assert any(2 in t.promoted for t in trace)
     assert "pineapple" in out.text.lower()

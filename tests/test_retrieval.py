@@ -454,7 +454,7 @@ def test_failed_save_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr("kvblend.retrieval.storage.json.dump", boom)
+    monkeypatch.setattr("kvblend.io.os.fsync", boom)  # fails mid-write, after the temp file exists
     with pytest.raises(OSError, match="disk full"):
         save_retrieval(path, "ds", "dense", 2, "per_sample", _sample_results(), 0.0)
     assert path.read_bytes() == before

@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-from kvblend.errors import BudgetExceededError, ChunkCorruptError
-from kvblend.kvstore import tiers as tiers_mod
+from kvblend.errors import BudgetExceededError, ChunkMissingError, StoreError
+from kvblend import io as io_mod
 from kvblend.kvstore.builder import build_chunk_kv
 from kvblend.kvstore.chunk_kv import ChunkKV
 from kvblend.kvstore.key import ChunkKey, token_hash
@@ -68,9 +68,12 @@ def test_corrupt_file_is_reported_and_rebuilt(tmp_path, damage):
         tensor_path.unlink()
     else:
         meta_path.write_text("{not json")
-    with pytest.raises(ChunkCorruptError, match="corrupt chunk file"):
-        store.get(chunk.key)
+    got = store.fetch(chunk.key)
+    assert (got.chunk, got.outcome, got.found_tier) == (None, "corrupt", None)
+    assert store.stats.corrupt == 1 and sum(store.stats.hits.values()) == 0  # corrupt is never a hit
     assert not tensor_path.exists() and not meta_path.exists()  # never used again
+    with pytest.raises(ChunkMissingError):
+        store.get(chunk.key)  # the file is gone and no builder knows the chunk
     built = []
     store2 = make_store(tmp_path)
     store2.put(chunk)
@@ -89,12 +92,12 @@ def test_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch):
     def boom(fd):
         raise KeyboardInterrupt("killed during write")
 
-    monkeypatch.setattr(tiers_mod.os, "fsync", boom)
+    monkeypatch.setattr(io_mod.os, "fsync", boom)
     with pytest.raises(KeyboardInterrupt):
         store.put(chunk)
     leftovers = [p for p in (tmp_path / "store").rglob("*") if p.is_file()]
     assert leftovers == []
-    monkeypatch.setattr(tiers_mod.os, "fsync", os.fsync)
+    monkeypatch.setattr(io_mod.os, "fsync", os.fsync)
     assert chunk.key not in make_store(tmp_path)
 
 
@@ -139,17 +142,87 @@ def test_chunk_larger_than_budget(tmp_path):
         store.put(big, "gpu")
 
 
-def test_placement_top_k_and_placeholders(tmp_path):
+def test_placement_top_k_and_placeholders():
+    from kvblend.fusion.layout import place
+
     chunks = [fake_chunk(i, n) for i, n in enumerate([10, 20, 30, 40])]
-    store = make_store(tmp_path)
-    for c in chunks:
-        store.put(c)
-    placement = store.place([c.key for c in chunks], [c.num_tokens for c in chunks], [0.1, 0.9, 0.5, 0.2],
-                            first_position=7, top_k=2)
+    placement = place([c.key for c in chunks], [c.num_tokens for c in chunks], [0.1, 0.9, 0.5, 0.2],
+                      first_position=7, gpu_chunks=2)
     assert [s.tier for s in placement.slots] == ["cpu", "gpu", "gpu", "cpu"]
     assert [s.start for s in placement.slots] == [7, 17, 37, 67]  # placeholders keep their ranges
     assert {s.index for s in placement.placeholders} == {0, 3}
-    assert all(store.is_pinned(s.key) for s in placement.resident)
-    assert store.tier_of(chunks[0].key) == "cpu" and store.tier_of(chunks[1].key) == "gpu"
-    store.release(placement)
-    assert not any(store.is_pinned(c.key) for c in chunks)
+    assert [s.index for s in place([c.key for c in chunks], [1] * 4, [0.5] * 4, 0, 3).resident] == [0, 1, 2]
+
+
+def test_fetch_outcomes_missing_hit_and_tier(tmp_path):
+    chunk = fake_chunk(3)
+    store = make_store(tmp_path)
+    assert store.lookup(chunk.key) is None
+    got = store.fetch(chunk.key)
+    assert (got.outcome, got.chunk) == ("missing", None) and store.stats.misses == 2
+    store.put(chunk)
+    fresh = make_store(tmp_path)
+    got = fresh.fetch(chunk.key, tier="gpu")
+    assert (got.outcome, got.found_tier) == ("hit", "disk") and torch.equal(got.chunk.kv, chunk.kv)
+    assert fresh.fetch(chunk.key, tier="gpu").found_tier == "gpu"
+    assert fresh.stats.hits == {"disk": 1, "gpu": 1} and fresh.stats.misses == 0
+
+
+def test_ensure_builds_only_missing_or_corrupt(tmp_path):
+    chunk = fake_chunk(4)
+    store = make_store(tmp_path)
+    built = []
+    build = lambda: built.append(1) or chunk  # noqa: E731
+    first = store.ensure(chunk.key, build, tier="cpu")
+    assert (first.outcome, first.built) == ("missing", True) and built == [1] and store.stats.built == 1
+    again = store.ensure(chunk.key, build, tier="cpu")
+    assert (again.outcome, again.built, again.found_tier) == ("hit", False, "cpu") and built == [1]
+    fresh = make_store(tmp_path)
+    tensor_path = fresh.disk.paths(chunk.key.digest)[0]
+    tensor_path.write_bytes(tensor_path.read_bytes()[:-3])
+    healed = fresh.ensure(chunk.key, build, tier="gpu")
+    assert (healed.outcome, healed.built) == ("corrupt", True) and built == [1, 1]
+    assert fresh.stats.corrupt == 1 and fresh.stats.built == 1 and not fresh.stats.hits
+    assert make_store(tmp_path).fetch(chunk.key).outcome == "hit"  # the rebuilt file verifies
+
+
+def test_budget_exceeded_is_never_a_rebuild(tmp_path):
+    big = fake_chunk(5, 64)
+    store = make_store(tmp_path, gpu=big.nbytes - 1)
+    store.put(big)  # on disk: the GPU tier cannot hold it
+    built = []
+    with pytest.raises(BudgetExceededError):
+        store.ensure(big.key, lambda: built.append(1) or big, tier="gpu")
+    with pytest.raises(BudgetExceededError):
+        store.get(big.key, tier="gpu")
+    assert built == [] and store.stats.built == 0 and store.stats.misses == 0 and store.stats.corrupt == 0
+
+
+def test_get_heals_a_corrupt_chunk_through_the_registered_builder(tmp_path):
+    chunk = fake_chunk(6)
+    make_store(tmp_path).put(chunk)
+    store = make_store(tmp_path)
+    tensor_path = store.disk.paths(chunk.key.digest)[0]
+    data = bytearray(tensor_path.read_bytes())
+    data[-1] ^= 0x10
+    tensor_path.write_bytes(bytes(data))
+    store.builder = lambda key: chunk if key == chunk.key else None
+    got = store.get(chunk.key, tier="cpu")
+    assert torch.equal(got.kv, chunk.kv) and store.stats.corrupt == 1 and store.stats.built == 1
+    assert store.tier_of(chunk.key) == "cpu" and store.stats.build_ms > 0
+
+
+@pytest.mark.parametrize("tier", ["gpu", "cpu", "disk"])
+def test_stage_leaves_the_chunk_on_exactly_that_tier(tmp_path, tier):
+    chunk = fake_chunk(7)
+    store = make_store(tmp_path)
+    store.put(chunk, "gpu")
+    store.stage(chunk.key, tier)
+    assert store.tier_of(chunk.key) == tier
+    assert store.fetch(chunk.key, "gpu").found_tier == tier
+    store.stage(chunk.key, "disk")
+    store.stage(chunk.key, tier)  # and back up from disk (a verified read)
+    assert store.tier_of(chunk.key) == tier
+    store.pin(chunk.key)
+    with pytest.raises(StoreError, match="pinned"):
+        store.stage(chunk.key, tier)

@@ -126,17 +126,24 @@ SAMSUM_TEMPLATE = PromptTemplate(
 TOY_TEMPLATE = PromptTemplate("", "{text}", "{question}", True)
 
 
+SAMSUM_CONTEXT_TOKENS = 3400  # CacheBlend's samsum cap: middle few-shot examples are dropped beyond it
+
+
 @dataclass(frozen=True, slots=True)
 class _Spec:
+    """Per-dataset policy, declared with the dataset: how to prompt, how long answers are, how to score, and
+    the cap on chunk tokens per prompt (middle chunks dropped beyond it; 0 = none)."""
+
     template: PromptTemplate
     max_new_tokens: int
     metric: Metric
+    max_context_tokens: int = 0
 
 
 _SPECS: dict[str, _Spec] = {
     "qa": _Spec(MUSIQUE_TEMPLATE, 32, "f1"),
-    "samsum_fewshot": _Spec(SAMSUM_TEMPLATE, 128, "rougeL"),
-    "samsum_dialogues": _Spec(SAMSUM_TEMPLATE, 128, "rougeL"),
+    "samsum_fewshot": _Spec(SAMSUM_TEMPLATE, 128, "rougeL", SAMSUM_CONTEXT_TOKENS),
+    "samsum_dialogues": _Spec(SAMSUM_TEMPLATE, 128, "rougeL", SAMSUM_CONTEXT_TOKENS),
     "toy": _Spec(TOY_TEMPLATE, 32, "f1"),
 }
 
@@ -152,6 +159,7 @@ class Dataset:
     metric: Metric
     source_path: Path
     shape: str = "qa"
+    max_context_tokens: int = 0  # chunk tokens per prompt beyond which middle chunks are dropped (0 = no cap)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -585,6 +593,15 @@ def _resolve_wikimqa() -> Path:
     return found
 
 
+def dataset_name(name_or_path: str | os.PathLike[str]) -> str:
+    """The one name a dataset goes by in file names and records, without reading it: a known name as is,
+    a file by its stem ('data/foo.jsonl' -> 'foo'), a folder of toy files by its name."""
+    if isinstance(name_or_path, str) and name_or_path in KNOWN_DATASETS:
+        return name_or_path
+    path = Path(name_or_path)
+    return path.name if path.is_dir() or not path.suffix else path.stem
+
+
 def _resolve(name_or_path: str | os.PathLike[str]) -> tuple[str, Path, str | None]:
     """-> (dataset name, path, expected sha256 or None)."""
     if isinstance(name_or_path, str) and name_or_path in KNOWN_DATASETS:
@@ -601,7 +618,7 @@ def _resolve(name_or_path: str | os.PathLike[str]) -> tuple[str, Path, str | Non
             known = ", ".join(KNOWN_DATASETS)
             raise DatasetError(name_or_path, f"not a known dataset name ({known}) nor an existing file")
         raise DatasetError(path, "no such file")
-    return (path.name if path.is_dir() else path.stem), path, None
+    return dataset_name(path), path, None
 
 
 def load_dataset(
@@ -629,4 +646,5 @@ def load_dataset(
         samples = samples[:limit]
     spec = _SPECS[detected]
     logger.info("loaded %d samples of %s from %s (shape %s)", len(samples), name, path, detected)
-    return Dataset(name, tuple(samples), spec.template, spec.max_new_tokens, spec.metric, path, detected)
+    return Dataset(name, tuple(samples), spec.template, spec.max_new_tokens, spec.metric, path, detected,
+                   spec.max_context_tokens)

@@ -146,7 +146,7 @@ def prefill(model: DecoderModel, prompt: PromptIds, chunks: Sequence[ChunkKV] | 
             chunk_pos_parts.append(torch.arange(start, end, device=dev))
             chunk_off_parts.append(torch.arange(end - start, device=dev))
         start = end
-    kv_load_ms = elapsed_ms(t_start, dev)
+    place_ms = elapsed_ms(t_start, dev)
     chunk_pos = torch.cat(chunk_pos_parts) if chunk_pos_parts else torch.empty(0, dtype=torch.long, device=dev)
     always = torch.cat([torch.arange(len(prompt.prefix_ids), device=dev), torch.arange(start, n, device=dev)])
 
@@ -191,7 +191,7 @@ def prefill(model: DecoderModel, prompt: PromptIds, chunks: Sequence[ChunkKV] | 
     stats = BlendStats(
         mode=mode, num_tokens=n, num_chunk_tokens=int(chunk_pos.numel()),
         num_recomputed=int(pos.numel()), selected_positions=tuple(selected.tolist()),
-        prefill_ms=prefill_ms, kv_load_ms=kv_load_ms,
+        prefill_ms=prefill_ms, place_ms=place_ms,
     )
     return PrefillResult(state=state, logits=logits, stats=stats)
 

@@ -1,72 +1,72 @@
-"""ChunkKVStore: which chunk lives on which tier, pins, LRU eviction, statistics. No tensor math.
+"""ChunkKVStore: which chunk lives on which tier, pins, LRU eviction, statistics. No tensor math, no prompt layout.
 
 Tiers, fastest first: "gpu" (the compute device), "cpu" (host memory, pinned when CUDA is present),
 "disk" (the source of truth). Every chunk put in the store is written to disk first; memory tiers
 hold copies. A pinned chunk (in use by a blend or a promotion) is never evicted from any tier.
+
+Read verbs and their outcomes (LMCache-style):
+  fetch(key, tier)            -> Fetched: the chunk made resident on `tier`, or no chunk with outcome "missing"
+                                 (not stored) or "corrupt" (its file failed verification: removed, never used)
+  lookup(key, tier)           -> the chunk or None (fetch(...).chunk)
+  ensure(key, build, tier)    -> Fetched with a chunk: build() runs only for a missing or corrupt chunk
+  get(key, tier)              -> the chunk; a missing or corrupt one is rebuilt through `self.builder` when the
+                                 engine registered one (so a corrupt file found anywhere on the read path, even
+                                 by a promotion, heals and the request goes on), else ChunkMissingError /
+                                 ChunkCorruptError
+Over-budget is never a "missing" outcome: BudgetExceededError propagates from every verb and nothing is rebuilt.
+A corrupt chunk counts in stats.corrupt, never as a hit; a missing one in stats.misses.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Literal
 
 import torch
 
-from kvblend.errors import BudgetExceededError, ChunkCorruptError, StoreError
+from kvblend.errors import BudgetExceededError, ChunkCorruptError, ChunkMissingError, StoreError
 from kvblend.kvstore.chunk_kv import ChunkKV
 from kvblend.kvstore.key import ChunkKey
 from kvblend.kvstore.tiers import DiskTier, MemoryTier
+from kvblend.vocab import TIERS
 
 log = logging.getLogger(__name__)
 
-TIERS = ("gpu", "cpu", "disk")
+Outcome = Literal["hit", "missing", "corrupt"]
 
 
 @dataclass(slots=True)
 class StoreStats:
-    hits: Counter = field(default_factory=Counter)  # per tier a chunk was found on
-    misses: int = 0  # not in the store at all (built)
-    corrupt: int = 0  # failed verification on load (rebuilt)
+    hits: Counter = field(default_factory=Counter)  # per tier a chunk was found on (verified)
+    misses: int = 0  # not in the store at all
+    corrupt: int = 0  # failed verification on load (file removed; rebuilt when a builder is known)
+    built: int = 0  # chunks built by ensure() / get() for a missing or corrupt outcome
+    build_ms: float = 0.0  # wall time of those builds (prefill alone + write), never part of a TTFT
     evictions: Counter = field(default_factory=Counter)  # per tier
     bytes_moved: Counter = field(default_factory=Counter)  # e.g. "cpu->gpu"
 
     def as_dict(self) -> dict:
-        total = sum(self.hits.values()) + self.misses
-        return {"hits": dict(self.hits), "misses": self.misses, "corrupt": self.corrupt,
-                "evictions": dict(self.evictions), "bytes_moved": dict(self.bytes_moved),
-                "hit_rate": (sum(self.hits.values()) / total) if total else None}
+        hits = sum(self.hits.values())
+        total = hits + self.misses + self.corrupt
+        return {"hits": dict(self.hits), "misses": self.misses, "corrupt": self.corrupt, "built": self.built,
+                "build_ms": round(self.build_ms, 3), "evictions": dict(self.evictions),
+                "bytes_moved": dict(self.bytes_moved), "hit_rate": (hits / total) if total else None}
 
 
 @dataclass(frozen=True, slots=True)
-class ChunkSlot:
-    """A chunk's place in one prompt. A placeholder (tier "cpu") owns its positions but is not attended."""
+class Fetched:
+    """The outcome of one read: the chunk (None when missing or corrupt and not built), where it was found."""
 
-    index: int  # position of the chunk in the prompt (retrieval order)
     key: ChunkKey
-    start: int  # first global position
-    num_tokens: int
-    score: float
-    tier: str
-
-    @property
-    def is_placeholder(self) -> bool:
-        return self.tier != "gpu"
-
-
-@dataclass(frozen=True, slots=True)
-class Placement:
-    slots: tuple[ChunkSlot, ...]
-
-    @property
-    def resident(self) -> tuple[ChunkSlot, ...]:
-        return tuple(s for s in self.slots if not s.is_placeholder)
-
-    @property
-    def placeholders(self) -> tuple[ChunkSlot, ...]:
-        return tuple(s for s in self.slots if s.is_placeholder)
+    chunk: ChunkKV | None
+    outcome: Outcome
+    found_tier: str | None  # tier the chunk was read from ("gpu" | "cpu" | "disk"); None unless a hit
+    built: bool = False  # ensure()/get() built it after a missing or corrupt outcome
+    build_ms: float = 0.0
 
 
 class ChunkKVStore:
@@ -82,6 +82,8 @@ class ChunkKVStore:
         self.disk = DiskTier(Path(root), disk_budget_bytes)
         self.stats = StoreStats()
         self._pins: Counter = Counter()
+        # key -> ChunkKV for keys whose token ids the owner knows (the engine sets it); used by get()
+        self.builder: Callable[[ChunkKey], ChunkKV | None] | None = None
 
     # pins -------------------------------------------------------------------------------------
     def pin(self, key: ChunkKey) -> None:
@@ -96,8 +98,9 @@ class ChunkKVStore:
     def is_pinned(self, key: ChunkKey) -> bool:
         return self._pins[key.digest] > 0
 
-    # queries ----------------------------------------------------------------------------------
+    # queries (no statistics, no file reads) -----------------------------------------------------
     def tier_of(self, key: ChunkKey) -> str | None:
+        """Fastest tier holding the chunk, None if it is not stored (a disk file is not verified here)."""
         for name in TIERS[:2]:
             if key.digest in self.tiers[name]:
                 return name
@@ -170,35 +173,96 @@ class ChunkKVStore:
                                       f"raise the disk budget")
 
     # reads ------------------------------------------------------------------------------------
-    def get(self, key: ChunkKey, tier: str = "gpu") -> ChunkKV:
-        """The chunk resident on `tier` (copied up from a slower tier if needed); StoreError if absent."""
+    def fetch(self, key: ChunkKey, tier: str = "gpu") -> Fetched:
+        """Make the chunk resident on `tier` (copied up from a slower tier if needed; for "disk": verified
+        read). Outcome "missing" when it is not stored, "corrupt" when its file fails verification (the file
+        is removed and a warning logged); BudgetExceededError propagates."""
         found = self.tier_of(key)
         if found is None:
-            raise StoreError(f"chunk {key} is not in the store; build it first")
-        self.stats.hits[found] += 1
+            self.stats.misses += 1
+            return Fetched(key, None, "missing", None)
         if found == "disk":
-            chunk = self.disk.load(key)
+            try:
+                chunk = self.disk.load(key)
+            except ChunkCorruptError as exc:
+                log.warning("%s", exc)
+                self.stats.corrupt += 1
+                return Fetched(key, None, "corrupt", None)
         else:
             chunk = self.tiers[found].get(key.digest)
+        self.stats.hits[found] += 1
         if tier == "disk" or found == tier or (found == "gpu" and tier == "cpu"):
-            return chunk
+            return Fetched(key, chunk, "hit", found)
         moved = self._put_memory(chunk, tier)
         self.stats.bytes_moved[f"{found}->{tier}"] += chunk.nbytes
-        return moved
+        return Fetched(key, moved, "hit", found)
 
-    def get_or_build(self, key: ChunkKey, build: Callable[[], ChunkKV], tier: str = "gpu") -> ChunkKV:
-        """get(), building (and storing) the chunk when it is missing or its file is corrupt."""
-        try:
-            return self.get(key, tier)
-        except ChunkCorruptError as exc:
-            log.warning("%s", exc)
-            self.stats.corrupt += 1
-        except StoreError:
-            self.stats.misses += 1
+    def lookup(self, key: ChunkKey, tier: str = "gpu") -> ChunkKV | None:
+        """The chunk resident on `tier`, or None when it is missing or corrupt."""
+        return self.fetch(key, tier).chunk
+
+    def ensure(self, key: ChunkKey, build: Callable[[], ChunkKV], tier: str = "gpu") -> Fetched:
+        """fetch(), building and storing the chunk when (and only when) it is missing or corrupt.
+        The build is timed into Fetched.build_ms and stats.build_ms; budget errors are never a rebuild."""
+        got = self.fetch(key, tier)
+        if got.chunk is not None:
+            return got
+        t0 = time.perf_counter()
         chunk = build()
         if chunk.key != key:
             raise StoreError(f"builder returned chunk {chunk.key} for key {key}")
-        return self.put(chunk, tier)
+        chunk = self.put(chunk, tier)
+        ms = (time.perf_counter() - t0) * 1e3
+        self.stats.built += 1
+        self.stats.build_ms += ms
+        return Fetched(key, chunk, got.outcome, None, built=True, build_ms=ms)
+
+    def get_or_build(self, key: ChunkKey, build: Callable[[], ChunkKV], tier: str = "gpu") -> ChunkKV:
+        """ensure(...).chunk."""
+        return self.ensure(key, build, tier).chunk
+
+    def get(self, key: ChunkKey, tier: str = "gpu") -> ChunkKV:
+        """The chunk resident on `tier`. Missing or corrupt: rebuilt through self.builder when it knows the key,
+        otherwise ChunkMissingError / ChunkCorruptError."""
+        got = self.fetch(key, tier)
+        if got.chunk is not None:
+            return got.chunk
+        t0 = time.perf_counter()
+        chunk = self.builder(key) if self.builder is not None else None
+        if chunk is None:
+            if got.outcome == "corrupt":
+                raise ChunkCorruptError(f"chunk {key}: its file was corrupt (removed) and no builder knows its "
+                                        f"token ids; build it again")
+            raise ChunkMissingError(f"chunk {key} is not in the store; build it first")
+        if chunk.key != key:
+            raise StoreError(f"builder returned chunk {chunk.key} for key {key}")
+        chunk = self.put(chunk, tier)
+        self.stats.built += 1
+        self.stats.build_ms += (time.perf_counter() - t0) * 1e3
+        log.info("chunk %s was %s on the read path; rebuilt", key, got.outcome)
+        return chunk
+
+    def stage(self, key: ChunkKey, tier: str) -> None:
+        """Before a timed comparison: leave the chunk with `tier` as its fastest tier (copies on faster tiers
+        are dropped, a copy on `tier` is made). Not counted as a hit; the chunk must be stored and unpinned."""
+        if self._pins[key.digest]:
+            raise StoreError(f"chunk {key} is pinned; it cannot be staged")
+        found = self.tier_of(key)
+        if found is None:
+            raise ChunkMissingError(f"chunk {key} is not in the store; build it before staging it")
+        order = TIERS.index(tier)
+        if TIERS.index(found) > order:  # copy it up to `tier` (a verified read when it is on disk only)
+            hits = self.stats.hits.copy()
+            moved = self.stats.bytes_moved.copy()
+            got = self.fetch(key, tier)
+            self.stats.hits, self.stats.bytes_moved = hits, moved
+            if got.chunk is None:
+                raise ChunkCorruptError(f"chunk {key}: corrupt file found while staging (removed); build it again")
+        for name in TIERS[:order]:  # drop faster copies; disk always keeps the file
+            if key.digest in self.tiers[name]:
+                chunk = self.tiers[name].remove(key.digest)
+                if tier == "cpu" and name == "gpu" and key.digest not in self.tiers["cpu"]:
+                    self._put_memory(chunk, "cpu")
 
     def demote(self, key: ChunkKey) -> None:
         """Move a resident chunk from the GPU tier to the CPU tier (no-op if not on GPU)."""
@@ -210,28 +274,3 @@ class ChunkKVStore:
         if key.digest not in self.tiers["cpu"]:
             self._put_memory(chunk, "cpu")
             self.stats.bytes_moved["gpu->cpu"] += chunk.nbytes
-
-    # placement --------------------------------------------------------------------------------
-    def place(self, keys: Sequence[ChunkKey], num_tokens: Sequence[int], scores: Sequence[float],
-              first_position: int, top_k: int) -> Placement:
-        """Lay the chunks out in prompt order from first_position; the top_k by score go on the GPU tier,
-        the others are CPU placeholders that already own their position ranges. Resident chunks are
-        pinned until release(placement)."""
-        if not len(keys) == len(num_tokens) == len(scores):
-            raise ValueError("keys, num_tokens and scores must have the same length")
-        ranked = sorted(range(len(keys)), key=lambda i: (-scores[i], i))
-        on_gpu = set(ranked[:max(0, top_k)])
-        slots, start = [], first_position
-        for i, key in enumerate(keys):
-            tier = "gpu" if i in on_gpu else "cpu"
-            self.get(key, tier)
-            if tier == "gpu":
-                self.pin(key)
-            slots.append(ChunkSlot(i, key, start, int(num_tokens[i]), float(scores[i]), tier))
-            start += int(num_tokens[i])
-        return Placement(tuple(slots))
-
-    def release(self, placement: Placement) -> None:
-        """Unpin the resident chunks of a placement (they become evictable again)."""
-        for slot in placement.resident:
-            self.unpin(slot.key)

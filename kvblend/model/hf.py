@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from kvblend.errors import ModelError
+from kvblend.model.shape import ModelShape  # noqa: F401 (the one shape type; re-exported for callers)
 
 log = logging.getLogger(__name__)
 
@@ -26,24 +27,6 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # RoPE variants whose rotation composes (only the per-dimension frequencies change, no magnitude
 # scaling), so cached keys can be re-rotated by a position delta.
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-
-
-@dataclass(frozen=True, slots=True)
-class ModelShape:
-    model_type: str
-    num_layers: int
-    hidden_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    vocab_size: int
-    tie_word_embeddings: bool
-    max_position_embeddings: int
-    rope_type: str
-    rope_theta: float
-    sliding_window: int | None
-    attention_bias: bool
 
 
 def rope_parameters(config: Any) -> dict:

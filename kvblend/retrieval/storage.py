@@ -16,13 +16,13 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from kvblend.io import atomic_write_json
 from kvblend.types import Retrieved
 
 from .retriever import MODES, SCOPES, check_k, check_mode, check_scope
@@ -81,7 +81,7 @@ def save_retrieval(
     retrieved: Sequence[Retrieved],
     recall: float | None,
 ) -> Path:
-    """Write a retrieval file atomically (temp file in the same folder, fsync, os.replace).
+    """Write a retrieval file atomically (kvblend.io: temp file in the same folder, fsync, rename).
 
     Creates the parent folder if needed; returns the path written. An existing file is replaced only
     once the new one is complete on disk.
@@ -100,30 +100,7 @@ def save_retrieval(
         "answer_recall_at_k": None if recall is None else float(recall),
         "samples": [_retrieved_to_json(r) for r in retrieved],
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(doc, fh, ensure_ascii=False, allow_nan=False, indent=1)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
+    path = atomic_write_json(path, doc)
     logger.info("wrote %d retrieval results to %s", len(doc["samples"]), path)
     return path
 
