@@ -23,9 +23,11 @@ import torch
 from kvblend.fusion.select import CheckLayer, SelectionPolicy, select_candidates
 from kvblend.kvstore.chunk_kv import ChunkKV
 from kvblend.model.hf import DecoderModel
-from kvblend.model.rope import rerotate, rope_cos_sin
-from kvblend.model.runner import (KVState, allocate_state, attend_mlp, check_length, elapsed_ms, lm_logits, qkv,
-                                   write_kv)
+from kvblend.model.layer_graphs import (KEY_BUCKET, MAX_PAD, copy_state, graph_cache, graphs_enabled,
+                                        run_layers_padded_eager, run_layers_plain)
+from kvblend.model.rope import rope_cos_sin, rotate_half
+from kvblend.model.runner import (KVState, allocate_state, attend_mlp, causal_mask, check_length, elapsed_ms,
+                                   lm_logits, qkv, write_kv)
 from kvblend.types import BlendStats, PromptIds
 from kvblend.vocab import MODES
 
@@ -40,11 +42,111 @@ class PrefillResult:
     stats: BlendStats
 
 
+RECOMPUTE_PATHS = ("auto", "plain", "padded", "graph")
+H2D_GROUPS = 8  # layer groups of a pipelined host->device chunk load (one event each)
+
+
+def _rotation_tables(placed: Sequence[tuple[ChunkKV, int]], row_start: int, row_end: int,
+                     model: DecoderModel) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos/sin [rows, D] that move each placed chunk's keys from their cached positions to rows
+    start.. (rows of no placed chunk get delta 0, the identity). The angle is formed in float64, as
+    rope.rerotate does, so a batched re-rotation equals the per-chunk one."""
+    delta = torch.zeros(row_end - row_start, dtype=torch.float64)
+    for chunk, start in placed:
+        delta[start - row_start:start - row_start + chunk.num_tokens] = float(start - chunk.rope_offset)
+    delta = delta.to(model.device, non_blocking=True)
+    angle = delta[:, None] * model.inv_freq.to(device=model.device, dtype=torch.float64)[None, :]
+    emb = torch.cat((angle, angle), dim=-1)
+    return emb.cos().to(torch.float32), emb.sin().to(torch.float32)
+
+
+def _place_chunks(state: KVState, placed: Sequence[tuple[ChunkKV, int]], model: DecoderModel,
+                  layers: slice = slice(None), tables: tuple[torch.Tensor, torch.Tensor, int, int] | None = None) -> None:
+    """Copy cached chunks (chunk, first row) into the buffer for `layers`, then re-rotate all their keys
+    in one step. Host chunks in pinned memory are copied asynchronously (ordered on the current stream)."""
+    if not placed:
+        return
+    for chunk, start in placed:
+        end = start + chunk.num_tokens
+        pinned = chunk.kv.device.type == "cpu" and chunk.kv.is_pinned()
+        state.k[layers, :, start:end].copy_(chunk.kv[0, layers], non_blocking=pinned)
+        state.v[layers, :, start:end].copy_(chunk.kv[1, layers], non_blocking=pinned)
+    if tables is None:
+        a = min(start for _, start in placed)
+        b = max(start + chunk.num_tokens for chunk, start in placed)
+        cos, sin = _rotation_tables(placed, a, b, model)
+    else:
+        cos, sin, a, b = tables
+    kf = state.k[layers, :, a:b].to(torch.float32)
+    state.k[layers, :, a:b] = (kf * cos + rotate_half(kf) * sin).to(state.k.dtype)
+
+
 def _place_chunk(state: KVState, chunk: ChunkKV, start: int, model: DecoderModel) -> None:
     """Copy a cached chunk into rows start.. of the buffer, keys re-rotated to those positions."""
-    end = start + chunk.num_tokens
-    state.k[:, :, start:end] = rerotate(chunk.k.to(model.device), start - chunk.rope_offset, model.inv_freq)
-    state.v[:, :, start:end] = chunk.v.to(model.device)
+    _place_chunks(state, [(chunk, start)], model)
+
+
+def _place_pipelined(state: KVState, placed: Sequence[tuple[ChunkKV, int]], model: DecoderModel,
+                     order: Sequence[int]) -> tuple[list, torch.cuda.Event]:
+    """Host chunks -> GPU on a side stream, layer group by layer group in `order` (the layers the compute
+    needs first go first), each group re-rotated on arrival. Returns per layer the event to wait for before
+    reading that layer's rows (None: not copied) and the event of the last group."""
+    dev = model.device
+    num_layers = model.shape.num_layers
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))  # the buffer was allocated / zeroed there
+    a = min(start for _, start in placed)
+    b = max(start + chunk.num_tokens for chunk, start in placed)
+    size = max(1, -(-len(order) // H2D_GROUPS))
+    groups, run = [], []
+    for layer in order:  # consecutive layers of `order` form a group while they are contiguous
+        if run and (layer != run[-1] + 1 or len(run) == size):
+            groups.append(run)
+            run = []
+        run.append(layer)
+    if run:
+        groups.append(run)
+    events: list = [None] * num_layers
+    last = None
+    with torch.cuda.stream(side):
+        cos, sin = _rotation_tables(placed, a, b, model)
+        for group in groups:
+            _place_chunks(state, placed, model, slice(group[0], group[-1] + 1), (cos, sin, a, b))
+            last = torch.cuda.Event(enable_timing=True)
+            last.record(side)
+            for layer in group:
+                events[layer] = last
+    return events, last
+
+
+class _Stages:
+    """Per-stage device time of one prefill without synchronising inside it (CUDA events; host clock on
+    CPU, where every op is synchronous)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list[tuple[str, object]] = []
+        self.mark("start")
+
+    def mark(self, name: str, stream=None) -> object:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record(stream) if stream is not None else ev.record()
+        else:
+            ev = time.perf_counter()
+        self.marks.append((name, ev))
+        return ev
+
+    def since_start_ms(self, ev) -> float:
+        start = self.marks[0][1]
+        return start.elapsed_time(ev) if self.cuda else (ev - start) * 1e3
+
+    def durations_ms(self) -> dict[str, float]:
+        """Consecutive marks -> milliseconds (call after the device has finished)."""
+        out = {}
+        for (_, a), (name, b) in zip(self.marks, self.marks[1:]):
+            out[name] = a.elapsed_time(b) if self.cuda else (b - a) * 1e3
+        return out
 
 
 def _validate_chunks(chunks: Sequence[ChunkKV], chunk_ids: Sequence[Sequence[int]], model: DecoderModel) -> None:
@@ -96,12 +198,17 @@ def _check_and_select(model: DecoderModel, state: KVState, h: torch.Tensor, rows
 def prefill(model: DecoderModel, prompt: PromptIds, chunks: Sequence[ChunkKV] | None = None,
             mode: str = "blend", ratio: float = 0.15, check_layer: int = 1, score_on: str = "k",
             extra_capacity: int = 0, resident: Sequence[bool] | None = None,
-            selection: SelectionPolicy | None = None) -> PrefillResult:
+            selection: SelectionPolicy | None = None, recompute: str = "auto",
+            timings: dict | None = None) -> PrefillResult:
     """Prefill `prompt`, reusing `chunks` (cached KV of prompt.chunk_ids, same order) per `mode`.
 
     resident: per chunk, False makes it a placeholder: its positions are reserved but nothing attends to
     it (its entry in `chunks` may be None) until promote_chunk() fills it. Needs mode reuse or blend.
     selection: which chunk tokens blend recomputes (fusion/select.py); None = SelectionPolicy(score_on).
+    recompute: how the recompute set runs through the layers after the check layer (model/layer_graphs.py):
+    "auto" (CUDA graphs on CUDA unless KVBLEND_CUDA_GRAPHS=0, else plain), "plain", "padded" (the graph's
+    padded computation, eagerly: for tests), "graph". Host chunks (pinned) are loaded layer-wise on a side
+    stream, overlapped with the first layers. timings: if a dict, receives per-stage milliseconds.
     Returns the KV state (buffers sized for the prompt + extra_capacity decode tokens) and the last
     position's logits.
     """
@@ -127,26 +234,51 @@ def prefill(model: DecoderModel, prompt: PromptIds, chunks: Sequence[ChunkKV] | 
         raise ValueError("the query is empty; the last prompt token must belong to the query")
     n = prompt.num_tokens
     check_length(model, n + extra_capacity)
+    if recompute not in RECOMPUTE_PATHS:
+        raise ValueError(f"unknown recompute path '{recompute}'; use one of {', '.join(RECOMPUTE_PATHS)}")
     dev = model.device
+    if recompute == "auto":
+        recompute = "graph" if graphs_enabled(dev) else "plain"
+    if recompute == "graph" and dev.type != "cuda":
+        raise ValueError("recompute path 'graph' needs CUDA")
+    if mode == "full":
+        recompute = "plain"  # every token: compute-bound, plain causal attention
     t_start = time.perf_counter()
-    state = allocate_state(model, n + extra_capacity)
+    stages = _Stages(dev)
+    capacity = n + extra_capacity
+    if recompute == "graph":
+        state = graph_cache(model).state(capacity)  # in the graphs' static buffer; copied out at the end
+    elif recompute == "padded":
+        state = allocate_state(model, -(-capacity // KEY_BUCKET) * KEY_BUCKET + MAX_PAD)
+    else:
+        state = allocate_state(model, capacity)
     state.length = n
 
-    # place cached chunk KV at its global positions (new tensors; the cache is read only)
+    # place cached chunk KV at its global positions (copies; the cache is read only)
     chunk_pos_parts: list[torch.Tensor] = []
     chunk_off_parts: list[torch.Tensor] = []  # each chunk token's offset inside its chunk
+    placed: list[tuple[ChunkKV, int]] = []
     start = len(prompt.prefix_ids)
     for i, ids in enumerate(prompt.chunk_ids):
         end = start + len(ids)
         if not resident[i]:
             state.set_valid(start, end, False)
         elif mode != "full":
-            _place_chunk(state, chunks[i], start, model)
+            placed.append((chunks[i], start))
         if resident[i]:
             chunk_pos_parts.append(torch.arange(start, end, device=dev))
             chunk_off_parts.append(torch.arange(end - start, device=dev))
         start = end
-    place_ms = elapsed_ms(t_start, dev)
+    # blend recomputes every layer below the check layer for every token: their cached rows are not needed
+    first_cached = check_layer if mode == "blend" else 0
+    cached_layers = list(range(first_cached, s.num_layers))
+    layer_ready: list = [None] * s.num_layers
+    on_host = dev.type == "cuda" and any(c.kv.device.type == "cpu" for c, _ in placed)
+    if on_host:  # layer-wise pipelined: copies of later layers overlap the compute of earlier ones
+        layer_ready, place_done = _place_pipelined(state, placed, model, cached_layers)
+    else:
+        _place_chunks(state, placed, model, slice(first_cached, None))
+        place_done = stages.mark("place")
     chunk_pos = torch.cat(chunk_pos_parts) if chunk_pos_parts else torch.empty(0, dtype=torch.long, device=dev)
     always = torch.cat([torch.arange(len(prompt.prefix_ids), device=dev), torch.arange(start, n, device=dev)])
 
@@ -166,34 +298,60 @@ def prefill(model: DecoderModel, prompt: PromptIds, chunks: Sequence[ChunkKV] | 
         h = h[active]
         cos_a, sin_a = cos[active], sin[active]
         dense = active.numel() == n
+        mask_active = None if dense else causal_mask(active, n, state)
         for layer in range(check_layer):
             q, k, v = qkv(model, layer, h, cos_a, sin_a)
             write_kv(state, layer, slice(0, n) if dense else active, k, v)
-            h = attend_mlp(model, layer, h, q, active, state, n, causal_prefix=dense)
+            h = attend_mlp(model, layer, h, q, active, state, n, causal_prefix=dense, mask=mask_active)
+        stages.mark("layers_before_check")
+        for layer in range(check_layer, min(check_layer + selection.layers, s.num_layers)):
+            _wait(layer_ready[layer], dev)
         chunk_off = torch.cat(chunk_off_parts) if chunk_off_parts else chunk_pos
         h, pos, selected, first_partial = _check_and_select(
             model, state, h, active, cos, sin, always, chunk_pos, chunk_off, n - len(prompt.query_ids), n,
             check_layer, ratio, selection)
 
+        stages.mark("check_and_select")
+
     if mode != "blend":
         h = h[pos]
-    is_all = pos.numel() == n
-    cos_r, sin_r = cos[pos], sin[pos]
-    for layer in range(first_partial, s.num_layers):
-        q, k, v = qkv(model, layer, h, cos_r, sin_r)
-        write_kv(state, layer, slice(0, n) if is_all else pos, k, v)
-        if layer == s.num_layers - 1:  # only the last position's output is needed
-            h = attend_mlp(model, layer, h[-1:], q[:, -1:], pos[-1:], state, n, causal_prefix=False)
+    for ev in layer_ready:
+        _wait(ev, dev)
+    if first_partial < s.num_layers:
+        cos_r, sin_r = cos[pos], sin[pos]
+        is_all = pos.numel() == n and not state.has_holes()
+        if recompute == "plain" or is_all:
+            h = run_layers_plain(model, state, h, pos, cos_r, sin_r, first_partial, n, causal_prefix=is_all)
+        elif recompute == "padded":
+            h = run_layers_padded_eager(model, state, h, pos, cos_r, sin_r, first_partial, n)
         else:
-            h = attend_mlp(model, layer, h, q, pos, state, n, causal_prefix=is_all)
+            h = graph_cache(model).run(state, h, pos, cos_r, sin_r, first_partial, n)
+        stages.mark("recompute_layers")
     logits = lm_logits(model, h[-1])
+    stages.mark("lm_head")
+    if recompute != "plain":
+        state = copy_state(state, capacity)
+        stages.mark("copy_out")
     prefill_ms = elapsed_ms(t_start, dev)
+    stage_ms = stages.durations_ms()
+    place_ms = stages.since_start_ms(place_done)
     stats = BlendStats(
         mode=mode, num_tokens=n, num_chunk_tokens=int(chunk_pos.numel()),
         num_recomputed=int(pos.numel()), selected_positions=tuple(selected.tolist()),
         prefill_ms=prefill_ms, place_ms=place_ms,
     )
+    if timings is not None:
+        timings.update(stage_ms)
+        timings["place_done"] = place_ms
+        timings["recompute_path"] = recompute
+        timings["pipelined_h2d"] = on_host
     return PrefillResult(state=state, logits=logits, stats=stats)
+
+
+def _wait(event, device: torch.device) -> None:
+    """Make the compute stream wait for a side-stream event (a pipelined chunk copy); None: nothing to wait."""
+    if event is not None:
+        torch.cuda.current_stream(device).wait_event(event)
 
 
 @torch.inference_mode()

@@ -176,6 +176,7 @@ class GraphCache:
     def run(self, state: KVState, h: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
             first: int, num_keys: int) -> torch.Tensor:
         """Replay (capturing first if needed) the graph for this bucket; returns the last row [1, hidden]."""
+        assert state.k is self.k, "the state must live in this cache's static buffer (GraphCache.state)"
         _, n_pad = padded_geometry(num_keys, self.alloc)
         key = (row_bucket(pos.shape[0]), n_pad, first)
         g = self.graphs.get(key)
@@ -194,7 +195,7 @@ class GraphCache:
         inp = PaddedInputs.empty(self.model, r_pad, n_pad)
         # warm-up on a side stream (allocator and library handles), then capture; every run is idempotent
         # (pad rows write scratch rows only; the real rows would be rewritten with the same values)
-        inp.pos.copy_(torch.arange(self.alloc, self.alloc + r_pad, device=inp.pos.device))
+        inp.pos.copy_(self.alloc + torch.arange(r_pad, device=inp.pos.device) % MAX_PAD)  # scratch rows only
         inp.mask[:, 0] = True
         side = torch.cuda.Stream(self.model.device)
         side.wait_stream(torch.cuda.current_stream(self.model.device))

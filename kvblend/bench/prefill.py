@@ -1,0 +1,710 @@
+"""`kvblend bench prefill`: TTFT of full / reuse / blend, three ways, side by side in one run.
+
+  (a) prefill     kvblend's `prefill` alone, cached chunks resident on the compute device: full, reuse, blend at
+                  each --ratios; on CUDA also blend@0.15 with the chunks in pinned host memory (the layer-wise
+                  pipelined load), blend@0.15 / reuse with CUDA graphs off (the plain layer loop, for the before /
+                  after), and a synchronised placement of the pinned chunks (host->device rate);
+  (b) end to end  `Engine.answer` (first token sampled; TTFT as kvblend/clock.py defines it) with every chunk
+                  staged on one tier before the clock: gpu, cpu (pinned on CUDA), disk_warm (files in the page
+                  cache), disk_cold (files evicted from the page cache with posix_fadvise(DONTNEED) before each
+                  call: a real read from the device); plus TTFT of blend vs the number of chunks per tier;
+  (c) transformers' own forward of the same prompt ids (use_cache=True; logits_to_keep=1 where supported).
+Cases run round-robin (one call of each per round), --warmup rounds uncounted, the device synchronised
+around each call; median / p10 / p90 over --iters. One blend prefill is also split into stages (CUDA events).
+
+Shapes: random-weight llama3-8b, qwen2.5-1.5b, smollm2-135m (real shapes; timing does not depend on weights),
+tiny (tests); --real smollm2: the real SmolLM2-135M-Instruct weights and a musique_s demo prompt (5 passages).
+
+Writes --out (default results/bench/prefill.json: git sha, device, versions, measured ceilings, every timing)
+and, with --summary, the P* keys it measured into docs/results/bench/summary.json. --from-json FILE recomputes
+the summary entries, tables and --plot figures from a JSON already measured (e.g. the H200 run,
+docs/results/bench/prefill_h200.json), so the docs regenerate with one command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OUT = "results/bench/prefill.json"
+PLOT_DIR = "docs/results/bench"
+SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama3-8b": ("llama", dict(
+        hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+        intermediate_size=14336, vocab_size=128256, max_position_embeddings=8192, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, rms_norm_eps=1e-5)),
+    "qwen2.5-1.5b": ("qwen2", dict(
+        hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+        intermediate_size=8960, vocab_size=151936, max_position_embeddings=32768, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, rms_norm_eps=1e-6,
+        use_sliding_window=False)),
+    "smollm2-135m": ("llama", dict(
+        hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+        intermediate_size=1536, vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, rms_norm_eps=1e-5)),
+    "tiny": ("llama", dict(
+        hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+        vocab_size=256, max_position_embeddings=2048)),
+}
+TIERS = ("gpu", "cpu", "disk_warm", "disk_cold")
+TARGETS = {  # key: (target, better, what)
+    "P1_8b_blend_speedup": (5.0, "higher", "llama3-8b shape, chunks GPU-resident: full / blend@0.15 prefill"),
+    "P1b_1p5b_blend_speedup": (3.0, "higher", "qwen2.5-1.5b shape, same"),
+    "P1c_smollm2_e2e_speedup": (3.0, "higher", "real SmolLM2 bf16, Engine.answer TTFT, chunks on the GPU tier: "
+                                               "full / blend@0.15"),
+    "P1d_full_vs_hf": (1.0, "lower", "kvblend full prefill / transformers forward (the larger of real SmolLM2 "
+                                     "and the llama3-8b shape)"),
+    "P2_pinned_vs_gpu": (1.1, "lower", "llama3-8b shape blend@0.15 prefill: chunks in pinned host memory / on GPU"),
+    "P2b_disk_vs_gpu": (1.5, "lower", "real SmolLM2, Engine.answer TTFT blend@0.15: chunks on disk (warm page "
+                                      "cache) / on the GPU tier"),
+    "P3_h2d_fraction": (0.8, "higher", "pinned chunk placement (copy + re-rotation, bytes / time) / the card's "
+                                       "measured pinned host->device bandwidth"),
+    "P6_cpu_speedup": (3.0, "higher", "CPU, real SmolLM2 fp32, Engine.answer TTFT on the demo prompt: "
+                                      "full / blend@0.15"),
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    p.add_argument("--quick", action="store_true",
+                   help="short run: one small shape, 3 x 128-token chunks, 3 timed rounds (CPU: under 3 minutes)")
+    p.add_argument("--shapes", default=None,
+                   help=f"comma list of {', '.join(SHAPES)} or none (default: cuda llama3-8b,qwen2.5-1.5b,"
+                        f"smollm2-135m; cpu smollm2-135m)")
+    p.add_argument("--real", choices=("smollm2",), default=None, help="also the real SmolLM2 weights, demo prompt")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                   help="default bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--iters", type=int, default=None, help="timed rounds (default 10; --quick 3)")
+    p.add_argument("--warmup", type=int, default=None, help="uncounted rounds (default 3; --quick 1)")
+    p.add_argument("--chunks", type=int, default=None, help="chunks per prompt (default 6; --quick 3)")
+    p.add_argument("--chunk-tokens", type=int, default=None, help="tokens per chunk (default 512; --quick 128)")
+    p.add_argument("--prefix-tokens", type=int, default=32)
+    p.add_argument("--query-tokens", type=int, default=64)
+    p.add_argument("--ratios", default="0.05,0.15,0.3")
+    p.add_argument("--tiers", default=",".join(TIERS), help=f"end-to-end tiers ({', '.join(TIERS)})")
+    p.add_argument("--chunk-counts", default=None,
+                   help="chunks per prompt for TTFT vs number of chunks (256-token chunks; default 2,4,8,16; "
+                        "--quick 2,4; empty: skip)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"results JSON (default {DEFAULT_OUT})")
+    p.add_argument("--summary", nargs="?", const="docs/results/bench/summary.json", default=None,
+                   help="write the P* entries this run measured into this summary (default path when no value)")
+    p.add_argument("--source", default=None,
+                   help="the path summary entries cite as their source (default: --out, or --from-json)")
+    p.add_argument("--from-json", default=None, help="no measuring: summary entries, tables, plots from this JSON")
+    p.add_argument("--plot", nargs="?", const=PLOT_DIR, default=None,
+                   help=f"write the PNG figures to this folder (default {PLOT_DIR} when no value)")
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _fail(msg: str) -> int:
+    print(f"kvblend bench prefill: {msg}", file=sys.stderr)
+    return 1
+
+
+def pct(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    if len(s) == 1:
+        return s[0]
+    k = (len(s) - 1) * q / 100.0
+    lo, hi = math.floor(k), math.ceil(k)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def summarise(ms: list[float]) -> dict[str, Any]:
+    return {"median_ms": pct(ms, 50), "p10_ms": pct(ms, 10), "p90_ms": pct(ms, 90), "min_ms": min(ms),
+            "n": len(ms), "all_ms": [round(x, 4) for x in ms]}
+
+
+def git_sha() -> str | None:
+    sha = os.environ.get("KVBLEND_GIT_SHA")
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return sha
+
+
+def env_info(device) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
+                            "transformers": transformers.__version__, "cpu_count": os.cpu_count(),
+                            "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        info.update(gpu=torch.cuda.get_device_name(device), gpu_sms=p.multi_processor_count,
+                    gpu_mem_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda)
+        info["measured_ceilings"] = measure_ceilings(device)
+    return info
+
+
+def measure_ceilings(device) -> dict[str, float]:
+    """The card's bf16 matmul rate and pinned host->device bandwidth, measured (events, 10 reps)."""
+    import torch
+
+    def timed(fn, reps=10):
+        for _ in range(3):
+            fn()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        a.record()
+        for _ in range(reps):
+            fn()
+        b.record()
+        torch.cuda.synchronize(device)
+        return a.elapsed_time(b) / reps / 1e3
+
+    n = 8192
+    x = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    out = {"bf16_matmul_tflops": 2 * n**3 / timed(lambda: x @ x) / 1e12}
+    del x
+    dst = torch.empty(2**30, dtype=torch.uint8, device=device)
+    host = torch.empty(2**30, dtype=torch.uint8).pin_memory()
+    out["h2d_pinned_gbs"] = host.numel() / timed(lambda: dst.copy_(host, non_blocking=True)) / 1e9
+    del dst, host
+    torch.cuda.empty_cache()
+    return out
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def round_robin(cases: dict[str, Callable[[], Any]], warmup: int, iters: int, device,
+                value: Callable[[Any, float], float] | None = None) -> dict[str, list[float]]:
+    """Run every case once per round; returns the timed rounds' values (wall ms, or value(out, wall))."""
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for rnd in range(warmup + iters):
+        for name, fn in cases.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            out = fn()
+            _sync(device)
+            dt = (time.perf_counter() - t0) * 1e3
+            if rnd >= warmup:
+                times[name].append(value(out, dt) if value else dt)
+            del out
+    return times
+
+
+def random_prompt(vocab: int, prefix: int, chunks: int, chunk_tokens: int, query: int, seed: int):
+    import torch
+
+    from kvblend.types import PromptIds
+
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(n: int) -> tuple[int, ...]:
+        return tuple(torch.randint(0, vocab, (n,), generator=g).tolist())
+
+    return PromptIds(ids(prefix), tuple(ids(chunk_tokens) for _ in range(chunks)), ids(query))
+
+
+def evict_from_page_cache(paths) -> int:
+    """Drop the files' pages from the page cache (clean pages; the store fsyncs its writes). Returns files done."""
+    done = 0
+    for p in paths:
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            done += 1
+        finally:
+            os.close(fd)
+    return done
+
+
+# ------------------------------------------------------------------------------------------- measuring
+def build_random(shape: str, device, dtype, seed: int):
+    import torch
+
+    from kvblend.model.hf import random_model
+
+    model_type, kw = SHAPES[shape]
+    with torch.device(device):
+        model = random_model(dict(kw), model_type=model_type, seed=seed, dtype=dtype, name=shape)
+    if model.device.type != device.type:
+        model.hf_model.to(device)
+        model.inv_freq = model.inv_freq.to(device)
+    return model
+
+
+def real_prompt(engine, num_chunks: int = 5):
+    """The demo workload: musique_s sample 0, its first 5 passages as chunks."""
+    from kvblend.data.datasets import load_dataset
+
+    data = load_dataset("musique_s", limit=1)
+    sample = data.samples[0]
+    texts = [data.template.format_passage(p) for p in sample.passages[:num_chunks]]
+    return engine.prompt(data.template.prefix, texts, data.template.format_query(sample.question)), texts
+
+
+def measure(model, prompt, texts, args, device, label: str, home: Path, real: bool) -> dict[str, Any]:
+    import torch
+
+    from kvblend.config import EngineConfig
+    from kvblend.engine import Engine
+    from kvblend.fusion.blend import _place_chunks, prefill
+    from kvblend.generation.sampling import SamplingParams
+    from kvblend.kvstore.builder import build_chunk_kv
+    from kvblend.model.runner import allocate_state
+
+    s = model.shape
+    res: dict[str, Any] = {"label": label, "real_weights": real, "num_tokens": prompt.num_tokens,
+                           "num_chunks": len(prompt.chunk_ids), "num_chunk_tokens": sum(map(len, prompt.chunk_ids)),
+                           "model_shape": {k: getattr(s, k) for k in s.__slots__}, "errors": {}}
+    cuda = device.type == "cuda"
+    ratios = args.ratios
+    r0 = 0.15 if 0.15 in ratios else ratios[0]
+    res["blend_ratio_for_targets"] = r0
+
+    # ---- (a) prefill alone, chunks resident ---------------------------------------------------------
+    chunks = [build_chunk_kv(model, ids) for ids in prompt.chunk_ids]
+    _sync(device)
+    res["chunk_kv_mib"] = sum(c.nbytes for c in chunks) / 2**20
+    ids = torch.tensor(prompt.flat(), dtype=torch.long, device=device)
+    fwd_params = __import__("inspect").signature(model.hf_model.forward).parameters
+    hf_kwargs = {"use_cache": True, **({"logits_to_keep": 1} if "logits_to_keep" in fwd_params else {})}
+
+    def hf_forward():
+        with torch.inference_mode():
+            return model.hf_model(input_ids=ids[None], **hf_kwargs).logits
+
+    cases: dict[str, Callable[[], Any]] = {
+        "hf_forward": hf_forward,
+        "full": lambda: prefill(model, prompt, None, mode="full"),
+        "reuse": lambda: prefill(model, prompt, chunks, mode="reuse"),
+    }
+    for r in ratios:
+        cases[f"blend@{r:g}"] = (lambda r=r: prefill(model, prompt, chunks, mode="blend", ratio=r))
+    pinned = None
+    if cuda:
+        cases[f"blend@{r0:g}_no_graphs"] = lambda: prefill(model, prompt, chunks, mode="blend", ratio=r0,
+                                                           recompute="plain")
+        cases["reuse_no_graphs"] = lambda: prefill(model, prompt, chunks, mode="reuse", recompute="plain")
+        pinned = [c.to("cpu", pin=True) for c in chunks]
+        _sync(device)
+        cases[f"blend@{r0:g}_pinned"] = lambda: prefill(model, prompt, pinned, mode="blend", ratio=r0)
+        starts, st = [], len(prompt.prefix_ids)
+        for c in pinned:
+            starts.append((c, st))
+            st += c.num_tokens
+        place_state = allocate_state(model, prompt.num_tokens)
+        cases["place_pinned"] = lambda: _place_chunks(place_state, starts, model)
+        gpu_starts = [(c, b) for c, (_, b) in zip(chunks, starts)]
+        cases["place_gpu"] = lambda: _place_chunks(place_state, gpu_starts, model)
+
+    # correctness on this device, before timing: graph path vs plain path, pinned vs resident
+    with torch.inference_mode():
+        ref = prefill(model, prompt, chunks, mode="blend", ratio=r0, recompute="plain")
+        got = prefill(model, prompt, chunks, mode="blend", ratio=r0)
+        checks = {"blend_auto_vs_plain_max_abs_logit_diff": (got.logits - ref.logits).abs().max().item(),
+                  "blend_auto_vs_plain_same_selection": got.stats.selected_positions == ref.stats.selected_positions,
+                  "logit_scale_max_abs": ref.logits.abs().max().item()}
+        if pinned is not None:
+            pin_out = prefill(model, prompt, pinned, mode="blend", ratio=r0)
+            checks["blend_pinned_vs_resident_max_abs_logit_diff"] = (pin_out.logits - got.logits).abs().max().item()
+        full = prefill(model, prompt, None, mode="full")
+        hf_last = hf_forward()[0, -1].float()
+        checks["full_vs_hf_max_abs_logit_diff"] = (full.logits - hf_last).abs().max().item()
+        checks["full_vs_hf_same_argmax"] = int(full.logits.argmax()) == int(hf_last.argmax())
+    res["checks"] = checks
+    del ref, got, full
+
+    times = round_robin(cases, args.warmup, args.iters, device)
+    res["prefill"] = {k: summarise(v) for k, v in times.items()}
+    for k, m in res["prefill"].items():
+        if k.startswith("place_"):
+            m["gbs"] = res["chunk_kv_mib"] * 2**20 / (m["median_ms"] / 1e3) / 1e9
+
+    # one blend prefill split into stages (medians over iters)
+    stage_runs: list[dict] = []
+    for i in range(args.warmup + args.iters):
+        t: dict = {}
+        prefill(model, prompt, chunks, mode="blend", ratio=r0, timings=t)
+        if i >= args.warmup:
+            stage_runs.append(t)
+    res["stages_blend"] = {k: pct([r[k] for r in stage_runs], 50) for k in stage_runs[0]
+                           if isinstance(stage_runs[0][k], float)}
+    res["stages_blend"]["recompute_path"] = stage_runs[0].get("recompute_path")
+
+    # ---- (b) end to end through Engine.answer, chunks staged on each tier ------------------------------
+    config = EngineConfig(home=str(home / label), gpu_budget="64GiB", cpu_budget="64GiB", disk_budget="200GiB",
+                          chunk_sink="none" if model.tokenizer is None else "auto", mode="blend", ratio=r0,
+                          max_new_tokens=1, stop_on_newline=False)
+    engine = Engine(config, model=model)
+    sampling = SamplingParams(max_new_tokens=1, stop_on_newline=False)
+    e2e, sweep = {}, {}
+
+    def answer_on(p, ts, tier: str, mode: str) -> Callable[[], Any]:
+        def run():
+            if mode == "full":
+                return engine.answer(p, ts, mode="full", sampling=sampling)
+            engine.stage(p, ts, "disk" if tier.startswith("disk") else tier)
+            if tier == "disk_cold":
+                keys = [engine.chunk_key(c, p.prefix_ids, t) for c, t in zip(p.chunk_ids, ts or [""] * 99)]
+                evict_from_page_cache([engine.store.disk.paths(k.digest)[0] for k in keys])
+            return engine.answer(p, ts, mode=mode, ratio=r0 if mode == "blend" else None, sampling=sampling)
+        return run
+
+    ttft = (lambda out, _wall: out.ttft_ms)
+    e2e_cases = {"full": answer_on(prompt, texts, "gpu", "full")}
+    for tier in args.tiers:
+        for mode in ("reuse", "blend"):
+            e2e_cases[f"{mode}@{tier}"] = answer_on(prompt, texts, tier, mode)
+    if hasattr(engine, "warm_up"):
+        engine.warm_up(prompt, texts)
+    try:
+        e2e = {k: summarise(v) for k, v in
+               round_robin(e2e_cases, min(args.warmup, 2), max(3, args.iters // 2), device, ttft).items()}
+    except Exception as exc:  # noqa: BLE001 (recorded in the JSON, the rest of the run goes on)
+        log.exception("end-to-end cases failed")
+        res["errors"]["e2e"] = f"{type(exc).__name__}: {exc}"
+    res["e2e"] = e2e
+
+    # TTFT vs number of chunks per tier (256-token random chunks; blend at r0)
+    if args.chunk_counts and model.tokenizer is None:
+        for count in args.chunk_counts:
+            p = random_prompt(s.vocab_size, args.prefix_tokens, count, 256, args.query_tokens, args.seed + count)
+            if p.num_tokens + 2 > s.max_position_embeddings:
+                continue
+            sc = {"full": answer_on(p, None, "gpu", "full")}
+            for tier in args.tiers:
+                sc[f"blend@{tier}"] = answer_on(p, None, tier, "blend")
+            try:
+                got = round_robin(sc, 1, max(2, args.iters // 3), device, ttft)
+                sweep[str(count)] = {k: summarise(v) for k, v in got.items()}
+            except Exception as exc:  # noqa: BLE001
+                log.exception("chunk sweep failed")
+                res["errors"][f"sweep_{count}"] = f"{type(exc).__name__}: {exc}"
+    res["chunks_sweep"] = sweep
+    return res
+
+
+# ---------------------------------------------------------------------------------------- summary + docs
+def _med(d: dict, *path) -> float | None:
+    for p in path:
+        d = d.get(p) if isinstance(d, dict) else None
+        if d is None:
+            return None
+    return d.get("median_ms") if isinstance(d, dict) else None
+
+
+def summary_entries(doc: dict, source: str) -> dict[str, dict]:
+    """The P* targets this results document measured (each only under the conditions its definition asks)."""
+    from kvblend.bench.summary import entry
+
+    device = doc.get("device", "")
+    dev_label = doc.get("env", {}).get("gpu") or doc.get("env", {}).get("cpu") or device
+    by = {r["label"]: r for r in doc.get("results", []) if "prefill" in r}
+    out: dict[str, dict] = {}
+
+    def put(key: str, measured: float | None, **extra):
+        if measured is None or not math.isfinite(measured):
+            return
+        target, better, what = TARGETS[key]
+        out[key] = entry(measured, target, better, source, device=dev_label, what=what, **extra)
+
+    cuda_bf16 = device == "cuda" and doc.get("dtype") == "bfloat16"
+    if cuda_bf16:
+        for key, label in (("P1_8b_blend_speedup", "llama3-8b"), ("P1b_1p5b_blend_speedup", "qwen2.5-1.5b")):
+            r = by.get(label)
+            if r:
+                b = f"blend@{r['blend_ratio_for_targets']:g}"
+                put(key, _med(r, "prefill", "full") / _med(r, "prefill", b),
+                    full_ms=_med(r, "prefill", "full"), blend_ms=_med(r, "prefill", b),
+                    blend_no_graphs_ms=_med(r, "prefill", b + "_no_graphs"))
+        real = by.get("smollm2-real")
+        if real and real.get("e2e"):
+            b = f"blend@gpu"
+            full, blend = _med(real, "e2e", "full"), _med(real, "e2e", b)
+            if full and blend:
+                put("P1c_smollm2_e2e_speedup", full / blend, full_ttft_ms=full, blend_ttft_ms=blend)
+            warm = _med(real, "e2e", "blend@disk_warm")
+            if warm and blend:
+                put("P2b_disk_vs_gpu", warm / blend, disk_warm_ttft_ms=warm, gpu_ttft_ms=blend)
+        ratios = {}
+        for label in ("smollm2-real", "llama3-8b"):
+            r = by.get(label)
+            if r:
+                ratios[label] = _med(r, "prefill", "full") / _med(r, "prefill", "hf_forward")
+        if ratios:
+            put("P1d_full_vs_hf", max(ratios.values()), per_model=ratios)
+        r = by.get("llama3-8b")
+        if r:
+            b = f"blend@{r['blend_ratio_for_targets']:g}"
+            pin = _med(r, "prefill", b + "_pinned")
+            if pin:
+                put("P2_pinned_vs_gpu", pin / _med(r, "prefill", b), pinned_ms=pin, gpu_ms=_med(r, "prefill", b))
+            ceil = doc.get("env", {}).get("measured_ceilings", {}).get("h2d_pinned_gbs")
+            place = r["prefill"].get("place_pinned")
+            if ceil and place:
+                put("P3_h2d_fraction", place["gbs"] / ceil, placed_gbs=place["gbs"], card_pinned_gbs=ceil,
+                    chunk_kv_mib=r["chunk_kv_mib"])
+    if device == "cpu" and doc.get("dtype") == "float32":
+        real = by.get("smollm2-real")
+        if real and real.get("e2e"):
+            full, blend = _med(real, "e2e", "full"), _med(real, "e2e", "blend@gpu")
+            if full and blend:
+                put("P6_cpu_speedup", full / blend, full_ttft_ms=full, blend_ttft_ms=blend,
+                    torch_threads=doc.get("env", {}).get("torch_threads"))
+    return out
+
+
+def tables(doc: dict) -> str:
+    lines = [f"device: {doc.get('env', {}).get('gpu') or doc.get('env', {}).get('cpu')} ({doc.get('device')}, "
+             f"{doc.get('dtype')}), torch {doc.get('env', {}).get('torch')}, transformers "
+             f"{doc.get('env', {}).get('transformers')}, git {doc.get('git_sha')}"]
+    ceil = doc.get("env", {}).get("measured_ceilings")
+    if ceil:
+        lines.append(f"measured: bf16 matmul {ceil['bf16_matmul_tflops']:.0f} TFLOP/s, pinned host->device "
+                     f"{ceil['h2d_pinned_gbs']:.1f} GB/s")
+    for r in doc.get("results", []):
+        if "prefill" not in r:
+            lines.append(f"\n{r.get('label')}: failed: {r.get('fatal', '')[-300:]}")
+            continue
+        full = r["prefill"]["full"]["median_ms"]
+        lines.append(f"\n### {r['label']}: {r['num_tokens']} tokens ({r['num_chunks']} chunks, "
+                     f"{r['num_chunk_tokens']} chunk tokens, {r['chunk_kv_mib']:.0f} MiB of chunk KV)\n")
+        lines.append("(a) prefill alone, chunks resident\n")
+        lines.append("| case | median ms | p10 | p90 | full / case |")
+        lines.append("|---|---:|---:|---:|---:|")
+        for k, m in r["prefill"].items():
+            extra = f" ({m['gbs']:.1f} GB/s)" if "gbs" in m else ""
+            speedup = "" if k.startswith("place") else f"{full / m['median_ms']:.2f}"
+            lines.append(f"| {k}{extra} | {m['median_ms']:.2f} | {m['p10_ms']:.2f} | {m['p90_ms']:.2f} | {speedup} |")
+        if r.get("e2e"):
+            e_full = r["e2e"].get("full", {}).get("median_ms")
+            lines.append("\n(b) end to end, `Engine.answer` TTFT, chunks staged on each tier\n")
+            lines.append("| case | median ms | p10 | p90 | full / case |")
+            lines.append("|---|---:|---:|---:|---:|")
+            for k, m in r["e2e"].items():
+                lines.append(f"| {k} | {m['median_ms']:.2f} | {m['p10_ms']:.2f} | {m['p90_ms']:.2f} | "
+                             f"{e_full / m['median_ms']:.2f} |")
+        st = r.get("stages_blend")
+        if st:
+            parts = ", ".join(f"{k} {v:.2f}" for k, v in st.items() if isinstance(v, float))
+            lines.append(f"\nstages of one blend@{r['blend_ratio_for_targets']:g} prefill (ms, "
+                         f"{st.get('recompute_path')}): {parts}")
+        lines.append(f"\nchecks: {json.dumps(r.get('checks', {}))}")
+        if r.get("errors"):
+            lines.append(f"errors: {json.dumps(r['errors'])}")
+    return "\n".join(lines)
+
+
+def plot(doc: dict, folder: Path, tag: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    made: list[Path] = []
+    results = [r for r in doc.get("results", []) if "prefill" in r]
+    if not results:
+        return made
+    # TTFT vs ratio (prefill alone), one panel per model
+    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.6), squeeze=False)
+    for ax, r in zip(axes[0], results):
+        pts = sorted((float(k.split("@")[1]), m["median_ms"]) for k, m in r["prefill"].items()
+                     if k.startswith("blend@") and k.split("@")[1].replace(".", "").isdigit())
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label="blend")
+        for k, style in (("full", "--"), ("reuse", ":"), ("hf_forward", "-.")):
+            if k in r["prefill"]:
+                ax.axhline(r["prefill"][k]["median_ms"], ls=style, color="gray", label=k)
+        ax.set_title(r["label"], fontsize=9)
+        ax.set_xlabel("blend ratio")
+        ax.set_ylabel("prefill ms (median)")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    made.append(folder / f"prefill_ttft_vs_ratio_{tag}.png")
+    fig.savefig(made[-1], dpi=110)
+    plt.close(fig)
+    # TTFT vs number of chunks, per tier
+    sw = [r for r in results if r.get("chunks_sweep")]
+    if sw:
+        fig, axes = plt.subplots(1, len(sw), figsize=(4.2 * len(sw), 3.6), squeeze=False)
+        for ax, r in zip(axes[0], sw):
+            counts = sorted(int(c) for c in r["chunks_sweep"])
+            names = list(r["chunks_sweep"][str(counts[0])])
+            for name in names:
+                ax.plot(counts, [r["chunks_sweep"][str(c)][name]["median_ms"] for c in counts], "o-", label=name)
+            ax.set_title(f"{r['label']}: Engine.answer TTFT", fontsize=9)
+            ax.set_xlabel("chunks (256 tokens each)")
+            ax.set_ylabel("TTFT ms (median)")
+            ax.set_ylim(bottom=0)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        made.append(folder / f"prefill_ttft_vs_chunks_{tag}.png")
+        fig.savefig(made[-1], dpi=110)
+        plt.close(fig)
+    # stacked stages of one blend prefill
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(results), 3.8))
+    stages = ["place", "layers_before_check", "check_and_select", "recompute_layers", "lm_head", "copy_out"]
+    bottoms = [0.0] * len(results)
+    for stage in stages:
+        vals = [float(r.get("stages_blend", {}).get(stage, 0.0)) for r in results]
+        ax.bar(range(len(results)), vals, bottom=bottoms, label=stage)
+        bottoms = [b + v for b, v in zip(bottoms, vals)]
+    ax.set_xticks(range(len(results)), [r["label"] for r in results], fontsize=7, rotation=15)
+    ax.set_ylabel("ms (median, device events)")
+    ax.set_title("one blend prefill, by stage", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    made.append(folder / f"prefill_stages_{tag}.png")
+    fig.savefig(made[-1], dpi=110)
+    plt.close(fig)
+    return made
+
+
+def _finish(doc: dict, args, source: str) -> int:
+    print(tables(doc))
+    if args.summary:
+        from kvblend.bench.summary import update_summary
+
+        entries = summary_entries(doc, source)
+        if entries:
+            update_summary(args.summary, entries)
+        for k, e in entries.items():
+            print(f"{k}: {e['measured']:.3f} (target {e['better']} {e['target']}; {'met' if e['met'] else 'missed'})")
+        if not entries:
+            print("no summary target is measured by this run's device / dtype / models")
+    if args.plot:
+        tag = "h200" if "H200" in str(doc.get("env", {}).get("gpu", "")) else doc.get("device", "run")
+        for p in plot(doc, Path(args.plot), tag):
+            print(f"wrote {p}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- main
+def run(args: argparse.Namespace) -> int:
+    if args.from_json:
+        try:
+            doc = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            return _fail(f"{args.from_json}: cannot be read as JSON ({exc})")
+        if not isinstance(doc, dict) or "results" not in doc:
+            return _fail(f"{args.from_json}: not a `kvblend bench prefill` results file")
+        return _finish(doc, args, args.source or args.from_json)
+
+    try:
+        args.ratios = [float(x) for x in args.ratios.split(",") if x]
+        counts = args.chunk_counts if args.chunk_counts is not None else ("2,4" if args.quick else "2,4,8,16")
+        args.chunk_counts = [int(x) for x in counts.split(",") if x]
+    except ValueError:
+        return _fail("--ratios and --chunk-counts take comma-separated numbers")
+    if not args.ratios or any(not 0 <= r <= 1 for r in args.ratios):
+        return _fail("--ratios must be numbers in [0, 1]")
+    args.tiers = [t for t in args.tiers.split(",") if t]
+    bad = [t for t in args.tiers if t not in TIERS]
+    if bad:
+        return _fail(f"unknown tier(s) {', '.join(bad)}; use {', '.join(TIERS)}")
+    args.iters = args.iters or (3 if args.quick else 10)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    if args.iters < 1 or args.warmup < 0:
+        return _fail("--iters must be >= 1 and --warmup >= 0")
+    chunks = args.chunks or (3 if args.quick else 6)
+    chunk_tokens = args.chunk_tokens or (128 if args.quick else 512)
+
+    import torch
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return _fail("--device cuda, but torch sees no CUDA device")
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype_name]
+    default_shapes = "smollm2-135m" if device.type == "cpu" or args.quick else "llama3-8b,qwen2.5-1.5b,smollm2-135m"
+    shapes = [x for x in (args.shapes or default_shapes).split(",") if x and x != "none"]
+    unknown = [x for x in shapes if x not in SHAPES]
+    if unknown:
+        return _fail(f"unknown shape(s) {', '.join(unknown)}; known: {', '.join(SHAPES)}")
+
+    out = Path(args.out)
+    doc: dict[str, Any] = {
+        "bench": "kvblend bench prefill", "argv": sys.argv[1:], "git_sha": git_sha(),
+        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "device": device.type,
+        "dtype": dtype_name, "env": env_info(device),
+        "config": {"iters": args.iters, "warmup": args.warmup, "prefix_tokens": args.prefix_tokens,
+                   "chunks": chunks, "chunk_tokens": chunk_tokens, "query_tokens": args.query_tokens,
+                   "ratios": args.ratios, "tiers": args.tiers, "chunk_counts": args.chunk_counts,
+                   "check_layer": 1, "selection": "k deviation", "seed": args.seed,
+                   "cuda_graphs": os.environ.get("KVBLEND_CUDA_GRAPHS", "1"),
+                   "timing": "host clock, device synchronised before and after each call; cases round-robin; "
+                             "e2e values are Engine.answer's TTFT; disk_cold = files evicted from the page cache "
+                             "with posix_fadvise(DONTNEED) right before each call"},
+        "results": [],
+    }
+    from tqdm import tqdm
+
+    todo = [(s, False) for s in shapes] + ([("smollm2-real", True)] if args.real else [])
+    with tempfile.TemporaryDirectory(prefix="kvblend-bench-") as tmp:
+        for label, real in tqdm(todo, desc="bench prefill", unit="model", disable=len(todo) < 2):
+            t0 = time.perf_counter()
+            try:
+                if real:
+                    from kvblend.config import EngineConfig
+                    from kvblend.engine import Engine
+                    from kvblend.model.registry import load_model
+
+                    model = load_model("smollm2-135m-instruct", dtype_name, device.type)
+                    probe = Engine(EngineConfig(home=str(Path(tmp) / "probe"), device=device.type), model=model)
+                    prompt, texts = real_prompt(probe)
+                else:
+                    model = build_random(label, device, dtype, args.seed)
+                    prompt = random_prompt(model.shape.vocab_size, args.prefix_tokens, chunks, chunk_tokens,
+                                           args.query_tokens, args.seed)
+                    texts = None
+                res = measure(model, prompt, texts, args, device, label, Path(tmp), real)
+            except Exception as exc:  # noqa: BLE001 (one model failing keeps what the others measured)
+                import traceback
+
+                log.error("%s failed: %s", label, exc)
+                res = {"label": label, "fatal": traceback.format_exc()}
+            res["wall_s"] = time.perf_counter() - t0
+            doc["results"].append(res)
+            from kvblend.io import atomic_write_json
+
+            atomic_write_json(out, doc)
+            model = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    doc["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    from kvblend.io import atomic_write_json
+
+    atomic_write_json(out, doc)
+    print(f"wrote {out}")
+    return _finish(doc, args, args.source or str(out))
