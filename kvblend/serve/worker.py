@@ -192,6 +192,9 @@ class Worker:
                 "chunk_corrupt": after.get("corrupt", 0) - before.get("corrupt", 0),
                 "ttft_ms": round(out.ttft_ms, 3), "tpot_ms": round(out.tpot_ms, 3),
                 "prefill_ms": round(stats.prefill_ms, 3) if stats is not None else None,
+                "fetch_ms": round(out.fetch_ms, 3),  # reading cached chunks from their tiers (inside TTFT)
+                "build_ms": round(out.build_ms, 3),  # prefilling missing chunks alone (outside ttft_ms)
+                "chunk_tiers": list(out.chunk_tiers),  # where each chunk came from ("built ...": a miss)
                 "queue_ms": round(queue_s * 1e3, 3),
             },
         }

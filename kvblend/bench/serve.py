@@ -1,0 +1,319 @@
+"""`kvblend bench serve`: a loopback load generator for `kvblend serve`, --mode full vs blend under one load.
+
+Workload (seeded, the same request list for every mode): a pool of --pool passages from --dataset (pooled,
+deduplicated); each request carries --docs distinct passages drawn with Zipf popularity (weight 1/rank^s
+over a seeded shuffle of the pool), in draw order, and the question of the first drawn passage's sample,
+with the dataset's own prompt template (system = the template prefix, user = the formatted question).
+
+Per mode: a fresh server (own KVBLEND_HOME, so the chunk store starts cold and hits come only from
+documents repeating within the run) on a free loopback port; one warm-up request (not counted); then
+--concurrency closed-loop clients stream the requests, bounded by --requests and --duration. Measured per
+request: client TTFT (send -> first content token; queue wait included), the server's TTFT (prefill start
+-> first token, from usage), queue wait, chunk hits and misses; per mode: throughput, p50/p90/p99, hit rate,
+and how many answers equal full's (same prompts, greedy).
+
+Writes --out (default results/bench/serve.json) and, with --plot, a PNG of the TTFT percentiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import logging
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OUT = "results/bench/serve.json"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m-instruct", help="named model or local HF folder")
+    p.add_argument("--dtype", default="float32", help="server dtype (default float32: answers are compared)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--modes", default="full,blend", help="comma-separated modes, each on its own fresh server")
+    p.add_argument("--ratio", type=float, default=0.15, help="blend recompute ratio")
+    p.add_argument("--dataset", default="musique_s", help="where the passages and questions come from")
+    p.add_argument("--pool", type=int, default=16, help="distinct passages in the workload")
+    p.add_argument("--docs", type=int, default=2, help="documents (chunks) per request")
+    p.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent s of document popularity")
+    p.add_argument("--requests", type=int, default=24, help="requests per mode (upper bound)")
+    p.add_argument("--duration", type=float, default=600.0, help="seconds per mode (upper bound; no new request after)")
+    p.add_argument("--concurrency", type=int, default=4, help="closed-loop clients")
+    p.add_argument("--max-tokens", type=int, default=8, help="completion tokens per request (greedy)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=DEFAULT_OUT)
+    p.add_argument("--plot", default=None, help="write a PNG of TTFT p50/p90/p99 per mode")
+    p.add_argument("--log-dir", default=None, help="keep the servers' logs here (default: a temp folder)")
+
+
+def _positive(args, *names) -> None:
+    for n in names:
+        if getattr(args, n) <= 0:
+            raise ValueError(f"--{n.replace('_', '-')} must be > 0, got {getattr(args, n)}")
+
+
+def build_workload(dataset: str, pool_size: int, docs: int, zipf_s: float, n: int, seed: int) -> dict:
+    """The seeded request list: messages and {"title", "text"} documents per request."""
+    from kvblend.data.datasets import load_dataset
+
+    data = load_dataset(dataset)
+    pool, owner, seen = [], [], set()
+    for sample in data.samples:
+        for p in sample.passages:
+            if (p.title, p.text) not in seen:
+                seen.add((p.title, p.text))
+                pool.append(p)
+                owner.append(sample)
+    if docs > pool_size:
+        raise ValueError(f"--docs {docs} exceeds --pool {pool_size}")
+    rng = random.Random(seed)
+    chosen = rng.sample(range(len(pool)), min(pool_size, len(pool)))  # popularity rank -> pool index
+    weights = [1.0 / (r + 1) ** zipf_s for r in range(len(chosen))]
+    requests = []
+    for _ in range(n):
+        ranks: list[int] = []
+        while len(ranks) < docs:
+            r = rng.choices(range(len(chosen)), weights)[0]
+            if r not in ranks:
+                ranks.append(r)
+        picked = [chosen[r] for r in ranks]
+        question = data.template.format_query(owner[picked[0]].question)
+        requests.append({
+            "messages": [{"role": "system", "content": data.template.prefix}, {"role": "user", "content": question}],
+            "documents": [{"title": pool[i].title, "text": pool[i].text} for i in picked],
+            "doc_ranks": ranks,
+        })
+    distinct = {r for q in requests for r in q["doc_ranks"]}
+    return {"dataset": data.name, "pool": len(chosen), "docs_per_request": docs, "zipf_s": zipf_s,
+            "requests": requests, "distinct_docs_used": len(distinct),
+            "ideal_hit_rate": 1 - len(distinct) / (len(requests) * docs) if requests else None}
+
+
+def stream_request(host: str, port: int, body: dict, timeout: float = 900.0) -> dict:
+    """One streamed chat completion: client TTFT, total time, text, usage (or the error)."""
+    t0 = time.perf_counter()
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("POST", "/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            return {"status": resp.status, "error": resp.read().decode(errors="replace")[:300]}
+        first = None
+        text, usage = [], None
+        while True:
+            line = resp.fp.readline()
+            if not line:
+                break
+            line = line.strip()
+            if not line.startswith(b"data: "):
+                continue
+            data = line[6:]
+            if data == b"[DONE]":
+                break
+            event = json.loads(data)
+            if "error" in event:
+                return {"status": 500, "error": event["error"].get("message", "")}
+            for choice in event.get("choices", []):
+                piece = choice.get("delta", {}).get("content")
+                if piece:
+                    if first is None:
+                        first = time.perf_counter()
+                    text.append(piece)
+            usage = event.get("usage") or usage
+        end = time.perf_counter()
+        return {"status": 200, "client_ttft_ms": ((first or end) - t0) * 1e3, "latency_ms": (end - t0) * 1e3,
+                "text": "".join(text), "usage": usage}
+    finally:
+        conn.close()
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    k = (len(s) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def _dist(values: list[float]) -> dict:
+    return {"p50": _pct(values, 0.5), "p90": _pct(values, 0.9), "p99": _pct(values, 0.99),
+            "mean": statistics.fmean(values) if values else None}
+
+
+def run_mode(args, mode: str, workload: dict, log_dir: Path) -> dict:
+    from kvblend.serve.metrics import parse_prometheus
+    from kvblend.serve.process import ServerProcess
+
+    home = Path(tempfile.mkdtemp(prefix=f"kvblend-bench-serve-{mode}-"))
+    server_args = ["--model", args.model, "--dtype", args.dtype, "--device", args.device, "--mode", mode,
+                   "--ratio", str(args.ratio), "--max-queue", str(max(64, args.concurrency * 2))]
+    # a converted named model lives in the user's KVBLEND_HOME: pass its folder so the fresh home holds only chunks
+    from kvblend.model.registry import NAMED_MODELS, converted_folder
+
+    if args.model in NAMED_MODELS:
+        server_args[1] = str(converted_folder(NAMED_MODELS[args.model]))
+    with ServerProcess(server_args, log_dir / f"server_{mode}.log", env={"KVBLEND_HOME": str(home)},
+                       startup_timeout_s=600) as srv:
+        warm = {"messages": [{"role": "user", "content": "warm-up"}], "documents": ["warm-up document"],
+                "max_tokens": 2, "temperature": 0, "stream": True}
+        stream_request(srv.host, srv.port, warm)
+        metrics_before = parse_prometheus(srv.get_text("/metrics"))
+        todo = list(enumerate(workload["requests"][:args.requests]))
+        lock = threading.Lock()
+        results: list[dict] = []
+        t_start = time.perf_counter()
+        deadline = t_start + args.duration
+
+        def client() -> None:
+            while True:
+                with lock:
+                    if not todo or time.perf_counter() > deadline:
+                        return
+                    i, req = todo.pop(0)
+                body = {"messages": req["messages"], "documents": req["documents"], "max_tokens": args.max_tokens,
+                        "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+                r = stream_request(srv.host, srv.port, body)
+                r["index"] = i
+                with lock:
+                    results.append(r)
+
+        from tqdm import tqdm
+
+        threads = [threading.Thread(target=client, daemon=True) for _ in range(args.concurrency)]
+        for t in threads:
+            t.start()
+        with tqdm(total=len(todo), desc=f"serve bench ({mode})", unit="req", disable=not sys.stderr.isatty()) as bar:
+            done = 0
+            while any(t.is_alive() for t in threads):
+                time.sleep(0.2)
+                with lock:
+                    bar.update(len(results) - done)
+                    done = len(results)
+        wall = time.perf_counter() - t_start
+        metrics_after = parse_prometheus(srv.get_text("/metrics"))
+    ok = sorted((r for r in results if r["status"] == 200), key=lambda r: r["index"])
+    kv = [r["usage"]["kvblend"] for r in ok]
+    hits = sum(sum(k["chunk_hits"].values()) for k in kv)
+    misses = sum(k["chunk_misses"] for k in kv)
+    delta = {k: metrics_after.get(k, 0) - metrics_before.get(k, 0) for k in metrics_after
+             if k.startswith("kvblend_store_") and "total" in k}
+    return {
+        "mode": mode, "ratio": args.ratio if mode == "blend" else None, "requests_sent": len(results),
+        "requests_ok": len(ok), "errors": [r for r in results if r["status"] != 200][:5], "wall_s": wall,
+        "throughput_rps": len(ok) / wall if wall > 0 else None,
+        "output_tokens_per_s": sum(r["usage"]["completion_tokens"] for r in ok) / wall if wall > 0 else None,
+        "client_ttft_ms": _dist([r["client_ttft_ms"] for r in ok]),
+        "server_ttft_ms": _dist([k["ttft_ms"] for k in kv]),
+        "queue_ms": _dist([k["queue_ms"] for k in kv]),
+        "latency_ms": _dist([r["latency_ms"] for r in ok]),
+        "chunk_hits": hits, "chunk_misses": misses,
+        "hit_rate": hits / (hits + misses) if hits + misses else None,
+        "recomputed_fraction": (sum(k["recomputed_tokens"] for k in kv) / sum(r["usage"]["prompt_tokens"] for r in ok)
+                                if ok else None),
+        "store_counters": delta,
+        "per_request": [{"index": r["index"], "client_ttft_ms": r["client_ttft_ms"], "latency_ms": r["latency_ms"],
+                         "text": r["text"], "prompt_tokens": r["usage"]["prompt_tokens"], **{
+                             k: r["usage"]["kvblend"][k] for k in ("ttft_ms", "queue_ms", "prefill_ms", "build_ms", "fetch_ms",
+                                                                  "recomputed_tokens", "chunk_hits", "chunk_misses")}}
+                        for r in ok],
+    }
+
+
+def measure(args) -> dict:
+    from kvblend.bench.decode import _git_sha
+    from kvblend.vocab import MODES
+
+    _positive(args, "pool", "docs", "requests", "duration", "concurrency", "max_tokens")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise ValueError(f"--modes: expected a comma-separated subset of {','.join(MODES)}, got {args.modes!r}")
+    workload = build_workload(args.dataset, args.pool, args.docs, args.zipf, args.requests, args.seed)
+    log_dir = Path(args.log_dir) if args.log_dir else Path(tempfile.mkdtemp(prefix="kvblend-bench-serve-logs-"))
+    runs = {m: run_mode(args, m, workload, log_dir) for m in modes}
+    if "full" in runs:
+        ref = {r["index"]: r["text"] for r in runs["full"]["per_request"]}
+        for run in runs.values():
+            same = [r["text"] == ref[r["index"]] for r in run["per_request"] if r["index"] in ref]
+            run["answers_equal_full"] = sum(same)
+            run["answers_compared"] = len(same)
+    import platform
+
+    return {
+        "benchmark": "serve", "git_sha": _git_sha(), "model": args.model, "dtype": args.dtype,
+        "device": args.device, "host": f"{platform.machine()} ({platform.processor() or '?'}), loopback",
+        "settings": {k: getattr(args, k) for k in ("modes", "ratio", "dataset", "pool", "docs", "zipf", "requests",
+                                                  "duration", "concurrency", "max_tokens", "seed")},
+        "workload": {k: v for k, v in workload.items() if k != "requests"},
+        "runs": runs,
+    }
+
+
+def table(result: dict) -> str:
+    def f(x, spec=".0f"):
+        return "-" if x is None else format(x, spec)
+
+    head = ("| mode | requests | req/s | client TTFT p50 / p90 / p99 (ms) | server TTFT p50 / p99 (ms) | "
+            "queue p50 (ms) | hit rate | recomputed | answers = full |")
+    lines = [head, "|" + "---|" * 9]
+    for m, r in result["runs"].items():
+        c, s = r["client_ttft_ms"], r["server_ttft_ms"]
+        eq = f"{r['answers_equal_full']}/{r['answers_compared']}" if "answers_equal_full" in r else "-"
+        lines.append(f"| {m}{'@' + str(r['ratio']) if r['ratio'] is not None else ''} | {r['requests_ok']} | "
+                     f"{f(r['throughput_rps'], '.3f')} | {f(c['p50'])} / {f(c['p90'])} / {f(c['p99'])} | "
+                     f"{f(s['p50'])} / {f(s['p99'])} | {f(r['queue_ms']['p50'])} | {f(r['hit_rate'], '.2f')} | "
+                     f"{f(r['recomputed_fraction'], '.2f')} | {eq} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = result["runs"]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, key, title in ((axes[0], "client_ttft_ms", "client TTFT (queue included)"),
+                           (axes[1], "server_ttft_ms", "server TTFT (prefill start -> first token)")):
+        width = 0.8 / max(1, len(runs))
+        for j, (mode, r) in enumerate(runs.items()):
+            vals = [(r[key][p] or 0) / 1e3 for p in ("p50", "p90", "p99")]
+            ax.bar([i + j * width for i in range(3)], vals, width, label=mode)
+        ax.set_xticks([i + width * (len(runs) - 1) / 2 for i in range(3)], ["p50", "p90", "p99"])
+        ax.set_ylabel("seconds")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=8)
+    s = result["settings"]
+    fig.suptitle(f"kvblend serve, {result['model']} ({result['dtype']}), {s['concurrency']} clients, "
+                 f"{s['docs']} docs/request, Zipf s={s['zipf']}", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvblend.io import atomic_write_json
+
+    result = measure(args)
+    out = Path(args.out)
+    atomic_write_json(out, result)
+    print(table(result))
+    for m, r in result["runs"].items():
+        if r["errors"]:
+            print(f"{m}: {r['requests_sent'] - r['requests_ok']} requests failed, e.g. {r['errors'][0]}")
+    print(f"\nwrote {out}")
+    if args.plot:
+        plot(result, Path(args.plot))
+        print(f"wrote {args.plot}")
+    return 0
