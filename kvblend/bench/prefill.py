@@ -337,6 +337,8 @@ def measure(model, prompt, texts, args, device, label: str, home: Path, real: bo
         hf_last = hf_forward()[0, -1].float()
         checks["full_vs_hf_max_abs_logit_diff"] = (full.logits - hf_last).abs().max().item()
         checks["full_vs_hf_same_argmax"] = int(full.logits.argmax()) == int(hf_last.argmax())
+    gc = getattr(model, "_graph_cache", None)
+    checks["graph_capture_failed"] = gc.failed if gc is not None else None
     res["checks"] = checks
     del ref, got, full
 

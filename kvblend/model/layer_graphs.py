@@ -179,9 +179,19 @@ class GraphCache:
         assert state.k is self.k, "the state must live in this cache's static buffer (GraphCache.state)"
         _, n_pad = padded_geometry(num_keys, self.alloc)
         key = (row_bucket(pos.shape[0]), n_pad, first)
+        if self.failed is not None:  # capture does not work here: the same padded computation, eagerly
+            inp = PaddedInputs.empty(self.model, key[0], n_pad)
+            inp.fill(state, h, pos, cos, sin, num_keys, scratch_start=self.alloc)
+            run_layers_padded(self.model, state, inp, first)
+            return inp.out
         g = self.graphs.get(key)
         if g is None:
-            g = self._capture(state, key)
+            try:
+                g = self._capture(state, key)
+            except RuntimeError as exc:
+                self.failed = f"{type(exc).__name__}: {exc}"
+                log.warning("CUDA graph capture failed (%s); running the recompute layers eagerly", self.failed)
+                return self.run(state, h, pos, cos, sin, first, num_keys)
             self.graphs[key] = g
             while len(self.graphs) > MAX_GRAPHS:
                 self.graphs.popitem(last=False)
