@@ -14,8 +14,115 @@ sys.path.insert(0, "tests")
 from conftest import make_tiny  # noqa: E402
 from test_blend import hf_full_logits, hf_naive_reuse_logits, random_prompt  # noqa: E402
 
-from kvblend.fusion.blend import forward_tokens, prefill  # noqa: E402
+from kvblend.fusion.blend import prefill, promote_chunk  # noqa: E402
 from kvblend.kvstore.builder import build_chunk_kv  # noqa: E402
+from kvblend.model.runner import forward_tokens  # noqa: E402
+
+
+def decode_checks(model_type: str) -> int:
+    """CUDA-graph-captured decode (model/decode_graph.py) against the plain layer loop, fp32, on CUDA:
+    step logits, greedy generate, greedy n-gram speculation, and a promotion mid-answer with placeholders."""
+    from kvblend.generation.drafters import NgramDrafter
+    from kvblend.generation.generate import generate
+    from kvblend.generation.sampling import SamplingParams
+    from kvblend.generation.speculative import speculative_generate
+    from kvblend.model.decode_graph import decode_runner
+
+    failures = 0
+
+    def report(name: str, ok: bool, detail: str = "") -> None:
+        nonlocal failures
+        failures += not ok
+        print(f"{model_type:6s} cuda {name:34s} {detail} {'ok' if ok else 'FAIL'}")
+
+    model = make_tiny(model_type)
+    model.hf_model.to("cuda")
+    model.inv_freq = model.inv_freq.to("cuda")
+    prompt = random_prompt(model.shape.vocab_size, seed=7)
+    a = prefill(model, prompt, mode="full", extra_capacity=20)
+    b = prefill(model, prompt, mode="full", extra_capacity=20)
+    with decode_runner(model, b.state, graphs=True) as runner:
+        err = 0.0
+        for ids in ([3], [4, 5, 6], [7]):
+            got = runner.logits(ids).clone()
+            err = max(err, (got - forward_tokens(model, a.state, ids)).abs().max().item())
+    report("captured step == plain step", err < 1e-4, f"max|diff| {err:.2e}")
+    params = SamplingParams(max_new_tokens=24, stop_on_newline=False)
+    plain = generate(model, prefill(model, prompt, mode="full", extra_capacity=30), params, 0.0, graphs=False)
+    graphs = generate(model, prefill(model, prompt, mode="full", extra_capacity=30), params, 0.0, graphs=True)
+    report("generate: graphs == plain", graphs.token_ids == plain.token_ids, f"{len(plain.token_ids)} tokens")
+    pre = prefill(model, prompt, mode="full", extra_capacity=40)
+    spec, _ = speculative_generate(model, pre, NgramDrafter(prompt.chunk_ids), params, 0.0, prompt_ids=prompt, k=6,
+                                   graphs=True)
+    report("speculative (graphs) == generate", spec.token_ids == plain.token_ids)
+    chunks = [build_chunk_kv(model, c) for c in prompt.chunk_ids]
+    start = len(prompt.prefix_ids) + len(prompt.chunk_ids[0])
+    resident = [i != 1 for i in range(len(chunks))]
+    outs = []
+    for use in (False, True):
+        def on_step(step, state):
+            if step == 2:
+                promote_chunk(model, state, chunks[1], start)
+        pre = prefill(model, prompt, [c if r else None for c, r in zip(chunks, resident)], mode="reuse",
+                      resident=resident, extra_capacity=40)
+        out, _ = speculative_generate(model, pre, NgramDrafter(prompt.chunk_ids), params, 0.0, prompt_ids=prompt,
+                                      k=3, on_step=on_step, graphs=use)
+        outs.append(out.token_ids)
+    report("promotion mid-answer: graphs == plain", outs[0] == outs[1])
+    return failures
+
+
+def prefill_checks(model_type: str, device: str) -> int:
+    """The fast prefill paths against the plain layer loop, fp32: CUDA-graph recompute layers (on CPU: the
+    padded computation they capture), graph replay for a second prompt of the same bucket, a placeholder,
+    chunks in pinned host memory (layer-wise pipelined load) and the disk tier's pinned read."""
+    import tempfile
+    from pathlib import Path
+
+    from kvblend.kvstore.tiers import DiskTier
+
+    failures = 0
+    fast = "graph" if device == "cuda" else "padded"
+
+    def report(name: str, err: float, tol: float = 1e-4, extra: bool = True) -> None:
+        nonlocal failures
+        ok = err < tol and extra
+        failures += not ok
+        print(f"{model_type:6s} {device:4s} {name:40s} max|diff| {err:.2e} {'ok' if ok else 'FAIL'}")
+
+    model = make_tiny(model_type)
+    model.hf_model.to(device)
+    model.inv_freq = model.inv_freq.to(device)
+    for seed in (21, 22):  # the second prompt replays the graphs the first one captured
+        prompt = random_prompt(model.shape.vocab_size, seed=seed)
+        chunks = [build_chunk_kv(model, c) for c in prompt.chunk_ids]
+        for mode, ratio in (("reuse", 0.0), ("blend", 0.15), ("blend", 0.5), ("blend", 1.0)):
+            a = prefill(model, prompt, chunks, mode=mode, ratio=ratio, recompute="plain", extra_capacity=4)
+            b = prefill(model, prompt, chunks, mode=mode, ratio=ratio, recompute=fast, extra_capacity=4)
+            err = max((a.logits - b.logits).abs().max().item(), (a.state.k - b.state.k).abs().max().item(),
+                      (a.state.v - b.state.v).abs().max().item())
+            report(f"{fast} == plain {mode}@{ratio:g} seed {seed}", err,
+                   extra=a.stats.selected_positions == b.stats.selected_positions and a.state.k.shape == b.state.k.shape)
+        resident = [True, False] + [True] * (len(chunks) - 2)
+        kw = dict(mode="blend", ratio=0.3, extra_capacity=4, resident=resident)
+        a = prefill(model, prompt, chunks, recompute="plain", **kw)
+        b = prefill(model, prompt, chunks, recompute=fast, **kw)
+        report(f"{fast} == plain, placeholder, seed {seed}", (a.logits - b.logits).abs().max().item())
+        if device == "cuda":
+            pinned = [c.to("cpu", pin=True) for c in chunks]
+            for mode in ("reuse", "blend"):
+                a = prefill(model, prompt, chunks, mode=mode, ratio=0.3)
+                b = prefill(model, prompt, pinned, mode=mode, ratio=0.3)
+                err = max((a.logits - b.logits).abs().max().item(), (a.state.k - b.state.k).abs().max().item())
+                report(f"pinned (pipelined) == resident {mode}", err, tol=1e-6)
+    with tempfile.TemporaryDirectory() as tmp:
+        disk = DiskTier(Path(tmp), 1 << 30)
+        disk.save(chunks[0])
+        disk.prefetch([chunks[0].key])
+        got = disk.load(chunks[0].key)
+        report("disk load (pinned read, crc32) == chunk", (got.kv.to(device) - chunks[0].kv).abs().max().item(),
+               tol=1e-12, extra=got.kv.is_pinned() == (device == "cuda"))
+    return failures
 
 
 def main() -> int:
@@ -48,6 +155,12 @@ def main() -> int:
             err = (step - ref2[-1]).abs().max().item()
             failures += err >= 1e-4
             print(f"{model_type:6s} {device:4s} {'decode step == HF':22s} max|diff| {err:.2e} {'ok' if err < 1e-4 else 'FAIL'}")
+    for model_type in ("llama", "qwen2"):
+        for device in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+            failures += prefill_checks(model_type, device)
+    if torch.cuda.is_available():
+        for model_type in ("llama", "qwen2"):
+            failures += decode_checks(model_type)
     print("FAILURES", failures)
     return 1 if failures else 0
 

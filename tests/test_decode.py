@@ -63,6 +63,29 @@ def test_step_runner_cpu_equals_forward_tokens(tiny_llama):
         StepRunner(tiny_llama, a.state, graphs=True)
 
 
+@pytest.mark.parametrize("holes", [False, True])
+def test_padded_step_equals_forward_tokens(tiny_model, holes):
+    """The computation the CUDA graphs capture (attention over the whole capacity, device-side causal and
+    validity mask, start position from a device tensor), run eagerly on CPU, equals the plain layer loop."""
+    prompt = _prompt(tiny_model.shape.vocab_size, seed=5)
+    a = prefill(tiny_model, prompt, mode="full", extra_capacity=12)
+    b = prefill(tiny_model, prompt, mode="full", extra_capacity=12)
+    if holes:  # a placeholder: rows of the second chunk masked out in both
+        lo = len(prompt.prefix_ids) + len(prompt.chunk_ids[0])
+        for st in (a.state, b.state):
+            st.set_valid(lo, lo + len(prompt.chunk_ids[1]), False)
+    runner = StepRunner(tiny_model, b.state, graphs=False, padded=True)
+    for ids in ([3], [4, 5, 6, 7], [8]):
+        qa, qb = [], []
+        ref = forward_tokens(tiny_model, a.state, ids, queries_out=qa)
+        got = runner.logits(ids, queries_out=qb)
+        assert (got - ref).abs().max().item() < 1e-5 and a.state.length == b.state.length
+        assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(qa, qb))
+    a.state.truncate(a.state.length - 2)  # rolled-back rows are rewritten, never attended
+    b.state.truncate(b.state.length - 2)
+    assert runner.argmax([9, 10]) == forward_tokens(tiny_model, a.state, [9, 10]).argmax(-1).tolist()
+
+
 def test_host_sampling_stream_unchanged():
     logits = torch.randn(50)
     params = SamplingParams(temperature=0.7, top_p=0.9, seed=4)

@@ -498,3 +498,15 @@ def table(result: dict) -> str:
     if "fp32_exactness" in result:
         lines.append(f"fp32 exactness: {result['fp32_exactness']}")
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m kvblend.bench.decode ...`: the same as `kvblend bench decode ...`."""
+    parser = argparse.ArgumentParser(prog="kvblend bench decode", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

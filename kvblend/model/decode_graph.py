@@ -79,16 +79,24 @@ class StepRunner:
     """
 
     def __init__(self, model: DecoderModel, state: KVState, graphs: bool | None = None,
-                 max_graph_tokens: int = MAX_GRAPH_TOKENS):
+                 max_graph_tokens: int = MAX_GRAPH_TOKENS, padded: bool = False):
+        """padded: run the captured computation (whole-capacity attention, device-side mask) eagerly, on any
+        device, instead of replaying graphs (tests check it against forward_tokens on CPU)."""
         cuda = model.device.type == "cuda"
         if graphs and not cuda:
             raise ValueError("CUDA graphs need a model on a CUDA device")
         self.model, self.state = model, state
         self.view = state  # the KVState whose length steps follow (decode_runner: a view of self.state)
         self.graphs = cuda if graphs is None else bool(graphs)
+        self.padded = padded and not self.graphs
         self.max_graph_tokens = max_graph_tokens
         self._graphs: dict[int, _Graph] = {}
         self.pool = None
+        if self.padded:
+            if state.valid is None:
+                state.set_valid(0, 0, True)
+            self.inv_freq = model.inv_freq.to(model.device, torch.float32)
+            self.key_pos = torch.arange(state.capacity, device=model.device)
         if self.graphs:
             if state.k.device != model.device:
                 raise ValueError(f"KV state on {state.k.device}, model on {model.device}")
@@ -133,6 +141,13 @@ class StepRunner:
         start = view.length
         if start + t > view.capacity:
             raise ValueError(f"KV buffer full: {start} + {t} tokens > capacity {view.capacity}")
+        if self.padded and t:
+            inp = torch.tensor(list(token_ids) + [start], dtype=torch.long, device=self.model.device)
+            logits, _best, queries = self._step(inp, t)
+            view.length = start + t
+            if queries_out is not None:
+                queries_out.extend(queries)
+            return logits
         g = self._graph(t) if t else None
         if g is None:
             return forward_tokens(self.model, view, token_ids, queries_out=queries_out)
