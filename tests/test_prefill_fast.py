@@ -47,7 +47,9 @@ def test_fused_projections_equal_the_modules(tiny_model):
 def test_fused_weights_follow_a_dtype_move():
     m = make_tiny("qwen2")
     m.hf_model.to(torch.float64)  # parameters replaced: the fused copies must be rebuilt, not reused
-    f = m.fused_layer(1)
+    with torch.inference_mode():  # as inside a prefill
+        f = m.fused_layer(1)
+    m.hf_model(input_ids=torch.tensor([[1, 2, 3]]))  # transformers' forward, autograd on: no inference tensors
     assert f.qkv_weight.dtype == torch.float64 and f.qkv_bias is not None
     assert m.layers[1].k_proj.weight.data_ptr() == f.qkv_weight.data_ptr() + \
         m.shape.num_heads * m.shape.head_dim * m.shape.hidden_size * 8

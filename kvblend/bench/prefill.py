@@ -131,6 +131,8 @@ def summarise(ms: list[float]) -> dict[str, Any]:
 
 def git_sha() -> str | None:
     sha = os.environ.get("KVBLEND_GIT_SHA")
+    if sha:  # the device machine gets a copy of the working tree, not the repository
+        return sha
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
         if out.returncode == 0 and out.stdout.strip():

@@ -87,7 +87,7 @@ def _place_chunk(state: KVState, chunk: ChunkKV, start: int, model: DecoderModel
 
 
 def _place_pipelined(state: KVState, placed: Sequence[tuple[ChunkKV, int]], model: DecoderModel,
-                     order: Sequence[int]) -> tuple[list, torch.cuda.Event]:
+                     order: Sequence[int], num_groups: int = H2D_GROUPS) -> tuple[list, torch.cuda.Event]:
     """Host chunks -> GPU on a side stream, layer group by layer group in `order` (the layers the compute
     needs first go first), each group re-rotated on arrival. Returns per layer the event to wait for before
     reading that layer's rows (None: not copied) and the event of the last group."""
@@ -97,7 +97,7 @@ def _place_pipelined(state: KVState, placed: Sequence[tuple[ChunkKV, int]], mode
     side.wait_stream(torch.cuda.current_stream(dev))  # the buffer was allocated / zeroed there
     a = min(start for _, start in placed)
     b = max(start + chunk.num_tokens for chunk, start in placed)
-    size = max(1, -(-len(order) // H2D_GROUPS))
+    size = max(1, -(-len(order) // num_groups))
     groups, run = [], []
     for layer in order:  # consecutive layers of `order` form a group while they are contiguous
         if run and (layer != run[-1] + 1 or len(run) == size):
@@ -276,6 +276,9 @@ def prefill(model: DecoderModel, prompt: PromptIds, chunks: Sequence[ChunkKV] | 
     on_host = dev.type == "cuda" and any(c.kv.device.type == "cpu" for c, _ in placed)
     if on_host:  # layer-wise pipelined: copies of later layers overlap the compute of earlier ones
         layer_ready, place_done = _place_pipelined(state, placed, model, cached_layers)
+    elif dev.type == "cuda" and placed and first_cached > 0:
+        # chunks already on the GPU: one side-stream step, overlapped with the layers below the check layer
+        layer_ready, place_done = _place_pipelined(state, placed, model, cached_layers, num_groups=1)
     else:
         _place_chunks(state, placed, model, slice(first_cached, None))
         place_done = stages.mark("place")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import struct
 import time
 import zlib
@@ -37,7 +38,7 @@ from kvblend.kvstore.key import ChunkKey
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-LOAD_THREADS = 4  # parallel chunk reads + checks (prefetch)
+LOAD_THREADS = max(1, min(8, os.cpu_count() or 1))  # parallel chunk reads + checks (prefetch)
 
 _ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
 
@@ -180,6 +181,7 @@ class DiskTier:
             "file_crc32": zlib.crc32(data),
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+        self._drop_pending(digest)  # a read started before this write must not be used
         atomic_write_bytes(tensor_path, data)
         atomic_write_json(meta_path, meta)
         self._sizes[digest] = len(data)
@@ -231,14 +233,17 @@ class DiskTier:
         return ChunkKV(key=key, token_ids=tuple(meta["token_ids"]), kv=kv, rope_offset=int(meta["rope_offset"]),
                        sink_ids=tuple(meta["sink_ids"]), text=meta.get("text", ""))
 
-    def remove(self, digest: str) -> None:
+    def _drop_pending(self, digest: str) -> None:
         pending = self._pending.pop(digest, None)
         if pending is not None:
             pending.cancel()
             try:
                 pending.result()
-            except BaseException:  # noqa: BLE001 (the read of a file being removed: its outcome is moot)
+            except BaseException:  # noqa: BLE001 (a read of a file being replaced or removed: its outcome is moot)
                 pass
+
+    def remove(self, digest: str) -> None:
+        self._drop_pending(digest)
         for p in self.paths(digest):
             p.unlink(missing_ok=True)
         self._sizes.pop(digest, None)

@@ -165,7 +165,9 @@ class DecoderModel:
             return fused
 
         fused = []
-        with torch.no_grad():
+        # never inference tensors (fusing can happen inside a prefill): transformers' forward must keep
+        # working on these parameters outside inference mode
+        with torch.inference_mode(False), torch.no_grad():
             for lm, mlp in zip(self.layers, self._mlp_modules):
                 qkv_mods = [lm.q_proj, lm.k_proj, lm.v_proj]
                 gu_mods = [mlp.gate_proj, mlp.up_proj]
