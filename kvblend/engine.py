@@ -177,6 +177,8 @@ class Engine:
         chunks: list[ChunkKV | None] = []
         t0 = time.perf_counter()
         built_ms = 0.0
+        # chunks only on disk: read + verify them in parallel threads while the loop below takes them in order
+        self.store.disk.prefetch([k for k in keys if self.store.tier_of(k) == "disk"])
         try:
             for i, (key, (ids, text)) in enumerate(zip(keys, ids_texts)):
                 got = self.store.ensure(key, self._builder(ids, text, prefix_ids), tier=tier_of(i))
@@ -264,7 +266,7 @@ class Engine:
         if mode == "full" and gpu_chunks < n:
             raise ValueError("placeholders need mode reuse or blend (full prefill computes every chunk)")
         ratio = c.ratio if o.ratio is None else o.ratio
-        proxy = None if o.proxy == "none" else o.proxy
+        proxy = None if o.proxy == "none" or mode == "full" else o.proxy  # full: every chunk resident already
         sampling = sampling or self.sampling()
         texts = self._texts(prompt, chunk_texts)
         if start_tier is not None:
@@ -278,13 +280,16 @@ class Engine:
         fetched: list[Fetched] = []
         promoter = None
         try:
-            fetched, chunks = self._fetch(keys, list(zip(prompt.chunk_ids, texts)), prompt.prefix_ids, clock,
-                                          tier_of=lambda i: "gpu" if resident[i] else "cpu",
-                                          pin=lambda i: resident[i])
+            if mode == "full":  # every chunk resident and computed: nothing to fetch
+                chunks, tiers = None, [self.store.tier_of(k) or "absent" for k in keys]
+            else:
+                fetched, chunks = self._fetch(keys, list(zip(prompt.chunk_ids, texts)), prompt.prefix_ids, clock,
+                                              tier_of=lambda i: "gpu" if resident[i] else "cpu",
+                                              pin=lambda i: resident[i])
+                tiers = [self._tier_label(f) for f in fetched]
             extra = sampling.max_new_tokens + o.k + 2
-            result = prefill(self.model, prompt, chunks if mode != "full" else None, mode=mode, ratio=ratio,
-                             check_layer=c.check_layer, selection=self.selection, extra_capacity=extra,
-                             resident=resident)
+            result = prefill(self.model, prompt, chunks, mode=mode, ratio=ratio, check_layer=c.check_layer,
+                             selection=self.selection, extra_capacity=extra, resident=resident)
             if o.drafter == "model":
                 spec = ModelDrafter(draft_model, prompt, extra_capacity=extra)
             else:
@@ -311,7 +316,6 @@ class Engine:
                 for slot, got in zip(placement.slots, fetched):
                     if not slot.is_placeholder:
                         self.store.unpin(slot.key)
-        self._annotate(out, clock, fetched, [self._tier_label(f) for f in fetched],
-                       self.store.stats.build_ms - build0)
+        self._annotate(out, clock, fetched if mode != "full" else None, tiers, self.store.stats.build_ms - build0)
         trace = promoter.trace if promoter is not None else []
         return out, steps, trace, placement

@@ -29,7 +29,7 @@ def test_retrieval_script_env_overrides(tmp_path):
     proc = run_script("retrieval/run_retrieval.sh", {"DATASET": "toy", "TOP_K": "3", "LIMIT": "2",
                                                      "RESULTS_DIR": str(results)}, tmp_path)
     assert proc.returncode == 0, proc.stderr
-    data = json.loads((results / "retrieval" / "toy_rag_bm25_k3.json").read_text())
+    data = json.loads((results / "retrieval" / "toy_rag_both_k3.json").read_text())
     assert data["k"] == 3 and len(data["samples"]) == 2
 
 

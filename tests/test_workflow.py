@@ -207,3 +207,17 @@ def test_warm_start_docstring_states_what_blend_gets():
 
     doc = Promoter.warm_start.__doc__
     assert "reuse" in doc and "blend" in doc and "exactly as if" not in doc
+
+
+def test_speculative_full_prefill_fetches_nothing_and_matches_plain(tmp_path):
+    model = make_tiny("llama")
+    prompt = random_prompt(model.shape.vocab_size, seed=6, chunk_lens=(10, 12, 8))
+    engine = Engine(EngineConfig(home=str(tmp_path), mode="full", max_new_tokens=5, stop_on_newline=False), model)
+    sampling = SamplingParams(max_new_tokens=5, stop_on_newline=False)
+    plain = engine.answer(prompt, mode="full", sampling=sampling, start_tier="disk")
+    out, _, trace, placement = engine.answer_speculative(prompt, None, [0.3, 0.2, 0.1],
+                                                         SpecOptions(gpu_chunks=3, proxy="key_bounds"),
+                                                         sampling=sampling, start_tier="disk")
+    assert out.token_ids == plain.token_ids and trace == [] and out.fetch_ms == 0.0
+    assert out.chunk_tiers == ("disk",) * 3 and not placement.placeholders
+    assert not any(engine.store.is_pinned(s.key) for s in placement.slots)
