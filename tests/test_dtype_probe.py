@@ -78,6 +78,19 @@ def test_explicit_dtypes_and_cuda_auto_bypass_the_probe(monkeypatch, name, expec
     assert resolve_dtype("auto", torch.device("cuda")) is torch.bfloat16
 
 
+def test_request_cost_counts_decode_rows(monkeypatch):
+    """bf16 4x faster on prefill blocks but 300x slower on single rows (oneDNN threads on busy cores): fp32."""
+    monkeypatch.setattr(dtype_probe, "probe_shapes_ms",
+                        lambda *a: {"float32": (5.0, 0.05), "bfloat16": (1.25, 15.0)})
+    fp32_ms, bf16_ms = dtype_probe.probe_matmul_ms(576, 1536)
+    blocks = dtype_probe.REQUEST_PREFILL_TOKENS / dtype_probe.PROBE_TOKENS
+    assert fp32_ms == pytest.approx(blocks * 5.0 + dtype_probe.REQUEST_DECODE_TOKENS * 0.05)
+    assert decide_cpu_dtype(("avx512_bf16",), lambda: (fp32_ms, bf16_ms)).dtype == "float32"
+    monkeypatch.setattr(dtype_probe, "probe_shapes_ms",
+                        lambda *a: {"float32": (5.0, 0.05), "bfloat16": (1.25, 0.07)})
+    assert decide_cpu_dtype(("avx512_bf16",), lambda: dtype_probe.probe_matmul_ms(576, 1536)).dtype == "bfloat16"
+
+
 def test_real_probe_is_quick_and_positive():
     import time
 

@@ -3,8 +3,11 @@
 Some CPUs (AVX512-BF16, AMX) run a bf16 matmul several times faster than fp32; on the others bf16 is emulated
 and several times slower. The decision therefore needs both a capability check (the `avx512_bf16` / `amx_bf16`
 flags in /proc/cpuinfo, or torch's own oneDNN query) and a measurement: a few matmuls of the model's shape class
-(a block of PROBE_TOKENS tokens through the MLP's up and down projections, the bulk of a prefill), timed in both
-dtypes, interleaved, well under a second. bf16 is chosen only when it is clearly faster (by BF16_MARGIN).
+through the MLP's up and down projections, timed in both dtypes, interleaved, well under a second: a block of
+PROBE_TOKENS rows (the shape of a prefill) and a single row (the shape of a decode step; bf16 GEMV can be much
+slower than fp32's, e.g. when its oneDNN threads compete for busy cores). Each dtype's cost is that of a modelled
+request, REQUEST_PREFILL_TOKENS of prefill plus REQUEST_DECODE_TOKENS decode steps; bf16 is chosen only when it is
+clearly cheaper (by BF16_MARGIN).
 
 The decision is made once per process and shape class (cached) and logged once. Explicit dtypes never probe;
 on CUDA, auto is bf16 without probing (see kvblend.model.hf.resolve_dtype). Quality comparisons ask for
@@ -26,6 +29,8 @@ log = logging.getLogger(__name__)
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 PROBE_TOKENS = 512  # rows of the probe block: a prefill-sized chunk
+REQUEST_PREFILL_TOKENS = 2048  # the modelled request: a RAG prompt of a few chunks ...
+REQUEST_DECODE_TOKENS = 64  # ... and a short answer
 DEFAULT_SHAPE = (576, 1536)  # (hidden, intermediate) of SmolLM2-135M, the default model
 BF16_MARGIN = 0.9  # bf16 must take at most 90% of the fp32 time (timing noise on shared cores)
 PROBE_BUDGET_S = 0.8  # stop repeating once this much time is spent
@@ -69,34 +74,48 @@ def cpu_bf16_flags(cpuinfo: str | None = None) -> tuple[str, ...]:
 
 def probe_matmul_ms(hidden: int, intermediate: int, tokens: int = PROBE_TOKENS,
                     budget_s: float = PROBE_BUDGET_S) -> tuple[float, float]:
-    """Median time (ms) of one [tokens, hidden] x [hidden, intermediate] plus [tokens, intermediate] x
-    [intermediate, hidden] matmul pair in fp32 and in bf16, timed interleaved. Returns (fp32_ms, bf16_ms)."""
+    """The modelled request's matmul cost (ms) in fp32 and in bf16: REQUEST_PREFILL_TOKENS / tokens blocks of
+    [tokens, hidden] x [hidden, intermediate] x [intermediate, hidden] plus REQUEST_DECODE_TOKENS single rows
+    through the same pair, each the median of interleaved timings. Returns (fp32_ms, bf16_ms)."""
+    times = probe_shapes_ms(hidden, intermediate, tokens, budget_s)
+    blocks = REQUEST_PREFILL_TOKENS / tokens
+    cost = {dt: blocks * block + REQUEST_DECODE_TOKENS * row for dt, (block, row) in times.items()}
+    log.debug("dtype probe: %s", {str(dt): (round(b, 3), round(r, 4)) for dt, (b, r) in times.items()})
+    return cost["float32"], cost["bfloat16"]
+
+
+def probe_shapes_ms(hidden: int, intermediate: int, tokens: int = PROBE_TOKENS,
+                    budget_s: float = PROBE_BUDGET_S) -> dict[str, tuple[float, float]]:
+    """Median ms of one up+down projection pair on a [tokens, hidden] block and on a single row, per dtype:
+    {"float32": (block_ms, row_ms), "bfloat16": (block_ms, row_ms)}, timed interleaved."""
     gen = torch.Generator().manual_seed(0)
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     operands = {}
-    for dt in (torch.float32, torch.bfloat16):
+    for name, dt in dtypes.items():
         x = torch.randn(tokens, hidden, generator=gen).to(dt)
         up = torch.randn(hidden, intermediate, generator=gen).to(dt)
         down = torch.randn(intermediate, hidden, generator=gen).to(dt)
-        operands[dt] = (x, up, down)
+        operands[name] = (x, x[:1].clone(), up, down)
 
-    def once(dt: torch.dtype) -> float:
-        x, up, down = operands[dt]
+    def once(name: str, row: bool) -> float:
+        block, single, up, down = operands[name]
+        x = single if row else block
         t0 = time.perf_counter()
         (x @ up) @ down
         return (time.perf_counter() - t0) * 1e3
 
-    times: dict[torch.dtype, list[float]] = {torch.float32: [], torch.bfloat16: []}
+    samples: dict[tuple[str, bool], list[float]] = {(n, r): [] for n in dtypes for r in (False, True)}
     start = time.perf_counter()
     with torch.inference_mode():
-        for dt in times:  # warm-up (oneDNN primitive creation), not counted
-            once(dt)
+        for key in samples:  # warm-up (oneDNN primitive creation), not counted
+            once(*key)
         for i in range(9):
-            for dt in times:
-                times[dt].append(once(dt))
+            for key in samples:
+                samples[key].append(once(*key))
             if i >= 2 and time.perf_counter() - start > budget_s:
                 break
-    med = {dt: sorted(v)[len(v) // 2] for dt, v in times.items()}
-    return med[torch.float32], med[torch.bfloat16]
+    med = {key: sorted(v)[len(v) // 2] for key, v in samples.items()}
+    return {n: (med[(n, False)], med[(n, True)]) for n in dtypes}
 
 
 def decide_cpu_dtype(flags: tuple[str, ...], probe: Callable[[], tuple[float, float]],
@@ -107,10 +126,10 @@ def decide_cpu_dtype(flags: tuple[str, ...], probe: Callable[[], tuple[float, fl
         return CpuDtypeDecision("float32", "no bf16 matrix support (avx512_bf16 / amx_bf16)", flags)
     fp32_ms, bf16_ms = probe()
     if bf16_ms <= margin * fp32_ms:
-        return CpuDtypeDecision("bfloat16", f"bf16 probe {fp32_ms / bf16_ms:.1f}x faster than fp32", flags,
+        return CpuDtypeDecision("bfloat16", f"bf16 probe {fp32_ms / bf16_ms:.1f}x cheaper than fp32", flags,
                                 fp32_ms, bf16_ms)
-    return CpuDtypeDecision("float32", f"bf16 probe not faster than fp32 ({bf16_ms:.2f} vs {fp32_ms:.2f} ms)",
-                            flags, fp32_ms, bf16_ms)
+    return CpuDtypeDecision("float32", f"bf16 probe not clearly cheaper than fp32 ({bf16_ms / fp32_ms:.2f}x its "
+                            f"time)", flags, fp32_ms, bf16_ms)
 
 
 _decisions: dict[tuple[int, int], CpuDtypeDecision] = {}
@@ -125,7 +144,8 @@ def auto_cpu_dtype(shape: tuple[int, int] | None = None) -> CpuDtypeDecision:
         if key not in _decisions:
             decision = decide_cpu_dtype(cpu_bf16_flags(), lambda: probe_matmul_ms(*key))
             timing = "" if decision.fp32_ms is None else \
-                f" (probe {PROBE_TOKENS}x{key[0]}x{key[1]}: fp32 {decision.fp32_ms:.2f} ms, bf16 {decision.bf16_ms:.2f} ms)"
+                (f" (matmuls of a {REQUEST_PREFILL_TOKENS}-token prefill + {REQUEST_DECODE_TOKENS} decode steps, "
+                 f"hidden {key[0]}, intermediate {key[1]}: fp32 {decision.fp32_ms:.1f} ms, bf16 {decision.bf16_ms:.1f} ms)")
             log.info("--dtype auto on CPU -> %s: %s%s", decision.dtype, decision.reason, timing)
             _decisions[key] = decision
         return _decisions[key]
