@@ -31,10 +31,11 @@ from kvblend.kvstore.chunk_kv import ChunkKV
 from kvblend.fusion.layout import ChunkSlot
 from kvblend.kvstore.store import ChunkKVStore
 from kvblend.model.hf import DecoderModel
+from kvblend import vocab
 
 log = logging.getLogger(__name__)
 
-PROXIES = ("draft_attention", "key_bounds", "ngram_source")
+PROXIES = tuple(p for p in vocab.PROXIES if p != "none")  # the proxies that score chunks ("none": no Promoter)
 
 
 def _probe_layers(num_layers: int, count: int = 3) -> list[int]:

@@ -40,13 +40,14 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from kvblend.types import Passage, Retrieved, Sample
+from kvblend.vocab import RETRIEVAL_MODES, RETRIEVAL_SCOPES
 
 from .encoders import SentenceEncoder, TokenEncoder
 
 logger = logging.getLogger(__name__)
 
-MODES: tuple[str, ...] = ("bm25", "dense", "both", "colbert")
-SCOPES: tuple[str, ...] = ("per_sample", "pooled")
+MODES: tuple[str, ...] = RETRIEVAL_MODES  # the one vocabulary (kvblend/vocab.py)
+SCOPES: tuple[str, ...] = RETRIEVAL_SCOPES
 RRF_K = 60
 
 SeedLike = int | Sequence[int] | None
