@@ -99,12 +99,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "--quick 2,4; empty: skip)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true", help="CUDA: torch.profiler of one blend prefill (graphs / plain)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"results JSON (default {DEFAULT_OUT})")
     p.add_argument("--summary", nargs="?", const="docs/results/bench/summary.json", default=None,
                    help="write the P* entries this run measured into this summary (default path when no value)")
     p.add_argument("--source", default=None,
                    help="the path summary entries cite as their source (default: --out, or --from-json)")
-    p.add_argument("--from-json", default=None, help="no measuring: summary entries, tables, plots from this JSON")
+    p.add_argument("--from-json", default=None,
+                   help="no measuring: summary entries, tables, plots from this JSON (comma list: merged, same device)")
+    p.add_argument("--merged-out", default=None, help="with --from-json: write the (merged) document here")
     p.add_argument("--plot", nargs="?", const=PLOT_DIR, default=None,
                    help=f"write the PNG figures to this folder (default {PLOT_DIR} when no value)")
 
@@ -350,6 +353,9 @@ def measure(model, prompt, texts, args, device, label: str, home: Path, real: bo
         if k.startswith("place_"):
             m["gbs"] = res["chunk_kv_mib"] * 2**20 / (m["median_ms"] / 1e3) / 1e9
 
+    if args.profile and cuda:
+        res["profile"] = {name: profile_case(cases[name], device) for name in (f"blend@{r0:g}", f"blend@{r0:g}_no_graphs")}
+
     # one blend prefill split into stages (medians over iters)
     stage_runs: list[dict] = []
     for i in range(args.warmup + args.iters):
@@ -412,6 +418,29 @@ def measure(model, prompt, texts, args, device, label: str, home: Path, real: bo
                 res["errors"][f"sweep_{count}"] = f"{type(exc).__name__}: {exc}"
     res["chunks_sweep"] = sweep
     return res
+
+
+def profile_case(fn: Callable[[], Any], device, reps: int = 3, top: int = 15) -> dict[str, Any]:
+    """torch.profiler over `reps` calls: device time per call and the top ops / kernels by self device time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        _sync(device)
+    rows = []
+    for e in prof.key_averages():
+        self_us = getattr(e, "self_device_time_total", None)
+        if self_us is None:
+            self_us = getattr(e, "self_cuda_time_total", 0.0)
+        if self_us > 0:
+            rows.append({"op": e.key[:120], "calls_per_iter": e.count / reps, "self_device_ms_per_iter": self_us / reps / 1e3})
+    rows.sort(key=lambda r: -r["self_device_ms_per_iter"])
+    kernels = [r for r in rows if not r["op"].startswith("aten::")]
+    return {"device_ms_per_iter": sum(r["self_device_ms_per_iter"] for r in kernels), "top": rows[:top]}
 
 
 # ---------------------------------------------------------------------------------------- summary + docs
@@ -519,6 +548,10 @@ def tables(doc: dict) -> str:
             parts = ", ".join(f"{k} {v:.2f}" for k, v in st.items() if isinstance(v, float))
             lines.append(f"\nstages of one blend@{r['blend_ratio_for_targets']:g} prefill (ms, "
                          f"{st.get('recompute_path')}): {parts}")
+        for name, pr in r.get("profile", {}).items():
+            lines.append(f"\nprofile {name}: device busy {pr['device_ms_per_iter']:.2f} ms per prefill; top by self "
+                         f"device time: " + "; ".join(f"{x['op'][:60]} {x['self_device_ms_per_iter']:.2f} ms "
+                                                      f"({x['calls_per_iter']:.0f}x)" for x in pr["top"][:10]))
         lines.append(f"\nchecks: {json.dumps(r.get('checks', {}))}")
         if r.get("errors"):
             lines.append(f"errors: {json.dumps(r['errors'])}")
@@ -613,13 +646,29 @@ def _finish(doc: dict, args, source: str) -> int:
 # ------------------------------------------------------------------------------------------------- main
 def run(args: argparse.Namespace) -> int:
     if args.from_json:
-        try:
-            doc = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            return _fail(f"{args.from_json}: cannot be read as JSON ({exc})")
-        if not isinstance(doc, dict) or "results" not in doc:
-            return _fail(f"{args.from_json}: not a `kvblend bench prefill` results file")
-        return _finish(doc, args, args.source or args.from_json)
+        docs = []
+        for path in [x for x in args.from_json.split(",") if x]:
+            try:
+                d = json.loads(Path(path).read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                return _fail(f"{path}: cannot be read as JSON ({exc})")
+            if not isinstance(d, dict) or "results" not in d:
+                return _fail(f"{path}: not a `kvblend bench prefill` results file")
+            docs.append(d)
+        doc = docs[0]
+        if len(docs) > 1:  # runs of one device (e.g. random shapes, then the real weights) as one document
+            if len({(d.get("device"), d.get("dtype"), d.get("env", {}).get("gpu")) for d in docs}) != 1:
+                return _fail("--from-json files come from different devices or dtypes; pass one at a time")
+            doc = dict(docs[0], results=[r for d in docs for r in d["results"]],
+                       merged_from=[{"argv": d.get("argv"), "git_sha": d.get("git_sha"),
+                                     "started_utc": d.get("started_utc")} for d in docs])
+        if args.merged_out:
+            from kvblend.io import atomic_write_json
+
+            atomic_write_json(Path(args.merged_out), doc)
+            print(f"wrote {args.merged_out}")
+        source = args.source or args.merged_out or args.from_json
+        return _finish(doc, args, source)
 
     try:
         args.ratios = [float(x) for x in args.ratios.split(",") if x]
