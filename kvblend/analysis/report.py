@@ -118,9 +118,23 @@ def analyze(results_dir: Path, out_dir: Path, max_timelines: int = 12, progress:
           f"{len(inputs.files)} result files read, {len(result.figures)} figures.", ""]
 
     md += ["## Inputs", ""]
-    md += _table(["kind", "files"], [[kind, ", ".join(f"`{inputs.rel(f.path)}`" for f in inputs.of(kind))]
-                                     for kind in ("retrieval", "build", "decode", "spec", "trace", "sweep", "eval")
-                                     if inputs.of(kind)])
+    rows = []
+    for kind in ("retrieval", "build", "decode", "spec", "trace", "sweep", "eval"):
+        for f in inputs.of(kind):
+            made = f.doc.get("made_from") if isinstance(f.doc.get("made_from"), dict) else {}
+            mode = made.get("retrieval_mode", f.doc.get("mode") if kind == "retrieval" else None)
+            rows.append([f"`{inputs.rel(f.path)}`", kind, f.dataset, str(made.get("limit", "-")),
+                         str(made.get("top_k", f.doc.get("k", f.doc.get("top_k", "-")))), str(mode or "-"),
+                         str(made.get("model", f.doc.get("model", "-"))), str(f.doc.get("dtype", made.get("dtype", "-")))])
+    md += _table(["file", "kind", "dataset", "limit", "top-k", "retrieval", "model", "dtype"], rows)
+    md += ["", "limit / top-k / retrieval: what the file records it was made from (`made_from`), '-' where it "
+           "does not record it.", ""]
+    for f in inputs.of("build"):
+        d = f.doc
+        md.append(f"- build `{inputs.rel(f.path)}`: {d.get('num_samples', '?')} samples, "
+                  f"{d.get('chunks_built', '?')} chunks built, {d.get('chunks_reused', '?')} already stored, "
+                  f"{d.get('gpu_chunks', d.get('top_k_gpu', '?'))} of {d.get('top_k', '?')} chunks on the GPU tier "
+                  f"per sample, {d.get('dtype', '?')} on {d.get('device', '?')}, {d.get('elapsed_sec', '?')} s")
     md.append("")
 
     md += ["## Retrieval: answer-recall@k per retrieval mode", ""]
