@@ -1,0 +1,410 @@
+"""The quality frontier: every variant x ratio against full prefill, on the same chunks and prompts.
+
+Per sample: the full-prefill reference (first-token distribution, greedy answer T, and its distributions
+along T, teacher-forced); then for each variant x ratio a blended prefill from chunk caches precomputed in
+the variant's context, and
+  kl_first    KL(full || x) of the first answer token;
+  kl_mean     KL(full || x) averaged over the positions of T (teacher-forced: x sees T's tokens too);
+  same        x's greedy answer has the same token ids as full's;
+  exact       x's answer equals full's after SQuAD normalisation;  fid_rougeL  Rouge-L to full's answer;
+  score       the task metric against gold (word F1 for QA, Rouge-L for samsum);
+  recompute   fraction of chunk tokens recomputed;  prefill_ms  wall time of the blended prefill.
+x's greedy answer is read off the teacher-forced pass up to the first token where its argmax leaves T, then
+decoded on from there (identical to greedy decoding from x's prefill, without re-decoding the shared start).
+Ratio 0 is reuse and ratio 1 full prefill for every selection signal (tests/test_quality.py), so they are
+computed once per precompute context and shared by the variants that use it.
+
+Results are written atomically after every sample and a rerun resumes: samples and runs already in the
+file are kept, missing ones computed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import platform
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from kvblend.data.prompt import build_prompt, chunk_context_ids
+from kvblend.eval.metrics import first_line, normalize_answer, rouge_l, score_answer
+from kvblend.fusion.blend import prefill
+from kvblend.fusion.select import SelectionPolicy
+from kvblend.generation.generate import NewlineDetector, Stopper
+from kvblend.generation.sampling import SamplingParams
+from kvblend.io import atomic_write_json
+from kvblend.kvstore.builder import build_chunk_kv
+from kvblend.model.hf import DecoderModel
+from kvblend.model.runner import KVState, forward_tokens
+from kvblend.quality.stats import mean_ci
+from kvblend.quality.variants import VARIANTS
+from kvblend.types import PromptIds
+
+log = logging.getLogger(__name__)
+
+SCHEMA = 1
+DEFAULT_RATIOS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
+METRICS = ("kl_first", "kl_mean", "same", "exact", "fid_rougeL", "score", "recompute", "prefill_ms")
+
+
+@dataclass(slots=True)
+class FrontierSettings:
+    dataset: str = "musique_s"
+    model: str = "smollm2-135m-instruct"
+    dtype: str = "float32"
+    device: str = "auto"
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    ratios: list[float] = field(default_factory=lambda: list(DEFAULT_RATIOS))
+    limit: int = 0  # 0 = every sample
+    offset: int = 0  # skip the first `offset` samples (held-out checks)
+    chunks: int = 5  # first N passages of each sample
+    max_new_tokens: int = 0  # 0 = the dataset's default
+    check_layer: int = 1
+    out_dir: str = "results/quality"
+    progress: bool = True
+    shard: tuple[int, int] = (0, 1)  # (i, k): this process takes samples i, i+k, i+2k, ... (kvblend frontier --jobs)
+    deadline: float = 0.0  # time.time() after which no new sample is started (0 = none); the file stays resumable
+
+
+def run_key(variant: str, ratio: float) -> str:
+    return f"{variant}@{ratio:g}"
+
+
+def safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(text).name if os.sep in text else text)
+
+
+def output_path(s: FrontierSettings, dataset_label: str, dtype_label: str, shard: bool = True) -> Path:
+    tail = f"_from{s.offset}" if s.offset else ""
+    i, k = s.shard
+    part = f".shard{i}of{k}" if shard and k > 1 else ""
+    return Path(s.out_dir) / f"frontier_{safe_name(dataset_label)}_{safe_name(s.model)}_{dtype_label}{tail}{part}.json"
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+
+
+def _greedy(model: DecoderModel, state: KVState, first: int, stop: Stopper) -> tuple[list[int], int | None]:
+    """Greedy decoding from `first` (the next token, not yet in the cache). Returns (answer ids, stop token
+    when it was an end-of-sequence id)."""
+    token = first
+    while not stop.push(token, state.length):
+        token = int(forward_tokens(model, state, [token])[-1].argmax())
+    return stop.tokens, (token if stop.reason == "eos" else None)
+
+
+def _forced_logp(model: DecoderModel, state: KVState, first_logits: torch.Tensor, target: Sequence[int]) -> torch.Tensor:
+    """log-probabilities [len(target), V] (fp32) of each position of `target`, teacher-forced after the prompt."""
+    rows = [first_logits.to(torch.float32)[None]]
+    if len(target) > 1:
+        rows.append(forward_tokens(model, state, list(target[:-1])).to(torch.float32))
+    return torch.cat(rows).log_softmax(dim=-1)
+
+
+@dataclass(slots=True)
+class Reference:
+    """Full prefill of one prompt: its answer ids, the target T (answer + EOS when it stopped on one) and
+    the log-probabilities along T."""
+
+    tokens: list[int]
+    target: list[int]
+    logp: torch.Tensor
+    stop_reason: str
+    prefill_ms: float
+
+
+def reference(model: DecoderModel, prompt: PromptIds, params: SamplingParams,
+              newline: NewlineDetector | None) -> Reference:
+    res = prefill(model, prompt, None, mode="full", extra_capacity=params.max_new_tokens + 1)
+    n = prompt.num_tokens
+    stop = Stopper(model, params, model.eos_token_ids(), res.state.capacity, newline)
+    tokens, eos = _greedy(model, res.state, int(res.logits.argmax()), stop)
+    tokens = list(tokens)
+    target = tokens + ([eos] if eos is not None else [])
+    res.state.truncate(n)
+    logp = _forced_logp(model, res.state, res.logits, target)
+    return Reference(tokens, target, logp, stop.reason or "", res.stats.prefill_ms)
+
+
+def compare(model: DecoderModel, prompt: PromptIds, ref: Reference, chunks, mode: str, ratio: float,
+            policy: SelectionPolicy, params: SamplingParams, newline: NewlineDetector | None,
+            check_layer: int = 1) -> dict[str, Any]:
+    """One blended prefill against the reference: KLs, its greedy answer ids, recompute fraction, time."""
+    n = prompt.num_tokens
+    res = prefill(model, prompt, chunks if mode != "full" else None, mode=mode, ratio=ratio,
+                  check_layer=check_layer, selection=policy, extra_capacity=params.max_new_tokens + 1)
+    logp = _forced_logp(model, res.state, res.logits, ref.target)
+    kl = (ref.logp.exp() * (ref.logp - logp)).sum(dim=-1).clamp_min(0.0)
+    target = torch.tensor(ref.target, device=logp.device)
+    off = (logp.argmax(dim=-1) != target).nonzero()
+    if off.numel() == 0:
+        tokens, diverge = list(ref.tokens), None
+    else:
+        j = int(off[0, 0])
+        res.state.truncate(n + j)
+        stop = Stopper(model, params, model.eos_token_ids(), res.state.capacity, newline)
+        for i, t in enumerate(ref.target[:j]):
+            if stop.push(t, n + i):  # cannot happen: the reference went on after these tokens
+                raise AssertionError("the reference answer stops before its own end")
+        tokens, _ = _greedy(model, res.state, int(logp[j].argmax()), stop)
+        tokens, diverge = list(tokens), j
+    st = res.stats
+    return {
+        "kl_first": float(kl[0]), "kl_mean": float(kl.mean()), "tokens": tokens, "diverge_at": diverge,
+        "recompute": (len(st.selected_positions) / st.num_chunk_tokens) if mode == "blend" and st.num_chunk_tokens
+        else (1.0 if mode == "full" else 0.0),
+        "prefill_ms": st.prefill_ms,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- samples
+
+
+def _answer_text(model: DecoderModel, tokens: Sequence[int], first_line_only: bool) -> str:
+    if model.tokenizer is None:
+        return " ".join(str(t) for t in tokens)
+    text = model.tokenizer.decode(list(tokens), skip_special_tokens=True)
+    return first_line(text) if first_line_only else text.strip()
+
+
+def evaluate_prompt(model: DecoderModel, prompt: PromptIds, variants: Sequence[str], ratios: Sequence[float],
+                    params: SamplingParams, *, first_line_only: bool = True, metric: str | None = None,
+                    answers: Any = None, done: dict | None = None, check_layer: int = 1,
+                    newline: NewlineDetector | None = None) -> dict[str, Any]:
+    """Every variant x ratio on one prompt. done: runs already measured (kept). Returns the sample record."""
+    runs: dict[str, dict] = dict(done or {})
+    todo = [(v, r) for v in variants for r in ratios if run_key(v, r) not in runs]
+    t0 = time.perf_counter()
+    ref = reference(model, prompt, params, newline)
+    full_answer = _answer_text(model, ref.tokens, first_line_only)
+    record: dict[str, Any] = {
+        "num_tokens": prompt.num_tokens, "num_chunk_tokens": sum(len(c) for c in prompt.chunk_ids),
+        "num_chunks": len(prompt.chunk_ids),
+        "full": {"answer": full_answer, "tokens": ref.tokens, "stop": ref.stop_reason,
+                 "score": score_answer(metric, full_answer, answers) if metric and answers else None,
+                 "prefill_ms": ref.prefill_ms},
+    }
+    caches: dict[str, list] = {}
+    shared: dict[tuple[str, float], dict] = {}  # (context, 0 or 1) -> result: selection plays no part there
+    for name, ratio in todo:
+        v = VARIANTS[name]
+        if v.chunk_sink not in caches:
+            ctx = chunk_context_ids(model.tokenizer, v.chunk_sink, prompt.prefix_ids)
+            caches[v.chunk_sink] = [build_chunk_kv(model, ids, ctx) for ids in prompt.chunk_ids]
+        mode = "reuse" if ratio <= 0 else ("full" if ratio >= 1 else "blend")
+        key = (v.chunk_sink if mode == "reuse" else "", ratio)
+        if mode != "blend" and key in shared:
+            out = dict(shared[key])
+        else:
+            policy = SelectionPolicy(v.score_on, v.select_first_tokens, v.select_layers)
+            out = compare(model, prompt, ref, caches[v.chunk_sink], mode, ratio, policy, params, newline,
+                          check_layer)
+            if mode != "blend":
+                shared[key] = out
+        answer = _answer_text(model, out["tokens"], first_line_only)
+        same = out["tokens"] == ref.tokens
+        exact = same or normalize_answer(answer) == normalize_answer(full_answer)
+        runs[run_key(name, ratio)] = {
+            "kl_first": out["kl_first"], "kl_mean": out["kl_mean"], "answer": answer, "same": same,
+            "exact": exact, "diverge_at": out["diverge_at"],
+            "fid_rougeL": 1.0 if answer.strip() == full_answer.strip() else rouge_l(answer, full_answer),
+            "score": score_answer(metric, answer, answers) if metric and answers else None,
+            "recompute": out["recompute"], "prefill_ms": out["prefill_ms"],
+        }
+    record["runs"] = runs
+    record["seconds"] = time.perf_counter() - t0
+    return record
+
+
+def aggregate(samples: list[dict], variants: Sequence[str], ratios: Sequence[float]) -> dict[str, Any]:
+    """Mean and 95% bootstrap interval of every metric per variant x ratio (samples that have the run)."""
+    table: dict[str, Any] = {}
+    full_scores = [s["full"]["score"] for s in samples if s["full"].get("score") is not None]
+    m, lo, hi = mean_ci(full_scores)
+    table["full"] = {"score": {"mean": m, "ci95": [lo, hi]} if full_scores else None, "n": len(samples)}
+    for v in variants:
+        for r in ratios:
+            rows = [s["runs"][run_key(v, r)] for s in samples if run_key(v, r) in s["runs"]]
+            if not rows:
+                continue
+            cell: dict[str, Any] = {"n": len(rows)}
+            for metric in METRICS:
+                vals = [float(x[metric]) for x in rows if x.get(metric) is not None]
+                if vals:
+                    m, lo, hi = mean_ci(vals)
+                    cell[metric] = {"mean": m, "ci95": [lo, hi]}
+            table[run_key(v, r)] = cell
+    return table
+
+
+def _clean_json(obj: Any) -> Any:
+    """NaN/inf -> None, so the file is strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _clean_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean_json(v) for v in obj]
+    return obj
+
+
+def hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def sample_prompts(data, tokenizer, s: FrontierSettings, context_limit: int):
+    """(sample, prompt) for the selected samples: the first `chunks` passages, samsum capped like the pipeline."""
+    from kvblend.pipeline import keep_within
+
+    cap = data.max_context_tokens  # the pipeline's cap (samsum: CacheBlend's 3400 chunk tokens)
+    end = s.offset + s.limit if s.limit else None
+    out = []
+    for sample in data.samples[s.offset:end]:
+        texts = [data.template.format_passage(p) for p in sample.passages[: s.chunks]]
+        query = data.template.format_query(sample.question)
+        prompt = build_prompt(tokenizer, data.template.prefix, texts, query)
+        keep = keep_within([len(c) for c in prompt.chunk_ids], cap)
+        if len(keep) < len(texts):
+            prompt = build_prompt(tokenizer, data.template.prefix, [texts[i] for i in keep], query)
+        if prompt.num_tokens + (s.max_new_tokens or data.max_new_tokens) + 1 > context_limit:
+            raise ValueError(f"sample {sample.sample_id}: {prompt.num_tokens} prompt tokens + answer exceed the "
+                             f"model context of {context_limit}; use fewer --chunks")
+        out.append((sample, prompt))
+    return out
+
+
+def run_frontier(s: FrontierSettings) -> tuple[Path, dict]:
+    """Run (or resume) the frontier; returns the results file and its contents."""
+    from tqdm import tqdm
+
+    from kvblend.data.datasets import load_dataset
+    from kvblend.kvstore.builder import dtype_name
+    from kvblend.model.registry import load_model
+
+    unknown = [v for v in s.variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+    bad = [r for r in s.ratios if not 0.0 <= r <= 1.0]
+    if bad:
+        raise ValueError(f"ratios must be in [0, 1], got {bad}")
+    if s.offset < 0 or s.limit < 0 or s.chunks < 1:
+        raise ValueError("offset and limit must be >= 0 and chunks >= 1")
+    data = load_dataset(s.dataset)
+    model = load_model(s.model, s.dtype, s.device)
+    if model.tokenizer is None:
+        raise ValueError(f"{s.model} has no tokenizer; the frontier needs one to build prompts")
+    dtype_label = dtype_name(model.dtype)
+    path = output_path(s, data.name, dtype_label)
+    pairs = sample_prompts(data, model.tokenizer, s, model.shape.max_position_embeddings)
+    params = SamplingParams(max_new_tokens=s.max_new_tokens or data.max_new_tokens, temperature=0.0,
+                            stop_on_newline=True)
+    setup = {"dataset": data.name, "model": s.model, "fingerprint": model.fingerprint, "dtype": dtype_label,
+             "chunks": s.chunks, "max_new_tokens": params.max_new_tokens, "offset": s.offset,
+             "check_layer": s.check_layer, "metric": data.metric}
+    old = read_results(path)
+    if old and old.get("setup") != setup:
+        log.warning("%s: written with other settings; starting over", path)
+        old = None
+    variants = list(dict.fromkeys([*(old["variants"] if old else []), *s.variants]))
+    ratios = sorted(set([*(old["ratios"] if old else []), *s.ratios]))
+    by_id: dict[str, dict] = {r["sample_id"]: r for r in (old["samples"] if old else [])}
+    order = {smp.sample_id: i for i, smp in enumerate(data.samples)}
+    newline = NewlineDetector(model.tokenizer)
+    doc: dict[str, Any] = {}
+    complete = True
+
+    def write(done: bool) -> None:
+        samples = sorted(by_id.values(), key=lambda r: order.get(r["sample_id"], len(order)))
+        doc.clear()
+        doc.update({
+            "schema": SCHEMA, "setup": setup, "complete": done,
+            "variants": {v: asdict(VARIANTS[v]) for v in variants}, "ratios": ratios,
+            "device": str(model.device), "hardware": hardware(model.device),
+            "git_sha": os.environ.get("KVBLEND_GIT_SHA", ""), "torch": torch.__version__,
+            "command": os.environ.get("KVBLEND_FRONTIER_COMMAND", ""),
+            "aggregate": aggregate(samples, variants, ratios), "samples": samples,
+        })
+        atomic_write_json(path, _clean_json(doc))
+
+    i, k = s.shard
+    mine = pairs[i::k]
+    bar = tqdm(mine, desc=f"frontier {data.name}", unit="sample", disable=not s.progress)
+    for sample, prompt in bar:
+        rec = by_id.get(sample.sample_id)
+        if rec and all(run_key(v, r) in rec["runs"] for v in s.variants for r in s.ratios):
+            continue
+        if s.deadline and time.time() > s.deadline:
+            log.warning("deadline reached: %s stops before %s (rerun to resume)", path.name, sample.sample_id)
+            complete = False
+            break
+        out = evaluate_prompt(model, prompt, s.variants, s.ratios, params,
+                              first_line_only=data.template.first_line_only, metric=data.metric,
+                              answers=sample.answers, done=rec["runs"] if rec else None,
+                              check_layer=s.check_layer, newline=newline)
+        by_id[sample.sample_id] = {"sample_id": sample.sample_id, **out}
+        write(False)
+    write(complete)
+    if k == 1:
+        plot_quietly(doc, path)
+    return path, doc
+
+
+def read_results(path: Path) -> dict | None:
+    """A frontier results file, or None if there is none (ValueError if it is unreadable)."""
+    import json
+
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: unreadable results file ({exc}); move it away to start over") from None
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+        raise ValueError(f"{path}: not a frontier results file of schema {SCHEMA}; move it away to start over")
+    return doc
+
+
+def plot_quietly(doc: dict, path: Path) -> None:
+    try:
+        from kvblend.quality.plots import plot_frontier
+
+        plot_frontier(doc, path.with_suffix(""))
+    except ImportError as exc:  # matplotlib missing (e.g. a bare GPU box): plots come from `frontier --report`
+        log.warning("no plots (%s)", exc)
+
+
+def merge_shards(paths: Sequence[Path], out: Path) -> dict:
+    """One results file from shard files of the same setup (samples ordered by sample index)."""
+    docs = [d for d in (read_results(p) for p in paths) if d is not None]
+    if not docs:
+        raise ValueError(f"no shard results to merge into {out}")
+    setup = docs[0]["setup"]
+    if any(d["setup"] != setup for d in docs):
+        raise ValueError(f"shards of {out.name} were run with different settings")
+    old = read_results(out)
+    samples = {r["sample_id"]: r for r in (old["samples"] if old and old["setup"] == setup else [])}
+    for d in docs:
+        samples.update({r["sample_id"]: r for r in d["samples"]})
+    variants = list(dict.fromkeys(v for d in docs for v in d["variants"]))
+    ratios = sorted({r for d in docs for r in d["ratios"]})
+
+    def index(sid: str) -> tuple[int, str]:
+        tail = sid.rsplit("/", 1)[-1]
+        return (int(tail), sid) if tail.isdigit() else (1 << 30, sid)
+
+    ordered = sorted(samples.values(), key=lambda r: index(r["sample_id"]))
+    doc = dict(docs[0])
+    doc.update({"complete": all(d["complete"] for d in docs),
+                "variants": {v: asdict(VARIANTS[v]) for v in variants}, "ratios": ratios,
+                "aggregate": aggregate(ordered, variants, ratios), "samples": ordered})
+    atomic_write_json(out, _clean_json(doc))
+    plot_quietly(doc, out)
+    return doc
