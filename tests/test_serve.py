@@ -327,3 +327,35 @@ def test_cli_bad_input_is_one_line(tmp_path):
         busy.listen()
         r = run_cli("--port", str(busy.getsockname()[1]))
     assert r.returncode == 1 and "cannot listen" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_bench_serve_quick_run(tiny_folder, tmp_path):
+    """The load generator end to end on the tiny model: both modes answer every request of the same
+    workload, blend's hits match the store's own counters, full never consults the store."""
+    from kvblend.cli import main
+
+    out = tmp_path / "serve.json"
+    assert main(["bench", "serve", "--model", str(tiny_folder), "--requests", "6", "--concurrency", "2",
+                 "--pool", "4", "--docs", "2", "--max-tokens", "3", "--out", str(out),
+                 "--plot", str(tmp_path / "serve.png"), "--log-dir", str(tmp_path / "logs")]) == 0
+    result = json.loads(out.read_text())
+    full, blend = result["runs"]["full"], result["runs"]["blend"]
+    assert full["requests_ok"] == blend["requests_ok"] == 6 and not full["errors"] and not blend["errors"]
+    assert full["chunk_hits"] == full["chunk_misses"] == 0 and full["hit_rate"] is None
+    assert full["recomputed_fraction"] == 1.0 and blend["recomputed_fraction"] < 1.0
+    assert blend["chunk_hits"] + blend["chunk_misses"] == 12
+    assert blend["chunk_misses"] == result["workload"]["distinct_docs_used"]  # each distinct document built once
+    assert blend["store_counters"]["kvblend_store_misses_total"] == blend["chunk_misses"]
+    assert blend["answers_compared"] == 6 and full["answers_equal_full"] == 6
+    for run in (full, blend):
+        c = run["client_ttft_ms"]
+        assert 0 < c["p50"] <= c["p90"] <= c["p99"]
+    assert (tmp_path / "serve.png").stat().st_size > 0
+
+
+def test_bench_serve_bad_modes_is_one_line(capsys):
+    from kvblend.cli import main
+
+    assert main(["bench", "serve", "--modes", "full,turbo"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--modes" in err[0]

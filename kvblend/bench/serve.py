@@ -6,8 +6,10 @@ over a seeded shuffle of the pool), in draw order, and the question of the first
 with the dataset's own prompt template (system = the template prefix, user = the formatted question).
 
 Per mode: a fresh server (own KVBLEND_HOME, so the chunk store starts cold and hits come only from
-documents repeating within the run) on a free loopback port; one warm-up request (not counted); then
---concurrency closed-loop clients stream the requests, bounded by --requests and --duration. Measured per
+documents repeating within the run) on a free loopback port; one warm-up request (not counted). The
+workload is split into --rounds blocks; each block is run by every mode in turn, the order alternating per
+round (so a shared machine's background load falls on every mode alike), by --concurrency closed-loop
+clients that stream the requests, bounded by --requests and --duration (running time per mode). Measured per
 request: client TTFT (send -> first content token; queue wait included), the server's TTFT (prefill start
 -> first token, from usage), queue wait, chunk hits and misses; per mode: throughput, p50/p90/p99, hit rate,
 and how many answers equal full's (same prompts, greedy).
@@ -47,6 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--requests", type=int, default=24, help="requests per mode (upper bound)")
     p.add_argument("--duration", type=float, default=600.0, help="seconds per mode (upper bound; no new request after)")
     p.add_argument("--concurrency", type=int, default=4, help="closed-loop clients")
+    p.add_argument("--rounds", type=int, default=4,
+                   help="blocks the workload is split into; each block is run by every mode in turn (order "
+                        "alternating), so that a shared machine's background load falls on every mode alike")
     p.add_argument("--max-tokens", type=int, default=8, help="completion tokens per request (greedy)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=DEFAULT_OUT)
@@ -149,63 +154,64 @@ def _dist(values: list[float]) -> dict:
             "mean": statistics.fmean(values) if values else None}
 
 
-def run_mode(args, mode: str, workload: dict, log_dir: Path) -> dict:
-    from kvblend.serve.metrics import parse_prometheus
+def start_server(args, mode: str, log_dir: Path):
+    """A fresh `kvblend serve` in `mode` with its own empty chunk store, after one uncounted warm-up request."""
+    from kvblend.model.registry import NAMED_MODELS, converted_folder
     from kvblend.serve.process import ServerProcess
 
     home = Path(tempfile.mkdtemp(prefix=f"kvblend-bench-serve-{mode}-"))
-    server_args = ["--model", args.model, "--dtype", args.dtype, "--device", args.device, "--mode", mode,
-                   "--ratio", str(args.ratio), "--max-queue", str(max(64, args.concurrency * 2))]
-    # a converted named model lives in the user's KVBLEND_HOME: pass its folder so the fresh home holds only chunks
-    from kvblend.model.registry import NAMED_MODELS, converted_folder
-
-    if args.model in NAMED_MODELS:
-        server_args[1] = str(converted_folder(NAMED_MODELS[args.model]))
-    with ServerProcess(server_args, log_dir / f"server_{mode}.log", env={"KVBLEND_HOME": str(home)},
-                       startup_timeout_s=600) as srv:
-        warm = {"messages": [{"role": "user", "content": "warm-up"}], "documents": ["warm-up document"],
-                "max_tokens": 2, "temperature": 0, "stream": True}
+    # a named model is converted under the user's KVBLEND_HOME: pass its folder, the fresh home holds only chunks
+    model = str(converted_folder(NAMED_MODELS[args.model])) if args.model in NAMED_MODELS else args.model
+    srv = ServerProcess(["--model", model, "--dtype", args.dtype, "--device", args.device, "--mode", mode,
+                         "--ratio", str(args.ratio), "--max-queue", str(max(64, args.concurrency * 2))],
+                        log_dir / f"server_{mode}.log", env={"KVBLEND_HOME": str(home)}, startup_timeout_s=600)
+    warm = {"messages": [{"role": "user", "content": "warm-up"}], "documents": ["warm-up document"],
+            "max_tokens": 2, "temperature": 0, "stream": True}
+    try:
         stream_request(srv.host, srv.port, warm)
-        metrics_before = parse_prometheus(srv.get_text("/metrics"))
-        todo = list(enumerate(workload["requests"][:args.requests]))
-        lock = threading.Lock()
-        results: list[dict] = []
-        t_start = time.perf_counter()
-        deadline = t_start + args.duration
+    except BaseException:
+        srv.stop()
+        raise
+    return srv
 
-        def client() -> None:
-            while True:
-                with lock:
-                    if not todo or time.perf_counter() > deadline:
-                        return
-                    i, req = todo.pop(0)
-                body = {"messages": req["messages"], "documents": req["documents"], "max_tokens": args.max_tokens,
-                        "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
-                r = stream_request(srv.host, srv.port, body)
-                r["index"] = i
-                with lock:
-                    results.append(r)
 
-        from tqdm import tqdm
+def run_block(args, srv, block: list[tuple[int, dict]], deadline: float) -> tuple[list[dict], float]:
+    """--concurrency closed-loop clients stream the block's requests; (results, wall seconds)."""
+    todo = list(block)
+    lock = threading.Lock()
+    results: list[dict] = []
 
-        threads = [threading.Thread(target=client, daemon=True) for _ in range(args.concurrency)]
-        for t in threads:
-            t.start()
-        with tqdm(total=len(todo), desc=f"serve bench ({mode})", unit="req", disable=not sys.stderr.isatty()) as bar:
-            done = 0
-            while any(t.is_alive() for t in threads):
-                time.sleep(0.2)
-                with lock:
-                    bar.update(len(results) - done)
-                    done = len(results)
-        wall = time.perf_counter() - t_start
-        metrics_after = parse_prometheus(srv.get_text("/metrics"))
+    def client() -> None:
+        while True:
+            with lock:
+                if not todo or time.perf_counter() > deadline:
+                    return
+                i, req = todo.pop(0)
+            body = {"messages": req["messages"], "documents": req["documents"], "max_tokens": args.max_tokens,
+                    "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+            r = stream_request(srv.host, srv.port, body)
+            r["index"] = i
+            with lock:
+                results.append(r)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(args.concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, time.perf_counter() - t0
+
+
+def summarize(args, mode: str, results: list[dict], wall: float, metrics_before: dict, metrics_after: dict) -> dict:
     ok = sorted((r for r in results if r["status"] == 200), key=lambda r: r["index"])
     kv = [r["usage"]["kvblend"] for r in ok]
     hits = sum(sum(k["chunk_hits"].values()) for k in kv)
     misses = sum(k["chunk_misses"] for k in kv)
     delta = {k: metrics_after.get(k, 0) - metrics_before.get(k, 0) for k in metrics_after
              if k.startswith("kvblend_store_") and "total" in k}
+    keep = ("ttft_ms", "queue_ms", "prefill_ms", "build_ms", "fetch_ms", "recomputed_tokens", "chunk_hits",
+            "chunk_misses")
     return {
         "mode": mode, "ratio": args.ratio if mode == "blend" else None, "requests_sent": len(results),
         "requests_ok": len(ok), "errors": [r for r in results if r["status"] != 200][:5], "wall_s": wall,
@@ -221,25 +227,55 @@ def run_mode(args, mode: str, workload: dict, log_dir: Path) -> dict:
                                 if ok else None),
         "store_counters": delta,
         "per_request": [{"index": r["index"], "client_ttft_ms": r["client_ttft_ms"], "latency_ms": r["latency_ms"],
-                         "text": r["text"], "prompt_tokens": r["usage"]["prompt_tokens"], **{
-                             k: r["usage"]["kvblend"][k] for k in ("ttft_ms", "queue_ms", "prefill_ms", "build_ms", "fetch_ms",
-                                                                  "recomputed_tokens", "chunk_hits", "chunk_misses")}}
-                        for r in ok],
+                         "text": r["text"], "prompt_tokens": r["usage"]["prompt_tokens"],
+                         **{k: r["usage"]["kvblend"][k] for k in keep}} for r in ok],
     }
+
+
+def run_modes(args, modes: list[str], workload: dict, log_dir: Path) -> dict:
+    """Every mode's server up at once (idle ones cost no CPU); the workload split into --rounds blocks, each
+    block run by every mode in turn, the order alternating per round, so that background load on a shared
+    machine falls on both modes alike."""
+    from contextlib import ExitStack
+
+    from kvblend.serve.metrics import parse_prometheus
+
+    from tqdm import tqdm
+
+    requests = list(enumerate(workload["requests"][:args.requests]))
+    rounds = max(1, min(args.rounds, len(requests)))
+    blocks = [requests[r * len(requests) // rounds:(r + 1) * len(requests) // rounds] for r in range(rounds)]
+    with ExitStack() as stack:
+        servers = {m: stack.enter_context(start_server(args, m, log_dir)) for m in modes}
+        before = {m: parse_prometheus(servers[m].get_text("/metrics")) for m in modes}
+        results: dict[str, list[dict]] = {m: [] for m in modes}
+        wall = dict.fromkeys(modes, 0.0)
+        with tqdm(total=len(requests) * len(modes), desc="serve bench", unit="req",
+                  disable=not sys.stderr.isatty()) as bar:
+            for r, block in enumerate(blocks):
+                for m in (modes if r % 2 == 0 else modes[::-1]):
+                    if wall[m] >= args.duration:  # --duration bounds the time spent running each mode
+                        continue
+                    got, dt = run_block(args, servers[m], block, time.perf_counter() + args.duration - wall[m])
+                    results[m].extend(got)
+                    wall[m] += dt
+                    bar.update(len(block))
+        after = {m: parse_prometheus(servers[m].get_text("/metrics")) for m in modes}
+    return {m: summarize(args, m, results[m], wall[m], before[m], after[m]) for m in modes}
 
 
 def measure(args) -> dict:
     from kvblend.bench.decode import _git_sha
     from kvblend.vocab import MODES
 
-    _positive(args, "pool", "docs", "requests", "duration", "concurrency", "max_tokens")
+    _positive(args, "pool", "docs", "requests", "duration", "concurrency", "rounds", "max_tokens")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
         raise ValueError(f"--modes: expected a comma-separated subset of {','.join(MODES)}, got {args.modes!r}")
     workload = build_workload(args.dataset, args.pool, args.docs, args.zipf, args.requests, args.seed)
     log_dir = Path(args.log_dir) if args.log_dir else Path(tempfile.mkdtemp(prefix="kvblend-bench-serve-logs-"))
-    runs = {m: run_mode(args, m, workload, log_dir) for m in modes}
+    runs = run_modes(args, modes, workload, log_dir)
     if "full" in runs:
         ref = {r["index"]: r["text"] for r in runs["full"]["per_request"]}
         for run in runs.values():
@@ -252,7 +288,7 @@ def measure(args) -> dict:
         "benchmark": "serve", "git_sha": _git_sha(), "model": args.model, "dtype": args.dtype,
         "device": args.device, "host": f"{platform.machine()} ({platform.processor() or '?'}), loopback",
         "settings": {k: getattr(args, k) for k in ("modes", "ratio", "dataset", "pool", "docs", "zipf", "requests",
-                                                  "duration", "concurrency", "max_tokens", "seed")},
+                                                  "duration", "concurrency", "rounds", "max_tokens", "seed")},
         "workload": {k: v for k, v in workload.items() if k != "requests"},
         "runs": runs,
     }

@@ -301,6 +301,7 @@ class StopText:
         self.stops = stops
         self.sent = 0  # characters already released
         self.final: str | None = None  # set once a stop sequence was found
+        self.stopped = False  # the text was cut at a stop sequence
 
     def _cut(self, text: str) -> int | None:
         found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
@@ -309,7 +310,7 @@ class StopText:
     def update(self, text: str) -> tuple[str, bool]:
         cut = self._cut(text)
         if cut is not None:
-            self.final = text[:cut]
+            self.final, self.stopped = text[:cut], True
             delta = self.final[self.sent:]
             self.sent = max(self.sent, cut)
             return delta, True
@@ -332,6 +333,7 @@ class StopText:
         if self.final is None:
             cut = self._cut(text)
             self.final = text if cut is None else text[:cut]
+            self.stopped = cut is not None
         delta = self.final[self.sent:] if len(self.final) > self.sent else ""
         self.sent = max(self.sent, len(self.final))
         return delta, self.final

@@ -181,7 +181,7 @@ class Worker:
         stats = out.blend
         chunk_tokens = sum(len(c) for c in prompt.chunk_ids)
         recomputed = stats.num_recomputed if stats is not None else prompt.num_tokens
-        finish = "length" if out.stop_reason == "length" else "stop"
+        finish = "length" if out.stop_reason == "length" and not stop_text.stopped else "stop"
         usage = {
             "prompt_tokens": prompt.num_tokens, "completion_tokens": len(out.token_ids),
             "total_tokens": prompt.num_tokens + len(out.token_ids),
