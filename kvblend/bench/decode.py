@@ -304,9 +304,47 @@ def measure(args) -> dict:
         "notes": ("greedy; stop_on_newline off (EOS still stops); spec_ngram_fixed uses k=min(k_max,4); "
                   "TPOT excludes the first token: per prompt the median decode time over repeats, summed over prompts"),
     }
+    if cuda:
+        result["graph_replay_ms"] = graph_replay_times(model, prompts[0], max_new, k)
     if cuda and dtype != torch.float32 and not args.no_fp32_check:
         result["fp32_exactness"] = fp32_exactness(args, device, prompts, max_new, k)
     return result
+
+
+def graph_replay_times(model, prompt, max_new: int, k: int) -> dict:
+    """Device time of one captured step of T tokens (CUDA events around the replay, median of 20), and the
+    host-visible time of the same step (launch + reading the argmax), for T = 1 .. k+1: where a pass's time goes."""
+    import torch
+
+    from kvblend.fusion.blend import prefill
+    from kvblend.model.decode_graph import decode_runner
+
+    pre = prefill(model, prompt, mode="full", extra_capacity=max_new + k + 2)
+    out = {}
+    with decode_runner(model, pre.state, graphs=True) as runner:
+        base = pre.state.length
+        for t in sorted({1, 2, 3, 5, k + 1}):
+            ids = list(prompt.query_ids[:1]) * t
+            dev, host = [], []
+            for i in range(25):
+                pre.state.truncate(base)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                _sync(model.device)
+                torch.cuda._sleep(2_000_000)  # keep the device busy while the host queues: device time only
+                start.record()
+                runner.launch(ids)
+                end.record()
+                _sync(model.device)
+                pre.state.truncate(base)
+                t0 = time.perf_counter()
+                runner.launch(ids).argmax()
+                host_ms = (time.perf_counter() - t0) * 1e3
+                if i >= 5:
+                    dev.append(start.elapsed_time(end))
+                    host.append(host_ms)
+            out[str(t)] = {"device_ms": _median(dev), "host_ms": _median(host)}
+        pre.state.truncate(base)
+    return out
 
 
 def fp32_exactness(args, device, prompts, max_new: int, k: int) -> dict:
@@ -495,6 +533,9 @@ def table(result: dict) -> str:
     pr = result["promotion"]
     lines.append(f"promotion in flight: step {pr['step_ms_with']:.3f} ms vs {pr['step_ms_without']:.3f} ms "
                  f"without (x{pr['ratio']:.3f})")
+    if "graph_replay_ms" in result:
+        lines.append("captured step of T tokens, device / host ms: " + ", ".join(
+            f"T={t}: {v['device_ms']:.3f}/{v['host_ms']:.3f}" for t, v in result["graph_replay_ms"].items()))
     if "fp32_exactness" in result:
         lines.append(f"fp32 exactness: {result['fp32_exactness']}")
     return "\n".join(lines)

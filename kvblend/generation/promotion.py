@@ -181,8 +181,14 @@ class Promoter:
         """Start the CPU -> GPU copy (async on CUDA: pinned source, side stream); the store accounts bytes."""
         if self.stream is None:
             return self.store.get(slot.key, tier="gpu"), None
+        # no wait on the main stream: that would queue the copy behind the pass running now (a stall at the
+        # next boundary); the source is pinned host memory, the destination new device memory
         with torch.cuda.stream(self.stream):
             chunk = self.store.get(slot.key, tier="gpu")
+            # re-rotate to the slot's positions here too, so the fuse at the step boundary is a plain copy
+            k = rerotate(chunk.k, slot.start - chunk.rope_offset, self.target.inv_freq)
+            chunk = ChunkKV(chunk.key, chunk.token_ids, torch.stack((k, chunk.v)), rope_offset=slot.start,
+                            sink_ids=chunk.sink_ids, text=chunk.text)
             event = torch.cuda.Event()
             event.record(self.stream)
         return chunk, event
@@ -202,8 +208,9 @@ class Promoter:
     def _fuse_pending(self, state: KVState, rec: StepTrace) -> None:
         """Fuse every requested chunk into the target's KV at its reserved positions."""
         for idx, (chunk, event) in list(self.pending.items()):
-            if event is not None:
+            if event is not None:  # device-side wait: the host never blocks on the copy
                 torch.cuda.current_stream().wait_event(event)
+                chunk.kv.record_stream(torch.cuda.current_stream())  # allocated on the side stream
             promote_chunk(self.target, state, chunk, self.slots[idx].start)
             self.resident.add(idx)
             rec.promoted.append(idx)
@@ -239,6 +246,25 @@ class Promoter:
         self._fuse_pending(state, rec)  # the copies started last step
         rec.scores = self._scores(state)  # signals of the last verification pass
         self._request(state, rec)  # fused at the next pass: the copy overlaps this one
+        self._record(rec, t0, moved)
+
+    # the same hook split around the target's pass (speculative_generate calls these when present) --------
+    @torch.inference_mode()
+    def before_pass(self, step: int, state: KVState) -> None:
+        """At the step boundary: fuse the chunks whose copies were started last step (device-side waits)."""
+        t0 = time.perf_counter()
+        self._open = (StepTrace(step=step), sum(self.store.stats.bytes_moved.values()))
+        self._fuse_pending(state, self._open[0])
+        self._before_ms = (time.perf_counter() - t0) * 1e3
+
+    @torch.inference_mode()
+    def during_pass(self, step: int, state: KVState) -> None:
+        """While the device runs the pass: score, demote, start the next copies (fused at the next boundary;
+        a demotion masks its rows from the next pass on)."""
+        rec, moved = self._open
+        t0 = time.perf_counter() - self._before_ms / 1e3
+        rec.scores = self._scores(state)
+        self._request(state, rec)
         self._record(rec, t0, moved)
 
     @torch.inference_mode()
