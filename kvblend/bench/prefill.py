@@ -606,17 +606,20 @@ def plot(doc: dict, folder: Path, tag: str) -> list[Path]:
         fig.savefig(made[-1], dpi=110)
         plt.close(fig)
     # stacked stages of one blend prefill
-    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(results), 3.8))
+    fig, ax = plt.subplots(figsize=(4.4 + 1.4 * len(results), 3.8))
     stages = ["place", "layers_before_check", "check_and_select", "recompute_layers", "lm_head", "copy_out"]
     bottoms = [0.0] * len(results)
     for stage in stages:
         vals = [float(r.get("stages_blend", {}).get(stage, 0.0)) for r in results]
         ax.bar(range(len(results)), vals, bottom=bottoms, label=stage)
         bottoms = [b + v for b, v in zip(bottoms, vals)]
+    place = [float(r.get("stages_blend", {}).get("place_done", 0.0)) for r in results]
+    ax.bar([i + 0.5 for i in range(len(results))], place, width=0.2, color="lightgray", hatch="//",
+           label="chunk placement (side stream, overlaps\nthe layers below the check layer)")
     ax.set_xticks(range(len(results)), [r["label"] for r in results], fontsize=7, rotation=15)
     ax.set_ylabel("ms (median, device events)")
     ax.set_title("one blend prefill, by stage", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     made.append(folder / f"prefill_stages_{tag}.png")
     fig.savefig(made[-1], dpi=110)
