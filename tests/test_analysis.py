@@ -161,7 +161,7 @@ def test_analyze_writes_figures_and_report(results, tmp_path):
     # TTFT ratio full / blend: (3000+3400)/2 vs (1000+1133.3)/2 -> 3.00x
     assert "| blend@0.15 | 2 | 1,067 | 3.00x |" in report
     # the timeline table: warm-start promotion of chunk 2, chunk 1 requested at step 1 and fused at step 2
-    assert "| musique_s/0 | 3 | [1] | 2@warm, 1@1 | 2@warm, 1@2 |" in report
+    assert "| musique_s/0 | 3 | [1, 2] | 2@warm, 1@1 | 2@warm, 1@2 |" in report
     assert "| 1 | key_bounds | 0.600 |" in report  # the sweep table
     assert "| spec ngram/key_bounds 1/3 on GPU | 2 | 1,000 | 3.20x | 12.5 |" in report  # fetch_ms inside TTFT
     assert "chunk_tiers=['gpu', 'cpu', 'cpu']" in report

@@ -175,7 +175,7 @@ def plot_sweep(sweep: Sweep, path: Path) -> Path:
 
 # promotion timeline ---------------------------------------------------------------------------------
 def _step_label(step: int) -> str:
-    return "warm" if step < 0 else str(step)
+    return {-2: "start", -1: "warm"}.get(step, str(step))
 
 
 def plot_timeline(t: Timeline, path: Path) -> Path:
@@ -193,7 +193,7 @@ def plot_timeline(t: Timeline, path: Path) -> Path:
     grid = [[0] * n for _ in range(k)]
     for x, s in enumerate(steps):
         for c in s["gpu_chunks"]:
-            if c < k:
+            if c < k:  # a chunk requested at a pass is fused before the next one (the warm start fuses at once)
                 grid[c][x] = 1 if c in s["requested"] and s["step"] >= 0 else 2
     ax.imshow(grid, aspect="auto", cmap=ListedColormap([CPU_COLOR, FLIGHT_COLOR, GPU_COLOR]), vmin=0, vmax=2,
               interpolation="nearest", extent=(-0.5, n - 0.5, k - 0.5, -0.5))
@@ -238,11 +238,13 @@ def plot_timeline(t: Timeline, path: Path) -> Path:
     emitted = [len(s.get("emitted") or []) for s in steps]
     axt.bar(xs, drafted, color="#c6dbef", label="drafted tokens", width=0.8)
     axt.bar(xs, accepted, color="#2171b5", label="accepted draft tokens", width=0.5)
-    if any(emitted):
-        axt.plot(xs, emitted, color="black", marker="o", markersize=3, linestyle="none",
+    if any(emitted):  # none before the first pass (start, warm-start round)
+        pts = [(x, e) for x, e, s in zip(xs, emitted, steps) if s["step"] >= 0]
+        axt.plot([p[0] for p in pts], [p[1] for p in pts], color="black", marker="o", markersize=3, linestyle="none",
                  label="tokens emitted (accepted + target's own)")
     axt.set_ylabel("tokens per step")
-    axt.set_xlabel("decode step (verification pass; 'warm' = warm-start round before the first token)")
+    axt.set_xlabel("decode step (verification pass); 'start' = initial placement, 'warm' = warm-start round "
+                   "before the first token")
     axt.grid(axis="y", alpha=0.3)
     axt.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     axt.set_xticks(xs, [_step_label(s["step"]) for s in steps])

@@ -226,7 +226,7 @@ def analyze(results_dir: Path, out_dir: Path, max_timelines: int = 12, progress:
                 value = spec.get(key, res.get(key))
                 if value is not None:
                     extra.append(f"{key}={value}")
-            initial_cpu = t.steps[0]["cpu_chunks"] if t.steps else []
+            initial_cpu = t.steps[0]["cpu_chunks"] if t.has_tiers and t.steps else "?"
             rows.append([f"`{t.trace_file}`", t.sample_id, str(len([s for s in t.steps if s["step"] >= 0])),
                          str(initial_cpu), ", ".join(f"{c}@{_step_label(s)}" for s, c in t.requests) or "-",
                          ", ".join(f"{c}@{_step_label(s)}" for s, c in t.promotions) or "-",
@@ -254,4 +254,4 @@ def analyze(results_dir: Path, out_dir: Path, max_timelines: int = 12, progress:
 
 
 def _step_label(step: int) -> str:
-    return "warm" if step < 0 else str(step)
+    return {-2: "start", -1: "warm"}.get(step, str(step))

@@ -264,6 +264,21 @@ def _ints(values: Any) -> list[int]:
         if isinstance(values, list) else []
 
 
+START_STEP = -2  # the placement before anything ran (the warm-start round is step -1)
+
+
+def _start_step(first: dict, result: dict, spec: dict, num_chunks: int) -> dict:
+    """The chunk placement before the first recorded step: the recorded initial GPU chunks when the files hold
+    them, else undone from the first step (its GPU set minus what it fused or requested, plus what it demoted)."""
+    initial = result.get("initial_gpu_chunks", spec.get("initial_gpu_chunks"))
+    if isinstance(initial, list):
+        gpu = set(_ints(initial))
+    else:
+        gpu = (set(first["gpu_chunks"]) - set(first["promoted"]) - set(first["requested"])) | set(first["demoted"])
+    return {"step": START_STEP, "gpu_chunks": sorted(gpu), "cpu_chunks": [c for c in range(num_chunks) if c not in gpu],
+            "promoted": [], "requested": [], "demoted": [], "accepted": 0, "drafted": [], "emitted": []}
+
+
 def timelines(inputs: Inputs, notes: list[str]) -> list[Timeline]:
     spec_samples = {}
     for f in inputs.of("spec"):
@@ -298,6 +313,8 @@ def timelines(inputs: Inputs, notes: list[str]) -> list[Timeline]:
                     for c in s[key]}
             seen |= {int(c) for s in steps for c in (s.get("proxy_scores") or {}) if str(c).lstrip("-").isdigit()}
             num_chunks = max([len(chunk_ids)] + [c + 1 for c in seen] + [0])
+            if has_tiers:
+                steps.insert(0, _start_step(steps[0], results.get(sample_id, {}), spec, num_chunks))
             out.append(Timeline(inputs.rel(f.path), f.dataset, sample_id, config, num_chunks, steps, has_tiers,
                                 results.get(sample_id, {}), spec))
         if not any(t.ever_cpu for t in out if t.trace_file == inputs.rel(f.path)):
