@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -48,7 +49,8 @@ def test_cpuinfo_flags_parsed():
     assert "avx512_bf16" in flags and "amx_bf16" not in flags
 
 
-def test_auto_cpu_decided_once_per_process_and_logged_once(monkeypatch, caplog):
+def test_auto_cpu_decided_once_per_process_and_logged_once(monkeypatch, caplog, tmp_path):
+    monkeypatch.setenv("KVBLEND_HOME", str(tmp_path))
     dtype_probe.clear_cache()
     calls: list = []
     monkeypatch.setattr(dtype_probe, "cpu_bf16_flags", lambda: ("avx512_bf16",))
@@ -99,3 +101,29 @@ def test_real_probe_is_quick_and_positive():
     assert fp32_ms > 0 and bf16_ms > 0
     assert time.perf_counter() - t0 < 2.0
     assert isinstance(decide_cpu_dtype(cpu_bf16_flags(), lambda: (fp32_ms, bf16_ms)), CpuDtypeDecision)
+
+
+def test_decision_kept_across_processes_until_it_expires(monkeypatch, tmp_path):
+    monkeypatch.setenv("KVBLEND_HOME", str(tmp_path))
+    monkeypatch.setattr(dtype_probe, "cpu_bf16_flags", lambda: ("amx_bf16",))
+    calls: list = []
+    monkeypatch.setattr(dtype_probe, "probe_matmul_ms", lambda h, i: (calls.append(1), (9.0, 3.0))[1])
+    dtype_probe.clear_cache()
+    try:
+        assert dtype_probe.auto_cpu_dtype((64, 128)).dtype == "bfloat16" and calls == [1]
+        kept = json.loads((tmp_path / dtype_probe.DECISIONS_FILE).read_text())
+        assert [v["dtype"] for v in kept.values()] == ["bfloat16"]
+        dtype_probe.clear_cache()  # a new process: the kept decision is used, no probe
+        assert dtype_probe.auto_cpu_dtype((64, 128)).dtype == "bfloat16" and calls == [1]
+        key = dtype_probe.machine_key((64, 128))
+        kept[key]["decided_at"] -= dtype_probe.DECISION_TTL_S + 1  # expired: probed again
+        (tmp_path / dtype_probe.DECISIONS_FILE).write_text(json.dumps(kept))
+        dtype_probe.clear_cache()
+        monkeypatch.setattr(dtype_probe, "probe_matmul_ms", lambda h, i: (calls.append(2), (3.0, 9.0))[1])
+        assert dtype_probe.auto_cpu_dtype((64, 128)).dtype == "float32" and calls == [1, 2]
+        (tmp_path / dtype_probe.DECISIONS_FILE).write_text("{corrupt")  # unreadable: probed, rewritten
+        dtype_probe.clear_cache()
+        assert dtype_probe.auto_cpu_dtype((64, 128)).dtype == "float32" and calls == [1, 2, 2]
+        assert json.loads((tmp_path / dtype_probe.DECISIONS_FILE).read_text())[key]["dtype"] == "float32"
+    finally:
+        dtype_probe.clear_cache()

@@ -9,14 +9,19 @@ slower than fp32's, e.g. when its oneDNN threads compete for busy cores). Each d
 request, REQUEST_PREFILL_TOKENS of prefill plus REQUEST_DECODE_TOKENS decode steps; bf16 is chosen only when it is
 clearly cheaper (by BF16_MARGIN).
 
-The decision is made once per process and shape class (cached) and logged once. Explicit dtypes never probe;
+The decision is made once per process and shape class (cached) and logged once. It is also kept for a day in
+$KVBLEND_HOME/dtype_auto.json, keyed by CPU model, core and thread counts, torch version and shape class, so
+the stages of one workflow (build, decode, ...) agree: the chunk store is per dtype, and a decode that picked
+another dtype than its build would rebuild every chunk. Delete the file to probe again. Explicit dtypes never probe;
 on CUDA, auto is bf16 without probing (see kvblend.model.hf.resolve_dtype). Quality comparisons ask for
 float32 explicitly and are not affected.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -34,6 +39,8 @@ REQUEST_DECODE_TOKENS = 64  # ... and a short answer
 DEFAULT_SHAPE = (576, 1536)  # (hidden, intermediate) of SmolLM2-135M, the default model
 BF16_MARGIN = 0.9  # bf16 must take at most 90% of the fp32 time (timing noise on shared cores)
 PROBE_BUDGET_S = 0.8  # stop repeating once this much time is spent
+DECISIONS_FILE = "dtype_auto.json"  # under $KVBLEND_HOME
+DECISION_TTL_S = 24 * 3600  # a kept decision is probed again after this long
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,22 +143,81 @@ _decisions: dict[tuple[int, int], CpuDtypeDecision] = {}
 _lock = threading.Lock()
 
 
+def _cpu_model(cpuinfo: str | None = None) -> str:
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            cpuinfo = ""
+    for line in cpuinfo.splitlines():
+        if line.startswith("model name") and ":" in line:
+            return line.split(":", 1)[1].strip()
+    return "unknown cpu"
+
+
+def machine_key(shape: tuple[int, int]) -> str:
+    """What a kept decision is valid for: this CPU model, core and thread counts, torch version, shape class."""
+    return (f"{_cpu_model()}|cores {os.cpu_count()}|threads {torch.get_num_threads()}|torch {torch.__version__}"
+            f"|{shape[0]}x{shape[1]}")
+
+
+def _decisions_path() -> Path:
+    from kvblend.model.registry import kvblend_home
+
+    return kvblend_home() / DECISIONS_FILE
+
+
+def _load_kept(key: str, now: float) -> CpuDtypeDecision | None:
+    try:
+        entry = json.loads(_decisions_path().read_text(encoding="utf-8"))[key]
+        if now - float(entry["decided_at"]) > DECISION_TTL_S or entry["dtype"] not in ("float32", "bfloat16"):
+            return None
+        return CpuDtypeDecision(entry["dtype"], str(entry["reason"]), tuple(entry.get("bf16_flags", ())),
+                                entry.get("fp32_ms"), entry.get("bf16_ms"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _keep(key: str, decision: CpuDtypeDecision, now: float) -> None:
+    from kvblend.io import atomic_write_json
+
+    path = _decisions_path()
+    try:
+        kept = json.loads(path.read_text(encoding="utf-8"))
+        kept = kept if isinstance(kept, dict) else {}
+    except (OSError, ValueError):
+        kept = {}
+    kept[key] = {"dtype": decision.dtype, "reason": decision.reason, "bf16_flags": list(decision.bf16_flags),
+                 "fp32_ms": decision.fp32_ms, "bf16_ms": decision.bf16_ms, "decided_at": now}
+    try:
+        atomic_write_json(path, kept)
+    except OSError as exc:  # a read-only home only costs a probe per process
+        log.debug("cannot keep the dtype decision in %s: %s", path, exc)
+
+
 def auto_cpu_dtype(shape: tuple[int, int] | None = None) -> CpuDtypeDecision:
-    """The process-wide `--dtype auto` decision on CPU for a (hidden, intermediate) shape class; the probe runs
-    once per shape class and the decision is logged once."""
-    key = tuple(shape) if shape else DEFAULT_SHAPE
+    """The `--dtype auto` decision on CPU for a (hidden, intermediate) shape class: kept per process, and for
+    DECISION_TTL_S in $KVBLEND_HOME/dtype_auto.json; otherwise probed. Logged once per process."""
+    shape = tuple(shape) if shape else DEFAULT_SHAPE
     with _lock:
-        if key not in _decisions:
-            decision = decide_cpu_dtype(cpu_bf16_flags(), lambda: probe_matmul_ms(*key))
+        if shape not in _decisions:
+            key, now = machine_key(shape), time.time()
+            decision = _load_kept(key, now)
+            source = f"kept in {_decisions_path()}"
+            if decision is None:
+                decision = decide_cpu_dtype(cpu_bf16_flags(), lambda: probe_matmul_ms(*shape))
+                _keep(key, decision, now)
+                source = "probed now"
             timing = "" if decision.fp32_ms is None else \
-                (f" (matmuls of a {REQUEST_PREFILL_TOKENS}-token prefill + {REQUEST_DECODE_TOKENS} decode steps, "
-                 f"hidden {key[0]}, intermediate {key[1]}: fp32 {decision.fp32_ms:.1f} ms, bf16 {decision.bf16_ms:.1f} ms)")
-            log.info("--dtype auto on CPU -> %s: %s%s", decision.dtype, decision.reason, timing)
-            _decisions[key] = decision
-        return _decisions[key]
+                (f"; matmuls of a {REQUEST_PREFILL_TOKENS}-token prefill + {REQUEST_DECODE_TOKENS} decode steps, "
+                 f"hidden {shape[0]}, intermediate {shape[1]}: fp32 {decision.fp32_ms:.1f} ms, "
+                 f"bf16 {decision.bf16_ms:.1f} ms")
+            log.info("--dtype auto on CPU -> %s: %s (%s%s)", decision.dtype, decision.reason, source, timing)
+            _decisions[shape] = decision
+        return _decisions[shape]
 
 
 def clear_cache() -> None:
-    """Forget the cached decisions (tests)."""
+    """Forget the decisions made in this process (tests; the kept file stays)."""
     with _lock:
         _decisions.clear()
