@@ -321,7 +321,7 @@ def graph_replay_times(model, prompt, max_new: int, k: int) -> dict:
 
     pre = prefill(model, prompt, mode="full", extra_capacity=max_new + k + 2)
     out = {}
-    with decode_runner(model, pre.state, graphs=True) as runner:
+    with torch.inference_mode(), decode_runner(model, pre.state, graphs=True) as runner:
         base = pre.state.length
         for t in sorted({1, 2, 3, 5, k + 1}):
             ids = list(prompt.query_ids[:1]) * t

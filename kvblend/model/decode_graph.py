@@ -239,7 +239,8 @@ def decode_runner(model: DecoderModel, state: KVState, graphs: bool | None = Non
             buf = fresh
         buf.in_use = True
     try:
-        buf.adopt(state)
+        with torch.inference_mode():  # the static buffers are inference tensors
+            buf.adopt(state)
         buf.runner.view = state
         yield buf.runner
     finally:
