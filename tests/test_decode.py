@@ -176,3 +176,47 @@ def test_bench_bad_input_is_one_line(tmp_path, capsys):
     assert bench_decode.run(_args(tmp_path, k=0)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("kvblend bench decode:") for line in err)
+
+
+def test_static_buffer_path_equals_plain(tiny_model, monkeypatch):
+    """The CUDA path's bookkeeping, run eagerly on CPU (padded): a request's state is copied into the model's
+    static buffer of its bucket and re-pointed at views of it; greedy generate, speculation and a promotion
+    mid-answer give the plain loop's tokens; a later request reuses the buffer, a concurrent one gets its own."""
+    import functools
+
+    from kvblend.fusion.blend import promote_chunk
+    from kvblend.generation import generate as gen_mod
+    from kvblend.generation import speculative as spec_mod
+    from kvblend.kvstore.builder import build_chunk_kv
+
+    prompt = _prompt(tiny_model.shape.vocab_size, seed=8)
+    params = SamplingParams(max_new_tokens=20, stop_on_newline=False)
+    chunks = [build_chunk_kv(tiny_model, c) for c in prompt.chunk_ids]
+    start = len(prompt.prefix_ids) + len(prompt.chunk_ids[0])
+    resident = [True, False, True]
+
+    def run_all():
+        plain = generate(tiny_model, prefill(tiny_model, prompt, mode="full", extra_capacity=24), params, 0.0)
+
+        def on_step(step, state):
+            if step == 2:
+                promote_chunk(tiny_model, state, chunks[1], start)
+
+        pre = prefill(tiny_model, prompt, [c if r else None for c, r in zip(chunks, resident)], mode="reuse",
+                      resident=resident, extra_capacity=32)
+        spec, _ = speculative_generate(tiny_model, pre, NgramDrafter(prompt.chunk_ids), params, 0.0,
+                                       prompt_ids=prompt, k=4, on_step=on_step)
+        return plain.token_ids, spec.token_ids
+
+    ref = run_all()
+    padded = functools.partial(decode_runner, padded=True)
+    monkeypatch.setattr(gen_mod, "decode_runner", padded)
+    monkeypatch.setattr(spec_mod, "decode_runner", padded)
+    assert run_all() == ref
+    assert run_all() == ref  # the same buffers again, adopted by new requests
+    a = prefill(tiny_model, prompt, mode="full", extra_capacity=4)
+    b = prefill(tiny_model, prompt, mode="full", extra_capacity=4)
+    with padded(tiny_model, a.state) as r1, padded(tiny_model, b.state) as r2:
+        assert r1.state is not r2.state  # in use: the second request gets a buffer of its own
+        assert a.state.k.data_ptr() == r1.state.k.data_ptr() and a.state.capacity == prompt.num_tokens + 4
+        assert r1.argmax([5]) == r2.argmax([5])

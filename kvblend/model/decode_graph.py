@@ -192,12 +192,13 @@ class PendingStep:
 class _StaticBuffers:
     """A static KV buffer (and its graphs) for one model and capacity bucket."""
 
-    def __init__(self, model: DecoderModel, capacity: int, max_graph_tokens: int):
+    def __init__(self, model: DecoderModel, capacity: int, max_graph_tokens: int, padded: bool = False):
         from kvblend.model.runner import allocate_state
 
         self.state = allocate_state(model, capacity)
         self.state.valid = torch.zeros(capacity, dtype=torch.bool, device=model.device)
-        self.runner = StepRunner(model, self.state, graphs=True, max_graph_tokens=max_graph_tokens)
+        self.runner = StepRunner(model, self.state, graphs=not padded, max_graph_tokens=max_graph_tokens,
+                                 padded=padded)
         self.in_use = False
 
     def adopt(self, state: KVState) -> None:
@@ -213,29 +214,32 @@ class _StaticBuffers:
         state.k, state.v, state.valid = st.k[:, :, :cap], st.v[:, :, :cap], st.valid[:cap]
 
 
-_BUFFERS: "weakref.WeakKeyDictionary[DecoderModel, dict[int, _StaticBuffers]]" = weakref.WeakKeyDictionary()
+_BUFFERS: "weakref.WeakKeyDictionary[DecoderModel, dict[tuple[int, bool], _StaticBuffers]]" = \
+    weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
 def decode_runner(model: DecoderModel, state: KVState, graphs: bool | None = None,
-                  max_graph_tokens: int = MAX_GRAPH_TOKENS) -> Iterator[StepRunner]:
+                  max_graph_tokens: int = MAX_GRAPH_TOKENS, padded: bool = False) -> Iterator[StepRunner]:
     """A StepRunner for decoding `state` (graphs: None = on CUDA). With graphs, state is moved into the model's
     static buffer of its capacity bucket (graphs captured there once, replayed by every later request);
     the state stays usable after the block (its tensors are views of that buffer until the next request
-    of the bucket adopts it: read what you need before then)."""
+    of the bucket adopts it: read what you need before then). padded: the same static-buffer path with the
+    captured computation run eagerly, on any device (tests of this path without CUDA)."""
     use = (model.device.type == "cuda") if graphs is None else bool(graphs)
-    if not use:
+    if not use and not padded:
         yield StepRunner(model, state, graphs=False)
         return
+    padded = padded and not use
     bucket = -(-state.capacity // CAPACITY_BUCKET) * CAPACITY_BUCKET
     with _LOCK:
         per_model = _BUFFERS.setdefault(model, {})
-        buf = per_model.get(bucket)
+        buf = per_model.get((bucket, padded))
         if buf is None or buf.in_use or buf.runner.max_graph_tokens < max_graph_tokens:
-            fresh = _StaticBuffers(model, bucket, max_graph_tokens)
+            fresh = _StaticBuffers(model, bucket, max_graph_tokens, padded=padded)
             if buf is None or not buf.in_use:
-                per_model[bucket] = fresh
+                per_model[(bucket, padded)] = fresh
             buf = fresh
         buf.in_use = True
     try:
