@@ -38,7 +38,8 @@ def plot_recall(rows: list[dict], path: Path) -> Path:
     """answer-recall@k per retrieval mode: a curve over k where recomputed, else the file's recall@k as a
     point; one panel per dataset."""
     datasets = sorted({r["dataset"] for r in rows})
-    fig, axes = plt.subplots(1, len(datasets), figsize=(6.2 * len(datasets), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6.2 * len(datasets), 4.2), squeeze=False,
+                             layout="constrained")
     for ax, dataset in zip(axes[0], datasets):
         kmax = 1
         styles = iter([("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", "-"), ("P", "--")] * 4)
@@ -69,8 +70,10 @@ def plot_recall(rows: list[dict], path: Path) -> Path:
 def plot_latency(dataset: str, runs: list[Run], path: Path) -> Path:
     """Mean TTFT and TPOT per run (bars), each sample as a dot."""
     runs = [r for r in runs if r.ttft_ms or r.tpot_ms or r.mean_ttft_ms is not None]
-    height = max(2.8, 0.45 * len(runs) + 1.4)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12.5, height), sharey=True)
+    # the fetch part of TTFT is drawn where it is visible (over 0.5% of a run's TTFT)
+    show_fetch = any((r.mean_fetch_ms or 0.0) > 0.005 * (r.mean_ttft_ms or float("inf")) for r in runs)
+    height = max(3.2, 0.45 * len(runs) + 1.6)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12.5, height), sharey=True, layout="constrained")
     ys = list(range(len(runs)))
     colors = ["#1f77b4" if r.kind == "decode" else "#9467bd" for r in runs]
     for ax, attr, values, unit, title in (
@@ -83,8 +86,8 @@ def plot_latency(dataset: str, runs: list[Run], path: Path) -> Path:
             unit = unit.replace("ms", "s")
         means = [m / scale for m in means]
         top /= scale
-        ax.barh(ys, means, color=colors, alpha=0.75)
-        if attr == "mean_ttft_ms" and any(r.mean_fetch_ms for r in runs):  # the fetch part of TTFT
+        ax.barh(ys, means, color=colors, alpha=0.75, height=0.7)
+        if attr == "mean_ttft_ms" and show_fetch:  # the fetch part of TTFT
             ax.barh(ys, [(r.mean_fetch_ms or 0.0) / scale for r in runs], height=0.35, color="#444444", alpha=0.8)
         for y, r in zip(ys, runs):
             pts = [p / scale for p in getattr(r, values)]
@@ -97,11 +100,11 @@ def plot_latency(dataset: str, runs: list[Run], path: Path) -> Path:
         ax.set_title(title)
         ax.grid(axis="x", alpha=0.3)
     ax1.set_yticks(ys, [r.label for r in runs])
-    ax1.invert_yaxis()
+    ax1.set_ylim(len(runs) - 0.5, -0.5)  # first run on top; a single run keeps a normal bar height
     handles = [Patch(color="#1f77b4", alpha=0.75, label="plain decoding (mean)")] * any(r.kind == "decode" for r in runs)
     handles += [Patch(color="#9467bd", alpha=0.75, label="speculative (mean)")] * any(r.kind == "spec" for r in runs)
     handles.append(Line2D([], [], marker="o", color="black", linestyle="none", markersize=4, label="one sample"))
-    if any(r.mean_fetch_ms for r in runs):
+    if show_fetch:
         handles.append(Patch(color="#444444", alpha=0.8, label="of TTFT: fetching chunks to GPU tier (mean)"))
     ax2.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     meta = sorted({f"{r.model}, {r.dtype}, {r.doc.get('device', '?')}" for r in runs})
@@ -116,7 +119,7 @@ def plot_quality(dataset: str, runs: list[Run], path: Path) -> Path:
               ("fidelity_exact", "fidelity: answer == full prefill's", "#2ca02c"),
               ("fidelity_rougeL", "fidelity: Rouge-L to full prefill's", "#ff7f0e")]
     height = max(3.0, 0.6 * len(runs) + 1.4)
-    fig, ax = plt.subplots(figsize=(10, height))
+    fig, ax = plt.subplots(figsize=(10, height), layout="constrained")
     bar = 0.8 / len(series)
     for i, (attr, label, color) in enumerate(series):
         ys = [j + (i - 1) * bar for j in range(len(runs))]
@@ -125,7 +128,7 @@ def plot_quality(dataset: str, runs: list[Run], path: Path) -> Path:
         for y, v in zip(ys, vals):
             ax.text((v or 0.0) + 0.01, y, "n/a" if v is None else f"{v:.2f}", fontsize=7, va="center")
     ax.set_yticks(range(len(runs)), [f"{r.label} (n={len(r.samples)})" for r in runs])
-    ax.invert_yaxis()
+    ax.set_ylim(len(runs) - 0.5, -0.5)
     ax.set_xlim(0, 1.12)
     ax.set_xlabel("mean over samples (0 to 1, higher is better)")
     ax.set_title(f"{dataset}: quality and fidelity to full prefill per mode")
@@ -137,7 +140,7 @@ def plot_quality(dataset: str, runs: list[Run], path: Path) -> Path:
 # budget sweep ---------------------------------------------------------------------------------------
 def plot_sweep(sweep: Sweep, path: Path) -> Path:
     """Quality and latency against the number of GPU-resident chunks, with and without promotions."""
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.3))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.6), layout="constrained")
     proxies = sorted({r["proxy"] for r in sweep.runs}, key=lambda p: (p != "none", p))
     styles = {p: ("#7f7f7f", "--", "s") if p == "none" else (c, "-", "o")
               for p, c in zip(proxies, ["#7f7f7f", "#d62728", "#9467bd", "#17becf"])}
@@ -169,7 +172,6 @@ def plot_sweep(sweep: Sweep, path: Path) -> Path:
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1 if ax is ax1 else 2)
     ax1.set_ylim(-0.03, 1.05)
     fig.suptitle(f"Budget sweep: {sweep.title}", fontsize=11)
-    fig.tight_layout()
     return _save(fig, path)
 
 
