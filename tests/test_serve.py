@@ -29,7 +29,8 @@ CONTEXT = 8192
 DOCS = ["The Eiffel Tower is in Paris and was finished in 1889.",
         "Mount Fuji is the highest mountain in Japan, 3,776 metres tall.",
         "The Danube flows through ten countries before reaching the Black Sea."]
-CORPUS = [{"id": "p-tower", "title": "Eiffel Tower", "text": "The Eiffel Tower is a wrought-iron lattice tower in Paris."},
+CORPUS = [{"id": "p-tower", "title": "Eiffel Tower",
+           "text": "The Eiffel Tower is a wrought-iron lattice tower in Paris."},
           {"id": "p-fuji", "title": "Mount Fuji", "text": "Mount Fuji is an active volcano on Honshu in Japan."},
           {"id": "p-danube", "title": "Danube", "text": "The Danube is the second-longest river in Europe."}]
 
@@ -302,10 +303,13 @@ def test_full_queue_gets_429_and_a_disconnected_stream_frees_the_worker(server):
     assert results == [200] * 8
     assert time.monotonic() - t0 < 20
     after = metrics(server)
-    assert after['kvblend_requests_total{outcome="cancelled"}'] - before['kvblend_requests_total{outcome="cancelled"}'] == 1
-    assert after['kvblend_requests_total{outcome="rejected_queue_full"}'] - \
-        before['kvblend_requests_total{outcome="rejected_queue_full"}'] == 1
-    assert after["kvblend_tokens_total{kind=\"completion\"}"] - before["kvblend_tokens_total{kind=\"completion\"}"] == 16
+
+    def grew(key: str) -> float:
+        return after[key] - before[key]
+
+    assert grew('kvblend_requests_total{outcome="cancelled"}') == 1
+    assert grew('kvblend_requests_total{outcome="rejected_queue_full"}') == 1
+    assert grew('kvblend_tokens_total{kind="completion"}') == 16  # the cancelled request's tokens are not counted
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

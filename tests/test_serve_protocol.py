@@ -17,7 +17,8 @@ def parse(**body):
 def test_messages_map_to_prefix_and_query():
     req = parse(messages=[{"role": "system", "content": "S1"}, {"role": "developer", "content": "S2"},
                           {"role": "user", "content": "first"}, {"role": "assistant", "content": "reply"},
-                          {"role": "user", "content": [{"type": "text", "text": "last "}, {"type": "text", "text": "q"}]}],
+                          {"role": "user", "content": [{"type": "text", "text": "last "},
+                                                       {"type": "text", "text": "q"}]}],
                 documents=["a", {"title": "T", "text": "b"}], kvblend={"mode": "reuse", "ratio": 0.5}, stop="x")
     assert req.system == "S1\nS2" and req.query == "user: first\nassistant: reply\nlast q"
     assert [(d.title, d.text) for d in req.documents] == [("", "a"), ("T", "b")]

@@ -57,6 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=DEFAULT_OUT)
     p.add_argument("--plot", default=None, help="write a PNG of TTFT p50/p90/p99 per mode")
     p.add_argument("--log-dir", default=None, help="keep the servers' logs here (default: a temp folder)")
+    p.add_argument("--from-json", dest="from_json", default=None,
+                   help="no run: print the table (and --plot) of a serve JSON already measured")
 
 
 def _positive(args, *names) -> None:
@@ -155,7 +157,7 @@ def _dist(values: list[float]) -> dict:
 
 
 def start_server(args, mode: str, log_dir: Path):
-    """A fresh `kvblend serve` in `mode` with its own empty chunk store, after one uncounted warm-up request."""
+    """A fresh `kvblend serve` in `mode` with its own empty chunk store (not waited for: see warm_up)."""
     from kvblend.model.registry import NAMED_MODELS, converted_folder
     from kvblend.serve.process import ServerProcess
 
@@ -164,15 +166,17 @@ def start_server(args, mode: str, log_dir: Path):
     model = str(converted_folder(NAMED_MODELS[args.model])) if args.model in NAMED_MODELS else args.model
     srv = ServerProcess(["--model", model, "--dtype", args.dtype, "--device", args.device, "--mode", mode,
                          "--ratio", str(args.ratio), "--max-queue", str(max(64, args.concurrency * 2))],
-                        log_dir / f"server_{mode}.log", env={"KVBLEND_HOME": str(home)}, startup_timeout_s=600)
+                        log_dir / f"server_{mode}.log", env={"KVBLEND_HOME": str(home)}, startup_timeout_s=600,
+                        wait=False)
+    return srv
+
+
+def warm_up(srv) -> None:
+    """Wait until the server answers, then one uncounted request (first-call costs stay out of the numbers)."""
+    srv.wait_ready()
     warm = {"messages": [{"role": "user", "content": "warm-up"}], "documents": ["warm-up document"],
             "max_tokens": 2, "temperature": 0, "stream": True}
-    try:
-        stream_request(srv.host, srv.port, warm)
-    except BaseException:
-        srv.stop()
-        raise
-    return srv
+    stream_request(srv.host, srv.port, warm)
 
 
 def run_block(args, srv, block: list[tuple[int, dict]], deadline: float) -> tuple[list[dict], float]:
@@ -246,7 +250,9 @@ def run_modes(args, modes: list[str], workload: dict, log_dir: Path) -> dict:
     rounds = max(1, min(args.rounds, len(requests)))
     blocks = [requests[r * len(requests) // rounds:(r + 1) * len(requests) // rounds] for r in range(rounds)]
     with ExitStack() as stack:
-        servers = {m: stack.enter_context(start_server(args, m, log_dir)) for m in modes}
+        servers = {m: stack.enter_context(start_server(args, m, log_dir)) for m in modes}  # start together
+        for srv in servers.values():
+            warm_up(srv)
         before = {m: parse_prometheus(servers[m].get_text("/metrics")) for m in modes}
         results: dict[str, list[dict]] = {m: [] for m in modes}
         wall = dict.fromkeys(modes, 0.0)
@@ -320,7 +326,7 @@ def plot(result: dict, path: Path) -> None:
     runs = result["runs"]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for ax, key, title in ((axes[0], "client_ttft_ms", "client TTFT (queue included)"),
-                           (axes[1], "server_ttft_ms", "server TTFT (prefill start -> first token)")):
+                           (axes[1], "server_ttft_ms", "server TTFT (prefill start -> first token; chunk builds excluded)")):
         width = 0.8 / max(1, len(runs))
         for j, (mode, r) in enumerate(runs.items()):
             vals = [(r[key][p] or 0) / 1e3 for p in ("p50", "p90", "p99")]
@@ -341,6 +347,17 @@ def plot(result: dict, path: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     from kvblend.io import atomic_write_json
 
+    if args.from_json:
+        try:
+            result = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
+            table(result)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{args.from_json}: not a serve benchmark JSON ({type(exc).__name__}: {exc})") from None
+        print(table(result))
+        if args.plot:
+            plot(result, Path(args.plot))
+            print(f"wrote {args.plot}")
+        return 0
     result = measure(args)
     out = Path(args.out)
     atomic_write_json(out, result)

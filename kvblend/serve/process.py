@@ -24,7 +24,8 @@ class ServerProcess:
     """A running `kvblend serve`; stderr goes to log_path. Use as a context manager (stops the server)."""
 
     def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None,
-                 host: str = "127.0.0.1", port: int | None = None, startup_timeout_s: float = 300.0):
+                 host: str = "127.0.0.1", port: int | None = None, startup_timeout_s: float = 300.0,
+                 wait: bool = True):
         self.host = host
         self.port = port or free_port(host)
         self.url = f"http://{host}:{self.port}"
@@ -34,8 +35,14 @@ class ServerProcess:
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env={**os.environ, **(env or {})})
+        self.startup_timeout_s = startup_timeout_s
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Block until /health answers (stopping the server and raising if it exits or times out)."""
         try:
-            self._wait_ready(startup_timeout_s)
+            self._wait_ready(self.startup_timeout_s)
         except BaseException:
             self.stop()
             raise
