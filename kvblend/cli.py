@@ -271,7 +271,8 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
 
     config = _config_from_args(args)
     path, recall = run_retrieve(config, progress=not args.quiet)
-    rec = "n/a (no gold answers)" if recall is None else f"{recall:.3f}"
+    rec = "n/a (needs short gold answers: not for summaries or unlabelled samples)" if recall is None \
+        else f"{recall:.3f}"
     print(f"wrote {path}; answer-recall@{config.top_k} ({config.retrieval_mode}, {config.retrieval_scope}) = {rec}")
     return 0
 

@@ -150,7 +150,8 @@ class Engine:
             raise ValueError(f"unknown tier '{tier}'; use one of {', '.join(TIERS)}")
         for ids, text in zip(prompt.chunk_ids, self._texts(prompt, chunk_texts)):
             key = self.chunk_key(ids, prompt.prefix_ids, text)
-            self.store.ensure(key, self._builder(ids, text, prompt.prefix_ids), tier="disk")
+            if key not in self.store:  # missing: build it (a stored file is verified when it is read, not here)
+                self.store.ensure(key, self._builder(ids, text, prompt.prefix_ids), tier="disk")
             try:
                 self.store.stage(key, tier)
             except ChunkCorruptError:  # found corrupt while copying it up: rebuild, stage again

@@ -70,3 +70,46 @@ def test_budget_sweep(setup):
     assert [(r["gpu_chunks"], r["proxy"]) for r in runs] == [(1, "none"), (1, "key_bounds"), (2, "none")]
     assert runs[-1]["fidelity_exact"] == 1.0  # the all-resident run is its own reference
     assert json.loads(path.read_text())["runs"] == runs
+
+
+def test_corrupt_chunk_in_the_middle_of_kvblend_run_heals_in_one_run(tmp_path, monkeypatch, capsys):
+    """A chunk file goes bad between build and decode: the run rebuilds it where the request finds it (counted as
+    corrupt, built outside TTFT), finishes, and a decoding file made from other inputs is decoded again by eval."""
+    import kvblend.pipeline as pipeline
+    from kvblend.cli import main
+    from kvblend.pipeline import decode_path, run_eval
+
+    results, home = tmp_path / "results", tmp_path / "home"
+    (tmp_path / "c.toml").write_text(f'home = "{home}"\nmax_new_tokens = 3\n')
+    args = ["--config", str(tmp_path / "c.toml"), "--dataset", "toy", "--limit", "1", "--top-k", "2",
+            "--retrieval-mode", "bm25", "--results-dir", str(results), "--start-tier", "disk", "--quiet"]
+    real_decode = pipeline.run_decode
+    corrupted = []
+
+    def decode_after_damage(config, mode=None, engine=None, progress=True):
+        if not corrupted:  # mid-run: the build is done, no answer has been given yet
+            summary = json.loads(next((results / "kv_caches").glob("*.json")).read_text())
+            victim = summary["placements"][0]["chunks"][1]["key"]
+            tensor = next((home / "chunks").rglob(f"{victim}.safetensors"))
+            data = bytearray(tensor.read_bytes())
+            data[-3] ^= 0x20
+            tensor.write_bytes(bytes(data))
+            corrupted.append(victim)
+        return real_decode(config, mode=mode, engine=engine, progress=progress)
+
+    monkeypatch.setattr(pipeline, "run_decode", decode_after_damage)
+    assert main(["run", "--modes", "reuse", *args]) == 0, capsys.readouterr().err
+    res = json.loads((results / "decoding" / "toy_reuse.json").read_text())
+    row = res["samples"][0]
+    assert corrupted and row["chunk_tiers"] == ["disk", "built (corrupt)"] and row["build_ms"] > 0
+    assert row["num_output_tokens"] >= 1 and (results / "eval" / "toy_eval.json").is_file()
+
+    # a decoding file made from other inputs (here: another --limit) is decoded again, not trusted
+    path = decode_path(EngineConfig(dataset="toy", top_k=2, retrieval_mode="bm25", results_dir=str(results)), "reuse")
+    doc = json.loads(path.read_text())
+    doc["made_from"]["limit"] = 7
+    path.write_text(json.dumps(doc))
+    config = EngineConfig(home=str(home), max_new_tokens=3, dataset="toy", limit=1, top_k=2, retrieval_mode="bm25",
+                          results_dir=str(results), start_tier="disk")
+    run_eval(config, ("reuse",), progress=False)
+    assert json.loads(path.read_text())["made_from"]["limit"] == 1
