@@ -198,6 +198,7 @@ def test_missing_optional_fields_and_bad_files_do_not_crash(tmp_path):
     assert "skipped decoding/broken.json: not readable JSON" in report
     assert "skipped decoding/other.json: not a kvblend result file" in report
     assert "no full-prefill decoding file" in report
+    assert "no decoding file records TTFT or TPOT" in report and not (root / "analysis" / "latency_musique_s.png").exists()
     assert "every chunk was on the GPU at every step" in report
     assert "curve not computed (dataset 'not-a-dataset' not loadable" in report
     assert (root / "analysis" / "timeline_musique_s_0.png").read_bytes().startswith(PNG_MAGIC)

@@ -69,7 +69,6 @@ def plot_recall(rows: list[dict], path: Path) -> Path:
 # decoding -------------------------------------------------------------------------------------------
 def plot_latency(dataset: str, runs: list[Run], path: Path) -> Path:
     """Mean TTFT and TPOT per run (bars), each sample as a dot."""
-    runs = [r for r in runs if r.ttft_ms or r.tpot_ms or r.mean_ttft_ms is not None]
     # the fetch part of TTFT is drawn where it is visible (over 0.5% of a run's TTFT)
     show_fetch = any((r.mean_fetch_ms or 0.0) > 0.005 * (r.mean_ttft_ms or float("inf")) for r in runs)
     height = max(3.2, 0.45 * len(runs) + 1.6)

@@ -76,9 +76,13 @@ def analyze(results_dir: Path, out_dir: Path, max_timelines: int = 12, progress:
     jobs = []  # (description, callable) so that one progress bar covers every figure
     if recall:
         jobs.append(("recall", lambda: plots.plot_recall(recall, out_dir / "retrieval_recall.png")))
+    timed = {d: [r for r in rs if r.ttft_ms or r.tpot_ms or r.mean_ttft_ms is not None] for d, rs in runs.items()}
     for dataset, rs in runs.items():
-        jobs.append((f"{dataset} latency", lambda d=dataset, r=rs: plots.plot_latency(
-            d, r, out_dir / f"latency_{_slug(d)}.png")))
+        if timed[dataset]:
+            jobs.append((f"{dataset} latency", lambda d=dataset, r=timed[dataset]: plots.plot_latency(
+                d, r, out_dir / f"latency_{_slug(d)}.png")))
+        else:
+            notes.append(f"{dataset}: no decoding file records TTFT or TPOT; no latency figure")
         jobs.append((f"{dataset} quality", lambda d=dataset, r=rs: plots.plot_quality(
             d, r, out_dir / f"quality_{_slug(d)}.png")))
     for i, sw in enumerate(sweeps):
@@ -164,7 +168,7 @@ def analyze(results_dir: Path, out_dir: Path, max_timelines: int = 12, progress:
                              r.model, r.dtype, str(r.doc.get("device", "?")), f"`{r.file}`"])
             md += _table(["run", "n", "mean TTFT ms", "TTFT full / run", "of which fetch ms", "start tier",
                           "mean TPOT ms", "model", "dtype", "device", "file"], rows)
-            md += ["", img(out_dir / f"latency_{_slug(dataset)}.png"), ""]
+            md += ["", img(out_dir / f"latency_{_slug(dataset)}.png") if timed[dataset] else "(no timings)", ""]
     else:
         result.missing.append("decoding")
         md += ["Not available: no decoding files (run `scripts/decoding/run_speculative_decode.sh`, and "
