@@ -8,7 +8,6 @@ import json
 import time
 
 import pytest
-import torch
 
 from conftest import make_tiny
 from kvblend.cli import build_parser, main

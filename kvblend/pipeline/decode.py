@@ -16,7 +16,7 @@ from tqdm import tqdm
 from kvblend.config import EngineConfig
 from kvblend.data.datasets import Dataset
 from kvblend.io import atomic_write_json
-from kvblend.pipeline.files import decode_path, made_from, mismatch, paths, read_stage_file
+from kvblend.pipeline.files import PipelineError, decode_path, made_from, mismatch, paths, read_stage_file
 from kvblend.pipeline.plan import SamplePlan, load_inputs, make_engine, plan_samples
 from kvblend.types import GenOutput
 
@@ -67,11 +67,17 @@ def mean(rows: list[dict], key: str) -> float | None:
 
 
 def _note_build_summary(config: EngineConfig) -> None:
+    """The build summary is informative only (decode builds the chunks it lacks, outside TTFT): say when it is
+    stale or unreadable, never stop on it."""
     path = paths(config)["build"]
-    if path.is_file():
+    if not path.is_file():
+        return
+    try:
         diff = mismatch(read_stage_file(path, "kvblend build").get("made_from"), config)
-        if diff:
-            log.warning("%s was made from other inputs (%s); chunks it lacks are built now, outside TTFT", path, diff)
+    except PipelineError as exc:
+        diff = str(exc)
+    if diff:
+        log.warning("%s was made from other inputs (%s); chunks it lacks are built now, outside TTFT", path, diff)
 
 
 def run_decode(config: EngineConfig, mode: str | None = None, engine=None, progress: bool = True) -> Path:
