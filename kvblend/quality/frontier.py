@@ -121,7 +121,7 @@ class Reference:
 
 def reference(model: DecoderModel, prompt: PromptIds, params: SamplingParams,
               newline: NewlineDetector | None) -> Reference:
-    res = prefill(model, prompt, None, mode="full", extra_capacity=params.max_new_tokens + 1)
+    res = prefill(model, prompt, None, mode="full", extra_capacity=params.max_new_tokens + 1, recompute="plain")
     n = prompt.num_tokens
     stop = Stopper(model, params, model.eos_token_ids(), res.state.capacity, newline)
     tokens, eos = _greedy(model, res.state, int(res.logits.argmax()), stop)
@@ -138,7 +138,8 @@ def compare(model: DecoderModel, prompt: PromptIds, ref: Reference, chunks, mode
     """One blended prefill against the reference: KLs, its greedy answer ids, recompute fraction, time."""
     n = prompt.num_tokens
     res = prefill(model, prompt, chunks if mode != "full" else None, mode=mode, ratio=ratio,
-                  check_layer=check_layer, selection=policy, extra_capacity=params.max_new_tokens + 1)
+                  check_layer=check_layer, selection=policy, extra_capacity=params.max_new_tokens + 1,
+                  recompute="plain")  # eager layers: the same arithmetic on CPU and CUDA, no graph captures
     logp = _forced_logp(model, res.state, res.logits, ref.target)
     kl = (ref.logp.exp() * (ref.logp - logp)).sum(dim=-1).clamp_min(0.0)
     target = torch.tensor(ref.target, device=logp.device)
