@@ -339,18 +339,18 @@ def test_bench_serve_quick_run(tiny_folder, tmp_path):
     from kvblend.cli import main
 
     out = tmp_path / "serve.json"
-    assert main(["bench", "serve", "--model", str(tiny_folder), "--requests", "6", "--concurrency", "2",
-                 "--pool", "4", "--docs", "2", "--max-tokens", "3", "--out", str(out),
+    assert main(["bench", "serve", "--model", str(tiny_folder), "--requests", "4", "--concurrency", "2",
+                 "--rounds", "2", "--pool", "3", "--docs", "2", "--max-tokens", "2", "--out", str(out),
                  "--plot", str(tmp_path / "serve.png"), "--log-dir", str(tmp_path / "logs")]) == 0
     result = json.loads(out.read_text())
     full, blend = result["runs"]["full"], result["runs"]["blend"]
-    assert full["requests_ok"] == blend["requests_ok"] == 6 and not full["errors"] and not blend["errors"]
+    assert full["requests_ok"] == blend["requests_ok"] == 4 and not full["errors"] and not blend["errors"]
     assert full["chunk_hits"] == full["chunk_misses"] == 0 and full["hit_rate"] is None
     assert full["recomputed_fraction"] == 1.0 and blend["recomputed_fraction"] < 1.0
-    assert blend["chunk_hits"] + blend["chunk_misses"] == 12
+    assert blend["chunk_hits"] + blend["chunk_misses"] == 8 and blend["chunk_hits"] >= 5
     assert blend["chunk_misses"] == result["workload"]["distinct_docs_used"]  # each distinct document built once
     assert blend["store_counters"]["kvblend_store_misses_total"] == blend["chunk_misses"]
-    assert blend["answers_compared"] == 6 and full["answers_equal_full"] == 6
+    assert blend["answers_compared"] == 4 and full["answers_equal_full"] == 4
     for run in (full, blend):
         c = run["client_ttft_ms"]
         assert 0 < c["p50"] <= c["p90"] <= c["p99"]
