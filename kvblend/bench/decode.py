@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from kvblend.model.shape import PRESETS
+
 log = logging.getLogger(__name__)
 
 DEFAULT_OUT = "results/bench/decode.json"
@@ -38,9 +40,7 @@ TARGETS = {  # key: (target, better)
     "P4_spec_speedup": (2.0, "higher"),
     "P5_promotion_overhead": (1.1, "lower"),
 }
-SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                     rope_theta=100000.0, tie_word_embeddings=True)
+SMOLLM2_SHAPE = PRESETS["smollm2-135m"].hf_config()  # the one shape type (kvblend/model/shape.py)
 TINY_SHAPE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
 

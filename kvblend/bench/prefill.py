@@ -36,24 +36,17 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from kvblend.model.shape import PRESETS
+
 log = logging.getLogger(__name__)
 
 DEFAULT_OUT = "results/bench/prefill.json"
 PLOT_DIR = "docs/results/bench"
+# (model_type, config kwargs) of random-weight models of real shapes: the one shape type (kvblend/model/shape.py)
 SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
-    "llama3-8b": ("llama", dict(
-        hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-        intermediate_size=14336, vocab_size=128256, max_position_embeddings=8192, tie_word_embeddings=False,
-        rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, rms_norm_eps=1e-5)),
-    "qwen2.5-1.5b": ("qwen2", dict(
-        hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-        intermediate_size=8960, vocab_size=151936, max_position_embeddings=32768, tie_word_embeddings=True,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, rms_norm_eps=1e-6,
-        use_sliding_window=False)),
-    "smollm2-135m": ("llama", dict(
-        hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-        intermediate_size=1536, vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True,
-        rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, rms_norm_eps=1e-5)),
+    **{name: (PRESETS[preset].model_type, PRESETS[preset].hf_config())
+       for name, preset in (("llama3-8b", "llama-3-8b"), ("qwen2.5-1.5b", "qwen2.5-1.5b"),
+                            ("smollm2-135m", "smollm2-135m"))},
     "tiny": ("llama", dict(
         hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
         vocab_size=256, max_position_embeddings=2048)),
