@@ -199,7 +199,7 @@ def test_missing_optional_fields_and_bad_files_do_not_crash(tmp_path):
     assert "skipped decoding/other.json: not a kvblend result file" in report
     assert "no full-prefill decoding file" in report
     assert "no decoding file records TTFT or TPOT" in report and not (root / "analysis" / "latency_musique_s.png").exists()
-    assert "every chunk was on the GPU at every step" in report
+    assert "records no GPU/CPU chunk sets for 1 samples" in report
     assert "curve not computed (dataset 'not-a-dataset' not loadable" in report
     assert (root / "analysis" / "timeline_musique_s_0.png").read_bytes().startswith(PNG_MAGIC)
 
@@ -231,3 +231,27 @@ def test_analysis_script_env_overrides(results, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (out / "report.md").is_file() and len(list(out.glob("timeline_*.png"))) == 1
     assert "timelines drawn for the first 1" in (out / "report.md").read_text()
+
+
+def test_trace_without_promoter_uses_the_initial_placement(tmp_path):
+    """proxy none: no chunk sets per step, but the results record the initial placement, which then holds."""
+    from kvblend.analysis.tables import timelines
+
+    def trace(initial_gpu):
+        return {"config": {"dataset": "musique_s", "proxy": "none", "gpu_chunks": len(initial_gpu)},
+                "trace": [{"sample_id": IDS[0], "step": j, "drafted": [1], "accepted": 1, "emitted": [1, 2]}
+                          for j in range(2)],
+                "results": [{"sample_id": IDS[0], "initial_gpu_chunks": initial_gpu,
+                             "initial_cpu_chunks": [c for c in range(3) if c not in initial_gpu]}]}
+    root = tmp_path / "results"
+    _write(root / "decoding" / "speculative_trace.json", trace([0]))
+    _write(root / "decoding" / "trace_all.json", trace([0, 1, 2]))
+    notes: list[str] = []
+    found = {t.trace_file: t for t in timelines(read_results(root), notes)}
+    one = found["decoding/speculative_trace.json"]
+    assert one.has_tiers and one.ever_cpu and one.num_chunks == 3
+    assert [s["step"] for s in one.steps] == [-2, 0, 1]
+    assert all(s["gpu_chunks"] == [0] and s["cpu_chunks"] == [1, 2] for s in one.steps)
+    assert not found["decoding/trace_all.json"].ever_cpu
+    assert notes == ["decoding/trace_all.json: every chunk was on the GPU at every step (no CPU placeholder), so no "
+                     "promotion could happen; run speculative decoding with --gpu-chunks below --top-k"]

@@ -312,12 +312,27 @@ def timelines(inputs: Inputs, notes: list[str]) -> list[Timeline]:
             seen = {c for s in steps for key in ("gpu_chunks", "cpu_chunks", "promoted", "requested", "demoted")
                     for c in s[key]}
             seen |= {int(c) for s in steps for c in (s.get("proxy_scores") or {}) if str(c).lstrip("-").isdigit()}
+            result = results.get(sample_id, {})
+            initial = result.get("initial_gpu_chunks", spec.get("initial_gpu_chunks"))
+            if isinstance(initial, list):
+                seen |= set(_ints(initial)) | set(_ints(result.get("initial_cpu_chunks", [])))
             num_chunks = max([len(chunk_ids)] + [c + 1 for c in seen] + [0])
+            if not has_tiers and isinstance(initial, list):
+                # no promoter (proxy none) records no chunk sets: the placement stays the initial one throughout
+                gpu = sorted(set(_ints(initial)))
+                for step in steps:
+                    step["gpu_chunks"], step["cpu_chunks"] = gpu, [c for c in range(num_chunks) if c not in gpu]
+                has_tiers = True
             if has_tiers:
-                steps.insert(0, _start_step(steps[0], results.get(sample_id, {}), spec, num_chunks))
+                steps.insert(0, _start_step(steps[0], result, spec, num_chunks))
             out.append(Timeline(inputs.rel(f.path), f.dataset, sample_id, config, num_chunks, steps, has_tiers,
                                 results.get(sample_id, {}), spec))
-        if not any(t.ever_cpu for t in out if t.trace_file == inputs.rel(f.path)):
+        mine = [t for t in out if t.trace_file == inputs.rel(f.path)]
+        if any(not t.has_tiers for t in mine):
+            notes.append(f"{inputs.rel(f.path)}: records no GPU/CPU chunk sets for "
+                         f"{sum(not t.has_tiers for t in mine)} samples (nor their initial placement); their "
+                         f"timelines show tokens only")
+        elif not any(t.ever_cpu for t in mine):
             notes.append(f"{inputs.rel(f.path)}: every chunk was on the GPU at every step (no CPU placeholder), so "
-                         f"no promotion could happen; run speculative decoding with --top-k-gpu below --top-k")
+                         f"no promotion could happen; run speculative decoding with --gpu-chunks below --top-k")
     return out
