@@ -84,8 +84,9 @@ CASES = [
     ("config_wrong_type", lambda t: ["retrieve", "--config", str(HERE / "cli" / "wrong_type.toml")], "ratio"),
     ("config_non_utf8", lambda t: ["retrieve", "--config", str(HERE / "cli" / "non_utf8.toml")], "toml"),
     ("config_bad_mode", lambda t: ["retrieve", "--config", str(HERE / "cli" / "bad_mode.toml")], "mode"),
-    ("build_without_retrieval", lambda t: ["build", "--dataset", "toy", "--limit", "1"], "retrieval file not found"),
-    ("decode_without_retrieval", lambda t: ["decode", "--dataset", "toy", "--limit", "1"], "retrieval file not found"),
+    # (build / decode without a retrieval file no longer fail: they retrieve first; tests/test_workflow.py)
+    ("bad_start_tier", lambda t: ["decode", "--start-tier", "ssd"], "invalid choice"),
+    ("gpu_chunks_negative", lambda t: ["decode", "--gpu-chunks", "-1"], "integer >= 0"),
     ("eval_without_decoding", lambda t: ["eval", "--dataset", "toy"], "no decoding files"),
     ("budget_unknown_model", lambda t: ["budget", "--model", "gpt-17"], "not a known preset"),
     ("budget_bad_memory", lambda t: ["budget", "--gpu-mem=-3GiB"], "byte size"),
@@ -118,21 +119,28 @@ def _retrieval_file(results: Path, body: str) -> None:
 
 
 @pytest.mark.parametrize("body,expect", [
-    ("{broken", "json"),
-    ('{"dataset": "toy"}', "no field"),
+    ("{broken", "unreadable"),
+    ('{"dataset": "toy"}', "unreadable"),
     ('{"dataset": "toy", "mode": "bm25", "k": 5, "scope": "per_sample", "created_at": "x", '
-     '"answer_recall_at_k": null, "samples": "many"}', "samples"),
+     '"answer_recall_at_k": null, "samples": "many"}', "unreadable"),
     ('{"dataset": "toy", "mode": "dense", "k": 5, "scope": "per_sample", "created_at": "x", '
-     '"answer_recall_at_k": null, "samples": []}', "mode=dense"),
+     '"answer_recall_at_k": null, "samples": []}', "made with mode=dense"),
 ], ids=["broken_json", "missing_fields", "samples_wrong_type", "mode_mismatch"])
-def test_corrupt_retrieval_file(body, expect, capsys, tmp_path):
+def test_corrupt_retrieval_file_is_retrieved_again(body, expect, tmp_path, caplog):
+    """A later stage does not stop on a bad retrieval file: it says what is wrong (one log line) and retrieves."""
+    from kvblend.config import EngineConfig
+    from kvblend.pipeline import load_inputs
+    from kvblend.retrieval import load_retrieval
+
     results = tmp_path / "results"
     _retrieval_file(results, body)
-    before = {p: p.read_bytes() for p in results.rglob("*") if p.is_file()}
-    code = main(["build", "--dataset", "toy", "--limit", "1", "--results-dir", str(results)])
-    err = capsys.readouterr().err
-    assert code == 1 and len(err.strip().splitlines()) == 1 and expect in err.lower(), err
-    assert {p: p.read_bytes() for p in results.rglob("*") if p.is_file()} == before  # nothing new written
+    config = EngineConfig(dataset="toy", limit=1, retrieval_mode="bm25", results_dir=str(results))
+    with caplog.at_level("WARNING"):
+        data, by_id = load_inputs(config, progress=False)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and expect in warnings[0].lower(), warnings
+    run = load_retrieval(results / "retrieval" / "toy_rag_bm25_k5.json")
+    assert run.mode == "bm25" and set(by_id) == {s.sample_id for s in data.samples} == {"toy/0"}
 
 
 def test_corrupt_decoding_file(capsys, tmp_path):
