@@ -51,14 +51,16 @@ class EngineConfig:
     home: str = ""  # KVBLEND_HOME (converted models, chunk store); "" = $KVBLEND_HOME or ~/.cache/kvblend
     # prompt
     chat_template: bool = True  # wrap prefix...query in the tokenizer's chat template when it has one
-    chunk_sink: str = "auto"  # what each chunk is prefilled after (rows dropped): auto (BOS if the tokenizer adds one) | none | prefix (the prompt's shared prefix) | text (a fixed short sink text)
+    # defaults of the next four: the best variant of docs/QUALITY.md ("prefix_product_narrow"); plain CacheBlend
+    # is chunk_sink auto, score_on k, select_first_tokens 0, select_layers 1
+    chunk_sink: str = "prefix"  # what each chunk is prefilled after (rows dropped): auto (BOS if the tokenizer adds one) | none | prefix (the prompt's shared prefix) | text (a fixed short sink text)
     # blending
     mode: str = "blend"  # full | reuse | blend
     ratio: float = 0.15  # fraction of chunk tokens recomputed in blend mode (LMCache default)
     check_layer: int = 1
-    score_on: str = "k"  # selection signal: k | v deviation (LMCache | original CacheBlend), attn (query attention), k_attn_rank, k_attn_product
+    score_on: str = "k_attn_product"  # selection signal: k | v deviation (LMCache | original CacheBlend), attn (query attention), k_attn_rank, k_attn_product
     select_first_tokens: int = 0  # each chunk's first N tokens always recomputed (EPIC), inside the ratio budget
-    select_layers: int = 1  # progressive narrowing over this many check layers (N x ratio, ..., 1 x ratio)
+    select_layers: int = 3  # progressive narrowing over this many check layers (N x ratio, ..., 1 x ratio)
     # generation
     max_new_tokens: int = 0  # 0 = the dataset's default (32 for QA, 128 for samsum)
     temperature: float = 0.0  # 0 = greedy

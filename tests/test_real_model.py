@@ -20,7 +20,9 @@ def smollm():
 
 @pytest.fixture(scope="module")
 def engine(smollm, tmp_path_factory):
-    return Engine(EngineConfig(home=str(tmp_path_factory.mktemp("home"))), model=smollm)
+    # plain CacheBlend settings: the reuse reference below prefills each chunk alone (after engine.sink_ids)
+    return Engine(EngineConfig(home=str(tmp_path_factory.mktemp("home")), chunk_sink="auto", score_on="k",
+                               select_layers=1), model=smollm)
 
 
 @pytest.fixture(scope="module")

@@ -47,8 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offset", type=_count, default=0, help="skip the first N samples (held-out checks)")
     p.add_argument("--chunks", type=_count, default=5, help="first N passages of each sample as chunks")
     p.add_argument("--ratios", type=_ratios, default=_ratios(DEFAULT_RATIOS), help=f"default {DEFAULT_RATIOS}")
-    p.add_argument("--variants", type=_variants, default=parse_variants("all"),
-                   help=f"'all' or a comma-separated subset of: {', '.join(VARIANTS)}")
+    p.add_argument("--variants", type=_variants, default=None,
+                   help=f"'main' (default: plain, prefix and the EngineConfig default), 'all', or a "
+                        f"comma-separated subset of: {', '.join(VARIANTS)}")
     p.add_argument("--max-new-tokens", dest="max_new_tokens", type=_count, default=0,
                    help="0 = the dataset's default (32 QA, 128 samsum)")
     p.add_argument("--out-dir", default="results/quality", help="where frontier_<dataset>_<model>_<dtype>.json goes")
@@ -88,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, AssertionError):
         print(f"kvblend frontier: error: --shard expects i/k with 0 <= i < k, got {args.shard!r}", file=sys.stderr)
         return 2
+    if args.variants is None:
+        args.variants = parse_variants("main")
     started = float(os.environ.get("KVBLEND_FRONTIER_STARTED", time.time()))
     os.environ.setdefault("KVBLEND_FRONTIER_COMMAND", "kvblend frontier " + " ".join(
         a for a in sys.argv[2:] if not a.startswith("--shard")))

@@ -317,20 +317,26 @@ def run_frontier(s: FrontierSettings) -> tuple[Path, dict]:
     variants = list(dict.fromkeys([*(old["variants"] if old else []), *s.variants]))
     ratios = sorted(set([*(old["ratios"] if old else []), *s.ratios]))
     by_id: dict[str, dict] = {r["sample_id"]: r for r in (old["samples"] if old else [])}
+    for r in by_id.values():  # samples of a resumed file keep the hardware they were measured on
+        r.setdefault("hardware", old.get("hardware", "?"))
     order = {smp.sample_id: i for i, smp in enumerate(data.samples)}
     newline = NewlineDetector(model.tokenizer)
     doc: dict[str, Any] = {}
     complete = True
+    here = f"{os.environ.get('KVBLEND_FRONTIER_COMMAND', '')} [{hardware(model.device)}]"
+    commands = list(dict.fromkeys([*(old.get("commands") or [f"{old.get('command', '')} [{old.get('hardware', '?')}]"]
+                                     if old else []), here]))
 
     def write(done: bool) -> None:
         samples = sorted(by_id.values(), key=lambda r: order.get(r["sample_id"], len(order)))
         doc.clear()
+        hw = sorted({r.get("hardware", "?") for r in samples})
         doc.update({
-            "schema": SCHEMA, "setup": setup, "complete": done,
+            "schema": SCHEMA, "setup": setup, "complete": done, "hardware_per_sample": hw,
             "variants": {v: asdict(VARIANTS[v]) for v in variants}, "ratios": ratios,
             "device": str(model.device), "hardware": hardware(model.device),
             "git_sha": os.environ.get("KVBLEND_GIT_SHA", ""), "torch": torch.__version__,
-            "command": os.environ.get("KVBLEND_FRONTIER_COMMAND", ""),
+            "command": os.environ.get("KVBLEND_FRONTIER_COMMAND", ""), "commands": commands,
             "aggregate": aggregate(samples, variants, ratios), "samples": samples,
         })
         atomic_write_json(path, _clean_json(doc))
@@ -350,7 +356,10 @@ def run_frontier(s: FrontierSettings) -> tuple[Path, dict]:
                               first_line_only=data.template.first_line_only, metric=data.metric,
                               answers=sample.answers, done=rec["runs"] if rec else None,
                               check_layer=s.check_layer, newline=newline)
-        by_id[sample.sample_id] = {"sample_id": sample.sample_id, **out}
+        if rec and rec.get("hardware", hardware(model.device)) != hardware(model.device):
+            out["hardware_new_runs"] = hardware(model.device)
+        by_id[sample.sample_id] = {"sample_id": sample.sample_id,
+                                   "hardware": rec.get("hardware") if rec else hardware(model.device), **out}
         write(False)
     write(complete)
     if k == 1:

@@ -56,16 +56,16 @@ def frontier_table(doc: dict, ratios: Sequence[float] | None = None, variants: S
     lines = [f"full prefill: {full.get('n', 0)} samples, score "
              f"{_cell(full, 'score', ci=True) if full.get('score') else '-'}",
              "",
-             "| variant | ratio | recompute | KL first [95% CI] | KL along answer | same ids | = full (norm.) "
+             "| variant | ratio | n | recompute | KL first [95% CI] | KL along answer | same ids | = full (norm.) "
              "| fidelity Rouge-L | score | prefill ms |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for v in variants:
         for r in ratios:
             key = f"{v}@{r:g}"
             cell = agg.get(key)
             if not cell:
                 continue
-            lines.append(f"| {v} | {r:g} | {_cell(cell, 'recompute')} | {_cell(cell, 'kl_first', '.4f', ci=True)} "
+            lines.append(f"| {v} | {r:g} | {cell['n']} | {_cell(cell, 'recompute')} | {_cell(cell, 'kl_first', '.4f', ci=True)} "
                          f"| {_cell(cell, 'kl_mean', '.4f')} | {_count(doc, key, 'same')} | {_count(doc, key, 'exact')} "
                          f"| {_cell(cell, 'fid_rougeL')} | {_cell(cell, 'score')} | {_cell(cell, 'prefill_ms', '.1f')} |")
     return "\n".join(lines)
@@ -116,13 +116,41 @@ def target_entries(docs: dict[str, tuple[dict, str]], best: str, ratio: float = 
     return out
 
 
+# The default variant was picked on the first samples of each dataset (those the GPU pass measured before its
+# deadline); the samples from these indices on were not used to pick it and serve as the held-out check.
+HELD_OUT_FROM = {"musique_s": 43, "samsum": 30}
+
+
+def held_out_table(doc: dict, best: str, start: int, ratio: float = TARGET_RATIO) -> str:
+    """plain vs best at `ratio` on the samples from index `start` on (not used to pick the default)."""
+    rows = []
+    for v in (BASELINE, best):
+        key = f"{v}@{ratio:g}"
+        sel = [s for s in doc["samples"] if int(s["sample_id"].rsplit("/", 1)[-1]) >= start and key in s["runs"]
+               and f"{BASELINE}@{ratio:g}" in s["runs"] and f"{best}@{ratio:g}" in s["runs"]]
+        if not sel:
+            return ""
+        runs = [s["runs"][key] for s in sel]
+        kl = sum(r["kl_first"] for r in runs) / len(runs)
+        ex = sum(bool(r["exact"]) for r in runs)
+        sc = [r["score"] for r in runs if r.get("score") is not None]
+        full = [s["full"]["score"] for s in sel if s["full"].get("score") is not None]
+        rows.append(f"| {v} | {len(runs)} | {kl:.4f} | {ex}/{len(runs)} | {sum(sc) / max(1, len(sc)):.3f} "
+                    f"| {sum(full) / max(1, len(full)):.3f} |")
+    return "\n".join(["| variant | samples | KL first | = full (norm.) | score | full prefill score |",
+                      "|---|---|---|---|---|---|", *rows])
+
+
 def load_docs(out_dir: str | Path) -> list[tuple[Path, dict]]:
     docs = []
     for path in sorted(Path(out_dir).glob("frontier_*.json")):
         try:
-            docs.append((path, json.loads(path.read_text(encoding="utf-8"))))
+            doc = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise ValueError(f"{path}: unreadable frontier file ({exc})") from None
+        if ".shard" in path.name or not doc.get("samples"):
+            continue  # a worker's part (merged into the main file) or a run that measured nothing
+        docs.append((path, doc))
     return docs
 
 
@@ -183,8 +211,10 @@ def _variant_rows() -> list[str]:
         if v.score_on in ("attn", "k_attn_rank", "k_attn_product"):
             extra.append("one query x all-keys attention map at the check layer (|query| x N x heads)")
         if v.select_layers > 1:
-            extra.append(f"layers 2..{v.select_layers} run over {v.select_layers - 1}r..2r of the chunk tokens "
-                         f"instead of r")
+            L = v.select_layers
+            extra.append(f"check layers 1..{L} keep {L}r, ..., r of the chunk tokens (plain: r): "
+                         f"+{L * (L - 1) // 2}r token-layers (at r = 0.15 on 30 layers: +{0.15 * L * (L - 1) / 2 / 30:.1%} "
+                         f"of a full prefill, +{0.15 * L * (L - 1) / 2 / (1 + 0.15 * 29):.0%} of plain blend)")
         rows.append(f"| {v.name} | {v.chunk_sink} | {sel} | {'; '.join(extra) or 'none'} |")
     return rows
 
@@ -218,18 +248,30 @@ def quality_markdown(copied: list[tuple[Path, dict]], best: str, entries: dict, 
             "The recompute fraction is the same r for every variant at ratio r (the first-token and narrowing",
             "variants spend the same final budget); the prefill ms column of each table is measured side by side.",
             ""]
+    out += ["## How the files were made", "",
+            "GPU passes (one command, `scripts/gpu/frontier_runs.sh` through `scripts/gpu/with_weights.sh`, 7 worker",
+            "processes per dataset, each pass bounded by a deadline and resumable): pass 1 every variant at ratios",
+            "0 / 0.15 / 1 on the first 50 samples; the held-out and grid passes after it. Samples the GPU passes did",
+            "not reach were completed on the 2-core CPU by resuming the same files (`kvblend frontier --device cpu",
+            "--variants plain,prefix,prefix_product_narrow --ratios 0.15 --limit 50`); each sample records its",
+            "hardware, and every table gives n per row. Regenerate this page: `kvblend frontier --report`.", ""]
     for path, doc in copied:
         s = doc["setup"]
         rel = path.relative_to(docs_dir) if path.is_relative_to(docs_dir) else path
         stem = Path(rel).with_suffix("")
         held = f", samples from #{s['offset']}" if s.get("offset") else ""
         out += [f"## {s['dataset']}, {s['model']}, {s['dtype']}{held}", "",
-                f"Hardware: {doc.get('hardware', '?')} ({doc.get('device', '?')}), torch {doc.get('torch', '?')}, "
-                f"git {doc.get('git_sha') or '?'}; file `{rel}`.",
-                f"Command: `{doc.get('command') or 'kvblend frontier --dataset ' + s['dataset']}`", "",
+                f"Hardware: {', '.join(doc.get('hardware_per_sample') or [doc.get('hardware', '?')])} "
+                f"(per sample in the file); git {doc.get('git_sha') or '?'}; file `{rel}`.", "",
+                "Commands (each a resumable pass over the same file, [where it ran]):", "",
+                *[f"- `{c}`" for c in (doc.get("commands") or [doc.get("command", "")])], "",
                 f"![KL vs ratio]({stem}_kl.png) ![fidelity vs ratio]({stem}_fidelity.png)", "",
                 "At ratio 0.15, every variant:", "",
                 frontier_table(doc, ratios=[0.15]), ""]
+        start = HELD_OUT_FROM.get(s["dataset"])
+        table = held_out_table(doc, best, start) if start is not None and not s.get("offset") else ""
+        if table:
+            out += [f"Held-out check: samples #{start} on, not used to pick the default:", "", table, ""]
         main = [v for v in (BASELINE, "prefix", best) if v in doc["variants"]]
         out += ["Whole frontier of " + ", ".join(dict.fromkeys(main)) + ":", "",
                 frontier_table(doc, variants=list(dict.fromkeys(main))), ""]

@@ -47,9 +47,19 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in _ALL}
 BASELINE = "plain"
 
 
+def main_variants() -> list[str]:
+    """plain CacheBlend, prefix context alone, and the EngineConfig default."""
+    from kvblend.config import EngineConfig
+
+    return list(dict.fromkeys([BASELINE, "prefix", variant_of_config(EngineConfig()) or BASELINE]))
+
+
 def parse_variants(text: str) -> list[str]:
-    """'all' or a comma-separated list of names -> names (baseline first, no duplicates); ValueError if unknown."""
-    names = list(VARIANTS) if text.strip() == "all" else [t.strip() for t in text.split(",") if t.strip()]
+    """'all', 'main' (main_variants) or a comma-separated list of names -> names (baseline first, no
+    duplicates); ValueError if unknown."""
+    text = text.strip()
+    names = list(VARIANTS) if text == "all" else main_variants() if text == "main" else \
+        [t.strip() for t in text.split(",") if t.strip()]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
