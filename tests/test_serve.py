@@ -108,7 +108,8 @@ def test_models_health_and_metrics_format(server):
     models = server.get_json("/v1/models")
     assert models["object"] == "list" and models["data"][0]["id"] == "tiny-serve"
     assert models["data"][0]["max_model_len"] == CONTEXT
-    assert server.get_json("/health")["status"] == "ok"
+    health = server.get_json("/health")
+    assert health["status"] == "ok" and health["engine"]["mode"] == "blend" and health["engine"]["dtype"] == "float32"
     text = server.get_text("/metrics")
     assert "# TYPE kvblend_ttft_seconds histogram" in text and "# TYPE kvblend_queue_depth gauge" in text
     m = parse_prometheus(text)
@@ -355,6 +356,7 @@ def test_bench_serve_quick_run(tiny_folder, tmp_path):
         c = run["client_ttft_ms"]
         assert 0 < c["p50"] <= c["p90"] <= c["p99"]
     assert (tmp_path / "serve.png").stat().st_size > 0
+    assert full["engine"]["mode"] == "full" and blend["engine"]["mode"] == "blend"
 
 
 def test_bench_serve_bad_modes_is_one_line(capsys):

@@ -254,6 +254,7 @@ def run_modes(args, modes: list[str], workload: dict, log_dir: Path) -> dict:
         for srv in servers.values():
             warm_up(srv)
         before = {m: parse_prometheus(servers[m].get_text("/metrics")) for m in modes}
+        engine = {m: servers[m].get_json("/health").get("engine") for m in modes}
         results: dict[str, list[dict]] = {m: [] for m in modes}
         wall = dict.fromkeys(modes, 0.0)
         with tqdm(total=len(requests) * len(modes), desc="serve bench", unit="req",
@@ -267,7 +268,8 @@ def run_modes(args, modes: list[str], workload: dict, log_dir: Path) -> dict:
                     wall[m] += dt
                     bar.update(len(block))
         after = {m: parse_prometheus(servers[m].get_text("/metrics")) for m in modes}
-    return {m: summarize(args, m, results[m], wall[m], before[m], after[m]) for m in modes}
+    return {m: {**summarize(args, m, results[m], wall[m], before[m], after[m]), "engine": engine[m]}
+            for m in modes}
 
 
 def measure(args) -> dict:

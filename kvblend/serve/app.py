@@ -53,7 +53,7 @@ def create_app(worker: Worker, served_model: str) -> FastAPI:
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": served_model, "queue_depth": worker.depth(),
-                "queue_capacity": worker.max_queue}
+                "queue_capacity": worker.max_queue, "engine": worker.settings}
 
     @app.get("/v1/models")
     async def models():

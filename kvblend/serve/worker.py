@@ -62,6 +62,11 @@ class Worker:
         self._thread = threading.Thread(target=self._loop, name="kvblend-serve-worker", daemon=True)
         self.model_name = engine.model.name
         self.context = engine.model.shape.max_position_embeddings
+        c = engine.config  # the engine settings every answer uses (shown by /health, recorded by the benchmark)
+        self.settings = {k: getattr(c, k) for k in ("mode", "ratio", "chunk_sink", "check_layer", "score_on",
+                                                    "select_first_tokens", "select_layers", "chat_template",
+                                                    "gpu_budget", "cpu_budget", "disk_budget") if hasattr(c, k)}
+        self.settings.update(dtype=str(engine.model.dtype).removeprefix("torch."), device=str(engine.model.device))
         metrics.publish_store(engine.store.summary())
 
     # HTTP side ----------------------------------------------------------------------------------------
