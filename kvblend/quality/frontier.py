@@ -223,20 +223,33 @@ def evaluate_prompt(model: DecoderModel, prompt: PromptIds, variants: Sequence[s
     return record
 
 
+def timing_hardware(samples: list[dict]) -> str:
+    """The hardware most samples were measured on: prefill times are averaged over those samples only."""
+    from collections import Counter
+
+    counts = Counter(s.get("hardware", "?") for s in samples)
+    return counts.most_common(1)[0][0] if counts else "?"
+
+
 def aggregate(samples: list[dict], variants: Sequence[str], ratios: Sequence[float]) -> dict[str, Any]:
-    """Mean and 95% bootstrap interval of every metric per variant x ratio (samples that have the run)."""
+    """Mean and 95% bootstrap interval of every metric per variant x ratio (samples that have the run);
+    prefill_ms only over the samples measured on timing_hardware()."""
     table: dict[str, Any] = {}
     full_scores = [s["full"]["score"] for s in samples if s["full"].get("score") is not None]
     m, lo, hi = mean_ci(full_scores)
-    table["full"] = {"score": {"mean": m, "ci95": [lo, hi]} if full_scores else None, "n": len(samples)}
+    hw = timing_hardware(samples)
+    table["full"] = {"score": {"mean": m, "ci95": [lo, hi]} if full_scores else None, "n": len(samples),
+                     "timing_hardware": hw}
     for v in variants:
         for r in ratios:
-            rows = [s["runs"][run_key(v, r)] for s in samples if run_key(v, r) in s["runs"]]
+            have = [s for s in samples if run_key(v, r) in s["runs"]]
+            rows = [s["runs"][run_key(v, r)] for s in have]
             if not rows:
                 continue
             cell: dict[str, Any] = {"n": len(rows)}
             for metric in METRICS:
-                vals = [float(x[metric]) for x in rows if x.get(metric) is not None]
+                use = [x for x, smp in zip(rows, have) if metric != "prefill_ms" or smp.get("hardware", hw) == hw]
+                vals = [float(x[metric]) for x in use if x.get(metric) is not None]
                 if vals:
                     m, lo, hi = mean_ci(vals)
                     cell[metric] = {"mean": m, "ci95": [lo, hi]}
@@ -253,6 +266,20 @@ def _clean_json(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_clean_json(v) for v in obj]
     return obj
+
+
+def git_sha() -> str:
+    """KVBLEND_GIT_SHA (the GPU box has no .git), else the checkout's HEAD, else ''."""
+    import subprocess
+
+    sha = os.environ.get("KVBLEND_GIT_SHA", "")
+    if sha and sha != "unknown":
+        return sha
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def hardware(device: torch.device) -> str:
@@ -335,7 +362,7 @@ def run_frontier(s: FrontierSettings) -> tuple[Path, dict]:
             "schema": SCHEMA, "setup": setup, "complete": done, "hardware_per_sample": hw,
             "variants": {v: asdict(VARIANTS[v]) for v in variants}, "ratios": ratios,
             "device": str(model.device), "hardware": hardware(model.device),
-            "git_sha": os.environ.get("KVBLEND_GIT_SHA", ""), "torch": torch.__version__,
+            "git_sha": git_sha(), "torch": torch.__version__,
             "command": os.environ.get("KVBLEND_FRONTIER_COMMAND", ""), "commands": commands,
             "aggregate": aggregate(samples, variants, ratios), "samples": samples,
         })

@@ -33,12 +33,13 @@ def plot_frontier(doc: dict, stem: str | Path) -> list[Path]:
     for metric, label, suffix, logy in (("kl_first", "first-token KL(full || x)", "kl", True),
                                         ("exact", "answers equal to full prefill (fraction)", "fidelity", False)):
         fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-        for v in doc["variants"]:
+        for i, v in enumerate(doc["variants"]):
             xs, ys = _series(doc, v, metric)
             if logy:
                 xs, ys = zip(*[(x, y) for x, y in zip(xs, ys) if y > 0]) if any(y > 0 for y in ys) else ((), ())
             if xs:
-                ax.plot(xs, ys, marker="o", ms=3, lw=2.2 if v == "plain" else 1.2, label=v)
+                ax.plot(xs, ys, marker="os^"[i // 10 % 3], ms=3, ls=("-", "--", ":")[i // 10 % 3],
+                        color=f"C{i % 10}", lw=2.4 if v == "plain" else 1.2, label=v)
         if logy:
             ax.set_yscale("log")
         ax.set_xlabel("recompute ratio")

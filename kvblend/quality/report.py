@@ -57,7 +57,7 @@ def frontier_table(doc: dict, ratios: Sequence[float] | None = None, variants: S
              f"{_cell(full, 'score', ci=True) if full.get('score') else '-'}",
              "",
              "| variant | ratio | n | recompute | KL first [95% CI] | KL along answer | same ids | = full (norm.) "
-             "| fidelity Rouge-L | score | prefill ms |",
+             "| fidelity Rouge-L | score | prefill ms* |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for v in variants:
         for r in ratios:
@@ -68,6 +68,8 @@ def frontier_table(doc: dict, ratios: Sequence[float] | None = None, variants: S
             lines.append(f"| {v} | {r:g} | {cell['n']} | {_cell(cell, 'recompute')} | {_cell(cell, 'kl_first', '.4f', ci=True)} "
                          f"| {_cell(cell, 'kl_mean', '.4f')} | {_count(doc, key, 'same')} | {_count(doc, key, 'exact')} "
                          f"| {_cell(cell, 'fid_rougeL')} | {_cell(cell, 'score')} | {_cell(cell, 'prefill_ms', '.1f')} |")
+    lines += ["", f"*prefill ms: mean over the samples measured on {full.get('timing_hardware', '?')} (eager "
+              f"layers, fp32 on the H200 or the CPU); ratio 0 / 1 rows are reuse / full prefill."]
     return "\n".join(lines)
 
 
@@ -116,18 +118,24 @@ def target_entries(docs: dict[str, tuple[dict, str]], best: str, ratio: float = 
     return out
 
 
-# The default variant was picked on the first samples of each dataset (those the GPU pass measured before its
-# deadline); the samples from these indices on were not used to pick it and serve as the held-out check.
-HELD_OUT_FROM = {"musique_s": 43, "samsum": 30}
+# datasets whose text may not be redistributed (SAMSum: CC BY-NC-ND): the docs copy drops generated answers
+REDACT = ("samsum",)
 
 
-def held_out_table(doc: dict, best: str, start: int, ratio: float = TARGET_RATIO) -> str:
-    """plain vs best at `ratio` on the samples from index `start` on (not used to pick the default)."""
+def held_out(doc: dict, ratio: float = TARGET_RATIO) -> list[dict]:
+    """Samples on which not every variant was measured at `ratio`: the default was picked by comparing all
+    variants, so these samples (measured afterwards) played no part in picking it."""
+    keys = [f"{v}@{ratio:g}" for v in doc["variants"]]
+    return [s for s in doc["samples"] if not all(k in s["runs"] for k in keys)]
+
+
+def held_out_table(doc: dict, best: str, ratio: float = TARGET_RATIO) -> str:
+    """plain vs best at `ratio` on the held-out samples."""
     rows = []
+    pool = held_out(doc, ratio)
     for v in (BASELINE, best):
         key = f"{v}@{ratio:g}"
-        sel = [s for s in doc["samples"] if int(s["sample_id"].rsplit("/", 1)[-1]) >= start and key in s["runs"]
-               and f"{BASELINE}@{ratio:g}" in s["runs"] and f"{best}@{ratio:g}" in s["runs"]]
+        sel = [s for s in pool if f"{BASELINE}@{ratio:g}" in s["runs"] and f"{best}@{ratio:g}" in s["runs"]]
         if not sel:
             return ""
         runs = [s["runs"][key] for s in sel]
@@ -139,6 +147,18 @@ def held_out_table(doc: dict, best: str, start: int, ratio: float = TARGET_RATIO
                     f"| {sum(full) / max(1, len(full)):.3f} |")
     return "\n".join(["| variant | samples | KL first | = full (norm.) | score | full prefill score |",
                       "|---|---|---|---|---|---|", *rows])
+
+
+def redacted(doc: dict) -> dict:
+    """The doc without generated text or token ids (numbers only)."""
+    out = json.loads(json.dumps(doc))
+    for smp in out["samples"]:
+        smp["full"].pop("answer", None)
+        smp["full"].pop("tokens", None)
+        for run in smp["runs"].values():
+            run.pop("answer", None)
+    out["redacted"] = "generated answers dropped: the dataset's licence forbids redistributing derivatives"
+    return out
 
 
 def load_docs(out_dir: str | Path) -> list[tuple[Path, dict]]:
@@ -164,7 +184,7 @@ def default_variant() -> str:
 def write_report(out_dir: str | Path, docs_dir: str | Path = "docs") -> list[str]:
     """Copy frontier files + plots to <docs>/results/quality/, write the Q* keys and <docs>/QUALITY.md."""
     from kvblend.bench.summary import update_summary
-    from kvblend.io import atomic_write_text
+    from kvblend.io import atomic_write_json, atomic_write_text
     from kvblend.quality.plots import plot_frontier
 
     docs = load_docs(out_dir)
@@ -175,7 +195,10 @@ def write_report(out_dir: str | Path, docs_dir: str | Path = "docs") -> list[str
     copied: list[tuple[Path, dict]] = []
     for path, doc in docs:
         target = dest / path.name
-        if path.resolve() != target.resolve():
+        if doc["setup"]["dataset"] in REDACT:
+            doc = redacted(doc)
+            atomic_write_json(target, doc)
+        elif path.resolve() != target.resolve():
             shutil.copyfile(path, target)
         plot_frontier(doc, target.with_suffix(""))
         copied.append((target, doc))
@@ -268,10 +291,11 @@ def quality_markdown(copied: list[tuple[Path, dict]], best: str, entries: dict, 
                 f"![KL vs ratio]({stem}_kl.png) ![fidelity vs ratio]({stem}_fidelity.png)", "",
                 "At ratio 0.15, every variant:", "",
                 frontier_table(doc, ratios=[0.15]), ""]
-        start = HELD_OUT_FROM.get(s["dataset"])
-        table = held_out_table(doc, best, start) if start is not None and not s.get("offset") else ""
+        table = held_out_table(doc, best)
         if table:
-            out += [f"Held-out check: samples #{start} on, not used to pick the default:", "", table, ""]
+            ids = ", ".join(f"#{x['sample_id'].rsplit('/', 1)[-1]}" for x in held_out(doc))
+            out += [f"Held-out check (samples {ids}: measured after the default was picked, on "
+                    f"{', '.join(sorted({x.get('hardware', '?') for x in held_out(doc)}))}):", "", table, ""]
         main = [v for v in (BASELINE, "prefix", best) if v in doc["variants"]]
         out += ["Whole frontier of " + ", ".join(dict.fromkeys(main)) + ":", "",
                 frontier_table(doc, variants=list(dict.fromkeys(main))), ""]
