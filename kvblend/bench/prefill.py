@@ -363,7 +363,10 @@ def measure(model, prompt, texts, args, device, label: str, home: Path, real: bo
     # ---- (b) end to end through Engine.answer, chunks staged on each tier ------------------------------
     config = EngineConfig(home=str(home / label), gpu_budget="64GiB", cpu_budget="64GiB", disk_budget="200GiB",
                           chunk_sink="none" if model.tokenizer is None else "auto", mode="blend", ratio=r0,
-                          max_new_tokens=1, stop_on_newline=False)
+                          max_new_tokens=1, stop_on_newline=False,
+                          # the selection every timing here uses (as prefill()'s own default): plain CacheBlend,
+                          # K deviation at check layer 1, not the engine's configurable default variant
+                          score_on="k", select_layers=1, select_first_tokens=0, check_layer=1)
     engine = Engine(config, model=model)
     sampling = SamplingParams(max_new_tokens=1, stop_on_newline=False)
     e2e, sweep = {}, {}
