@@ -72,7 +72,8 @@ TARGETS = {  # key: (target, better, what)
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--quick", action="store_true",
-                   help="short run: one small shape, 3 x 128-token chunks, 3 timed rounds (CPU: under 3 minutes)")
+                   help="short run: one small shape, 3 x 128-token chunks, blend@0.15 only, 3 timed rounds (2 end to "
+                        "end, 1 for 2 chunks per tier)")
     p.add_argument("--shapes", default=None,
                    help=f"comma list of {', '.join(SHAPES)} or none (default: cuda llama3-8b,qwen2.5-1.5b,"
                         f"smollm2-135m; cpu smollm2-135m)")
@@ -85,11 +86,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-tokens", type=int, default=None, help="tokens per chunk (default 512; --quick 128)")
     p.add_argument("--prefix-tokens", type=int, default=32)
     p.add_argument("--query-tokens", type=int, default=64)
-    p.add_argument("--ratios", default="0.05,0.15,0.3")
+    p.add_argument("--ratios", default=None, help="blend ratios (default 0.05,0.15,0.3; --quick 0.15)")
     p.add_argument("--tiers", default=",".join(TIERS), help=f"end-to-end tiers ({', '.join(TIERS)})")
     p.add_argument("--chunk-counts", default=None,
                    help="chunks per prompt for TTFT vs number of chunks (256-token chunks; default 2,4,8,16; "
-                        "--quick 2,4; empty: skip)")
+                        "--quick 2; empty: skip)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true", help="CUDA: torch.profiler of one blend prefill (graphs / plain)")
@@ -391,7 +392,8 @@ def measure(model, prompt, texts, args, device, label: str, home: Path, real: bo
         engine.warm_up(prompt, texts)
     try:
         e2e = {k: summarise(v) for k, v in
-               round_robin(e2e_cases, min(args.warmup, 2), max(3, args.iters // 2), device, ttft).items()}
+               round_robin(e2e_cases, min(args.warmup, 2), 2 if args.quick else max(3, args.iters // 2), device,
+                           ttft).items()}
     except Exception as exc:  # noqa: BLE001 (recorded in the JSON, the rest of the run goes on)
         log.exception("end-to-end cases failed")
         res["errors"]["e2e"] = f"{type(exc).__name__}: {exc}"
@@ -407,7 +409,8 @@ def measure(model, prompt, texts, args, device, label: str, home: Path, real: bo
             for tier in args.tiers:
                 sc[f"blend@{tier}"] = answer_on(p, None, tier, "blend")
             try:
-                got = round_robin(sc, 1, max(2, args.iters // 3), device, ttft)
+                got = round_robin(sc, 0 if args.quick else 1, 1 if args.quick else max(2, args.iters // 3), device,
+                                  ttft)
                 sweep[str(count)] = {k: summarise(v) for k, v in got.items()}
             except Exception as exc:  # noqa: BLE001
                 log.exception("chunk sweep failed")
@@ -670,8 +673,9 @@ def run(args: argparse.Namespace) -> int:
         return _finish(doc, args, source)
 
     try:
-        args.ratios = [float(x) for x in args.ratios.split(",") if x]
-        counts = args.chunk_counts if args.chunk_counts is not None else ("2,4" if args.quick else "2,4,8,16")
+        ratios = args.ratios if args.ratios is not None else ("0.15" if args.quick else "0.05,0.15,0.3")
+        args.ratios = [float(x) for x in ratios.split(",") if x]
+        counts = args.chunk_counts if args.chunk_counts is not None else ("2" if args.quick else "2,4,8,16")
         args.chunk_counts = [int(x) for x in counts.split(",") if x]
     except ValueError:
         return _fail("--ratios and --chunk-counts take comma-separated numbers")
