@@ -388,8 +388,20 @@ def measure(model, prompt, texts, args, device, label: str, home: Path, real: bo
     for tier in args.tiers:
         for mode in ("reuse", "blend"):
             e2e_cases[f"{mode}@{tier}"] = answer_on(prompt, texts, tier, mode)
+    # the engine's default blend variant (EngineConfig defaults: chunk context, selection signal, check layers),
+    # chunks on the GPU tier: what a user gets without flags, timed beside plain CacheBlend
+    default_engine = Engine(EngineConfig(home=str(home / f"{label}-default"), gpu_budget="64GiB",
+                                         cpu_budget="64GiB", disk_budget="200GiB", mode="blend", ratio=r0,
+                                         max_new_tokens=1, stop_on_newline=False), model=model)
+
+    def default_variant() -> Any:
+        default_engine.stage(prompt, texts, "gpu")
+        return default_engine.answer(prompt, texts, mode="blend", ratio=r0, sampling=sampling)
+
+    e2e_cases["blend_default_variant@gpu"] = default_variant
     if hasattr(engine, "warm_up"):
         engine.warm_up(prompt, texts)
+        default_engine.warm_up(prompt, texts)
     try:
         e2e = {k: summarise(v) for k, v in
                round_robin(e2e_cases, min(args.warmup, 2), 2 if args.quick else max(3, args.iters // 2), device,
