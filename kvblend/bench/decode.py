@@ -10,7 +10,7 @@ Per prompt (greedy, same prompt and device for every configuration, interleaved,
 and the step time of the target with a chunk promotion in flight at every step vs none (the Promoter's own
 path: side-stream copy from pinned memory, re-rotation there, fuse at the next step boundary).
 TPOT = decode time after the first token / tokens after the first, summed over the prompts (each prompt's
-median over repeats); HF's from generate(N) - generate(1), median over repeats and prompts.
+median over repeats); HF's from the intervals between its generated tokens (a recording streamer), median over repeats and prompts.
 Every speculative configuration's output is compared token for token with the target alone.
 
 Writes --out (default results/bench/decode.json); with --summary also the summary targets (P7_tpot_ms,
@@ -189,26 +189,41 @@ def _decode_stats(out, steps) -> dict:
     return d
 
 
+class _TokenClock:
+    """A transformers streamer that only records when each piece arrives: put() is called once with the prompt,
+    then once per generated token (generate() has already synchronised to decide whether to stop)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
 def _hf_tpot(model, prompt, max_new: int) -> tuple[float, list[int]]:
-    """transformers' generate: (TPOT from generate(N) - generate(1), its greedy ids)."""
+    """transformers' generate: (TPOT = mean interval between its generated tokens after the first, its greedy ids).
+
+    Measured inside one generate() call, so it can never come out negative (a difference of two separately timed
+    calls can, on a loaded machine)."""
     import torch
 
     ids = torch.tensor([prompt.flat()], device=model.device)
     eos = sorted(model.eos_token_ids()) or None
     kw = dict(do_sample=False, use_cache=True, pad_token_id=eos[0] if eos else 0, eos_token_id=eos,
               attention_mask=torch.ones_like(ids))
-    times, outs = {}, {}
+    clock = _TokenClock()
     with torch.inference_mode():
-        for n in (1, max_new):
-            _sync(model.device)
-            t0 = time.perf_counter()
-            out = model.hf_model.generate(ids, max_new_tokens=n, **kw)
-            _sync(model.device)
-            times[n] = (time.perf_counter() - t0) * 1e3
-            outs[n] = out[0, ids.shape[1]:].tolist()
-    produced = len(outs[max_new])
-    tpot = (times[max_new] - times[1]) / (produced - 1) if produced > 1 else float("nan")
-    return tpot, outs[max_new]
+        out = model.hf_model.generate(ids, max_new_tokens=max_new, streamer=clock, **kw)
+        _sync(model.device)
+    new_ids = out[0, ids.shape[1]:].tolist()
+    token_times = clock.times[1:]  # the first put() is the prompt
+    if len(token_times) < 2:
+        return float("nan"), new_ids
+    tpot = (token_times[-1] - token_times[0]) * 1e3 / (len(token_times) - 1)
+    return tpot, new_ids
 
 
 def _median(values):
