@@ -10,6 +10,9 @@ import sys
 import time
 from pathlib import Path
 
+from kvblend.argtypes import non_negative_int as _non_negative_int
+from kvblend.argtypes import positive_int as _positive_int
+from kvblend.argtypes import ratio as _ratio
 from kvblend.errors import KvblendError
 from kvblend.vocab import DRAFTERS, MODES, PROXIES, RETRIEVAL_MODES, RETRIEVAL_SCOPES, TIERS
 
@@ -21,36 +24,6 @@ EXIT_ERROR = 1
 
 class CliError(KvblendError):
     pass
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def _ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
-    return value
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:

@@ -19,7 +19,6 @@ from kvblend.generation.generate import generate
 from kvblend.generation.sampling import SamplingParams
 from kvblend.kvstore.builder import build_chunk_kv
 from kvblend.quality.variants import VARIANTS, parse_variants
-from kvblend.types import PromptIds
 from kvblend.vocab import SCORE_ON
 from test_blend import hf_full_logits, random_prompt
 

@@ -388,7 +388,6 @@ def promotion_overhead(model, prompt, params, num_steps: int, repeats: int) -> d
     flight at every step vs without: chunks 0..n-3 resident, the last two CPU placeholders (pinned memory on
     CUDA); at every step the Promoter fuses the chunk whose copy it started the step before, demotes the other
     and starts its copy (side stream), exactly its proxy-driven path with the scores scripted."""
-    import torch
 
     from kvblend.fusion.blend import prefill
     from kvblend.fusion.layout import ChunkSlot

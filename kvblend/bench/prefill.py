@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from kvblend.io import atomic_write_json
 from kvblend.model.shape import PRESETS
 
 log = logging.getLogger(__name__)
@@ -433,7 +434,6 @@ def measure(model, prompt, texts, args, device, label: str, home: Path, real: bo
 
 def profile_case(fn: Callable[[], Any], device, reps: int = 3, top: int = 15) -> dict[str, Any]:
     """torch.profiler over `reps` calls: device time per call and the top ops / kernels by self device time."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -489,7 +489,7 @@ def summary_entries(doc: dict, source: str) -> dict[str, dict]:
                     blend_no_graphs_ms=_med(r, "prefill", b + "_no_graphs"))
         real = by.get("smollm2-real")
         if real and real.get("e2e"):
-            b = f"blend@gpu"
+            b = "blend@gpu"
             full, blend = _med(real, "e2e", "full"), _med(real, "e2e", b)
             if full and blend:
                 put("P1c_smollm2_e2e_speedup", full / blend, full_ttft_ms=full, blend_ttft_ms=blend)
@@ -677,8 +677,6 @@ def run(args: argparse.Namespace) -> int:
                        merged_from=[{"argv": d.get("argv"), "git_sha": d.get("git_sha"),
                                      "started_utc": d.get("started_utc")} for d in docs])
         if args.merged_out:
-            from kvblend.io import atomic_write_json
-
             atomic_write_json(Path(args.merged_out), doc)
             print(f"wrote {args.merged_out}")
         source = args.source or args.merged_out or args.from_json
@@ -764,15 +762,11 @@ def run(args: argparse.Namespace) -> int:
                 res = {"label": label, "fatal": traceback.format_exc()}
             res["wall_s"] = time.perf_counter() - t0
             doc["results"].append(res)
-            from kvblend.io import atomic_write_json
-
             atomic_write_json(out, doc)
             model = None
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     doc["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    from kvblend.io import atomic_write_json
-
     atomic_write_json(out, doc)
     print(f"wrote {out}")
     return _finish(doc, args, args.source or str(out))

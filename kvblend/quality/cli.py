@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from kvblend.argtypes import non_negative_int
 from kvblend.quality.variants import VARIANTS, parse_variants
 
 DEFAULT_RATIOS = "0,0.05,0.1,0.15,0.2,0.3,0.5,1.0"
@@ -28,29 +29,19 @@ def _variants(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="musique_s", help="musique_s | samsum | wikimqa_s | toy | data file")
     p.add_argument("--model", default="smollm2-135m-instruct", help="named model or local HF folder")
     p.add_argument("--dtype", default="float32", help="float32 (quality comparisons) | bfloat16 | float16")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--limit", type=_count, default=0, help="first N samples (after --offset); 0 = all")
-    p.add_argument("--offset", type=_count, default=0, help="skip the first N samples (held-out checks)")
-    p.add_argument("--chunks", type=_count, default=5, help="first N passages of each sample as chunks")
+    p.add_argument("--limit", type=non_negative_int, default=0, help="first N samples (after --offset); 0 = all")
+    p.add_argument("--offset", type=non_negative_int, default=0, help="skip the first N samples (held-out checks)")
+    p.add_argument("--chunks", type=non_negative_int, default=5, help="first N passages of each sample as chunks")
     p.add_argument("--ratios", type=_ratios, default=_ratios(DEFAULT_RATIOS), help=f"default {DEFAULT_RATIOS}")
     p.add_argument("--variants", type=_variants, default=None,
                    help=f"'main' (default: plain, prefix and the EngineConfig default), 'all', or a "
                         f"comma-separated subset of: {', '.join(VARIANTS)}")
-    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=_count, default=0,
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=non_negative_int, default=0,
                    help="0 = the dataset's default (32 QA, 128 samsum)")
     p.add_argument("--out-dir", default="results/quality", help="where frontier_<dataset>_<model>_<dtype>.json goes")
     p.add_argument("--report", action="store_true",
@@ -58,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "from the frontier files in --out-dir")
     p.add_argument("--docs-dir", default="docs", help="with --report: where QUALITY.md and results/quality/ go")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--jobs", type=_count, default=1,
+    p.add_argument("--jobs", type=non_negative_int, default=1,
                    help="worker processes sharing the samples (a GPU run is launch-bound: several processes "
                         "keep it busy); their shard files are merged into the one results file")
     p.add_argument("--deadline-s", dest="deadline_s", type=float, default=0.0,
