@@ -84,13 +84,15 @@ def test_corrupt_chunk_in_the_middle_of_kvblend_run_heals_in_one_run(tmp_path, m
     args = ["--config", str(tmp_path / "c.toml"), "--dataset", "toy", "--limit", "1", "--top-k", "2",
             "--retrieval-mode", "bm25", "--results-dir", str(results), "--start-tier", "disk", "--quiet"]
     real_decode = pipeline.run_decode
-    corrupted = []
+    corrupted, used_home = [], []
 
     def decode_after_damage(config, mode=None, engine=None, progress=True):
         if not corrupted:  # mid-run: the build is done, no answer has been given yet
+            # the home the run resolved (KVBLEND_HOME, as CI sets it, wins over the TOML file)
+            used_home.append(Path(config.home).expanduser())
             summary = json.loads(next((results / "kv_caches").glob("*.json")).read_text())
             victim = summary["placements"][0]["chunks"][1]["key"]
-            tensor = next((home / "chunks").rglob(f"{victim}.safetensors"))
+            tensor = next((used_home[0] / "chunks").rglob(f"{victim}.safetensors"))
             data = bytearray(tensor.read_bytes())
             data[-3] ^= 0x20
             tensor.write_bytes(bytes(data))
@@ -109,7 +111,7 @@ def test_corrupt_chunk_in_the_middle_of_kvblend_run_heals_in_one_run(tmp_path, m
     doc = json.loads(path.read_text())
     doc["made_from"]["limit"] = 7
     path.write_text(json.dumps(doc))
-    config = EngineConfig(home=str(home), max_new_tokens=3, dataset="toy", limit=1, top_k=2, retrieval_mode="bm25",
+    config = EngineConfig(home=str(used_home[0]), max_new_tokens=3, dataset="toy", limit=1, top_k=2, retrieval_mode="bm25",
                           results_dir=str(results), start_tier="disk")
     run_eval(config, ("reuse",), progress=False)
     assert json.loads(path.read_text())["made_from"]["limit"] == 1
