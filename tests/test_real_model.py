@@ -68,3 +68,22 @@ def test_real_greedy_answer_equals_transformers_generate(engine, musique_prompt)
     ref = ref[: next((i for i, t in enumerate(ref) if t in eos), len(ref))]
     assert out.token_ids == ref
     assert out.ttft_ms > 0 and len(out.token_ms) == len(out.token_ids) - 1
+
+
+def test_demo_reports_ttft_from_the_start_tier_and_gpu_resident(engine):
+    """`make demo`'s rows: every mode answered from config.start_tier, reuse and blend timed again with their
+    chunks GPU-resident (the warm TTFT); the table carries both figures."""
+    from kvblend.demo import format_table, run_demo
+
+    rows = run_demo(engine.config, num_samples=1, num_chunks=2, engine=engine, progress=False)
+    assert [r.mode for r in rows] == ["full", "reuse", "blend"]
+    start = engine.config.start_tier
+    for r in rows:
+        assert r.ttft_ms > 0 and r.warm_ttft_ms > 0
+        if r.mode == "full":
+            assert r.warm_ttft_ms == r.ttft_ms and r.chunk_tiers == r.warm_chunk_tiers
+        else:
+            assert set(r.chunk_tiers) == {start} and set(r.warm_chunk_tiers) == {"gpu"}, (r.chunk_tiers,
+                                                                                          r.warm_chunk_tiers)
+    table = format_table(rows)
+    assert "warm TTFT ms (chunks GPU-resident)" in table and table.count("\n| reuse |") == 1
