@@ -196,13 +196,33 @@ class Engine:
         clock.fetch_ms += elapsed_ms(t0, self.model.device) - built_ms
         return fetched, chunks
 
-    @staticmethod
-    def _annotate(out: GenOutput, clock: RequestClock, fetched: Sequence[Fetched] | None, tiers: Sequence[str],
-                  build_ms: float) -> GenOutput:
+    def _start(self, prompt: PromptIds, chunk_texts: Sequence[str] | None, start_tier: str | None):
+        """A request's start, shared by every answer path: texts, staging (before the clock), the clock, the
+        store's build counter at the start (builds are reported apart from TTFT), the chunk keys."""
+        texts = self._texts(prompt, chunk_texts)
+        if start_tier is not None:
+            self.stage(prompt, texts, start_tier)
+        build0 = self.store.stats.build_ms
+        clock = RequestClock()
+        keys = [self.chunk_key(ids, prompt.prefix_ids, t) for ids, t in zip(prompt.chunk_ids, texts)]
+        return texts, build0, clock, keys
+
+    def _gather(self, mode: str, keys: Sequence[ChunkKey], prompt: PromptIds, texts: Sequence[str],
+                clock: RequestClock, tier_of: Callable[[int], str], pin: Callable[[int], bool]):
+        """(fetched or None, chunks or None, per-chunk tier labels): full prefill computes every chunk, so it
+        fetches nothing and records where each chunk happened to be; other modes fetch through _fetch."""
+        if mode == "full":
+            return None, None, [self.store.tier_of(k) or "absent" for k in keys]
+        fetched, chunks = self._fetch(keys, list(zip(prompt.chunk_ids, texts)), prompt.prefix_ids, clock,
+                                      tier_of=tier_of, pin=pin)
+        return fetched, chunks, [self._tier_label(f) for f in fetched]
+
+    def _annotate(self, out: GenOutput, clock: RequestClock, fetched: Sequence[Fetched] | None, tiers: Sequence[str],
+                  build0: float) -> GenOutput:
         out.chunk_tiers = tuple(tiers)
         out.chunk_outcomes = tuple(f.outcome for f in fetched) if fetched is not None else ()
         out.fetch_ms = clock.fetch_ms
-        out.build_ms = build_ms
+        out.build_ms = self.store.stats.build_ms - build0
         return out
 
     @staticmethod
@@ -220,22 +240,10 @@ class Engine:
         mode = mode or c.mode
         ratio = c.ratio if ratio is None else ratio
         sampling = sampling or self.sampling()
-        texts = self._texts(prompt, chunk_texts)
-        if start_tier is not None:
-            self.stage(prompt, texts, start_tier)
-        build0 = self.store.stats.build_ms
-        clock = RequestClock()
-        keys = [self.chunk_key(ids, prompt.prefix_ids, t) for ids, t in zip(prompt.chunk_ids, texts)]
-        fetched: list[Fetched] | None = None
-        if mode == "full":  # the baseline computes every chunk: nothing is fetched
-            tiers = [self.store.tier_of(k) or "absent" for k in keys]
-            pinned: list[ChunkKey] = []
-            chunks = None
-        else:
-            fetched, chunks = self._fetch(keys, list(zip(prompt.chunk_ids, texts)), prompt.prefix_ids, clock,
-                                          tier_of=lambda i: "gpu", pin=lambda i: True)
-            pinned = keys
-            tiers = [self._tier_label(f) for f in fetched]
+        texts, build0, clock, keys = self._start(prompt, chunk_texts, start_tier)
+        fetched, chunks, tiers = self._gather(mode, keys, prompt, texts, clock, tier_of=lambda i: "gpu",
+                                              pin=lambda i: True)
+        pinned = keys if fetched is not None else []
         try:
             result = prefill(self.model, prompt, chunks, mode=mode, ratio=ratio, check_layer=c.check_layer,
                              selection=self.selection, extra_capacity=sampling.max_new_tokens)
@@ -244,7 +252,7 @@ class Engine:
                 self.store.unpin(key)
         clock.build_ms = self.store.stats.build_ms - build0
         out = generate(self.model, result, sampling, clock.ttft_start(), self.newline, on_token=on_token)
-        return self._annotate(out, clock, fetched, tiers, self.store.stats.build_ms - build0)
+        return self._annotate(out, clock, fetched, tiers, build0)
 
     def answer_speculative(self, prompt: PromptIds, chunk_texts: Sequence[str] | None, scores: Sequence[float],
                            options: SpecOptions | None = None, *, draft_model: DecoderModel | None = None,
@@ -269,25 +277,16 @@ class Engine:
         ratio = c.ratio if o.ratio is None else o.ratio
         proxy = None if o.proxy == "none" or mode == "full" else o.proxy  # full: every chunk resident already
         sampling = sampling or self.sampling()
-        texts = self._texts(prompt, chunk_texts)
-        if start_tier is not None:
-            self.stage(prompt, texts, start_tier)
-        build0 = self.store.stats.build_ms
-        clock = RequestClock()
-        keys = [self.chunk_key(ids, prompt.prefix_ids, t) for ids, t in zip(prompt.chunk_ids, texts)]
+        texts, build0, clock, keys = self._start(prompt, chunk_texts, start_tier)
         placement: Placement = place(keys, [len(i) for i in prompt.chunk_ids], scores,
                                      first_position=len(prompt.prefix_ids), gpu_chunks=gpu_chunks)
         resident = [not s.is_placeholder for s in placement.slots]
-        fetched: list[Fetched] = []
+        fetched: list[Fetched] | None = None
         promoter = None
         try:
-            if mode == "full":  # every chunk resident and computed: nothing to fetch
-                chunks, tiers = None, [self.store.tier_of(k) or "absent" for k in keys]
-            else:
-                fetched, chunks = self._fetch(keys, list(zip(prompt.chunk_ids, texts)), prompt.prefix_ids, clock,
-                                              tier_of=lambda i: "gpu" if resident[i] else "cpu",
-                                              pin=lambda i: resident[i])
-                tiers = [self._tier_label(f) for f in fetched]
+            fetched, chunks, tiers = self._gather(mode, keys, prompt, texts, clock,
+                                                  tier_of=lambda i: "gpu" if resident[i] else "cpu",
+                                                  pin=lambda i: resident[i])
             extra = sampling.max_new_tokens + o.k + 2
             result = prefill(self.model, prompt, chunks, mode=mode, ratio=ratio, check_layer=c.check_layer,
                              selection=self.selection, extra_capacity=extra, resident=resident)
@@ -314,9 +313,9 @@ class Engine:
             if promoter is not None:
                 promoter.release()  # the promoter owns the resident pins from its construction on
             else:
-                for slot, got in zip(placement.slots, fetched):
+                for slot, _ in zip(placement.slots, fetched or ()):
                     if not slot.is_placeholder:
                         self.store.unpin(slot.key)
-        self._annotate(out, clock, fetched if mode != "full" else None, tiers, self.store.stats.build_ms - build0)
+        self._annotate(out, clock, fetched, tiers, build0)
         trace = promoter.trace if promoter is not None else []
         return out, steps, trace, placement
