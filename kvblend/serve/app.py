@@ -86,20 +86,18 @@ def create_app(worker: Worker, served_model: str) -> FastAPI:
             return error_response(ApiError(
                 429, f"the server's queue is full ({worker.max_queue} requests waiting); retry after "
                      f"{exc.retry_after_s} s", code="queue_full", headers={"Retry-After": str(exc.retry_after_s)}))
-        event = await _next_event(job, request)
-        if event is None:
-            return Response(status_code=499)
-        kind, payload = event
-        if kind == "error":
-            return error_response(payload)
+        # streaming: the first event (the worker accepted the prompt) decides between an error reply and the
+        # stream; otherwise wait for the answer. A client gone meanwhile: 499; an error event: its OpenAI error.
+        while True:
+            event = await _next_event(job, request)
+            if event is None:
+                return Response(status_code=499)
+            kind, payload = event
+            if kind == "error":
+                return error_response(payload)
+            if req.stream or kind == "done":
+                break
         if not req.stream:
-            while kind != "done":
-                event = await _next_event(job, request)
-                if event is None:
-                    return Response(status_code=499)
-                kind, payload = event
-                if kind == "error":
-                    return error_response(payload)
             extra = {"completion_token_ids": payload["token_ids"]}
             if payload["retrieved"]:
                 extra["retrieved"] = payload["retrieved"]
