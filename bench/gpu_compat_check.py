@@ -115,6 +115,28 @@ def prefill_checks(model_type: str, device: str) -> int:
                 b = prefill(model, prompt, pinned, mode=mode, ratio=0.3)
                 err = max((a.logits - b.logits).abs().max().item(), (a.state.k - b.state.k).abs().max().item())
                 report(f"pinned (pipelined) == resident {mode}", err, tol=1e-6)
+    # the static-shape blend front (fusion/front_graph.py, one CUDA graph on CUDA) == the eager front, for the
+    # selection policies it implements, on a 6-layer model (narrowing over 3 check layers leaves recompute layers)
+    from kvblend.fusion.select import SelectionPolicy
+
+    model6 = make_tiny(model_type, num_hidden_layers=6)
+    model6.hf_model.to(device)
+    model6.inv_freq = model6.inv_freq.to(device)
+    policies = (SelectionPolicy("k"), SelectionPolicy("attn"), SelectionPolicy("k_attn_product", layers=3),
+                SelectionPolicy("k_attn_product", first_tokens=2, layers=3))
+    for seed in (31, 32):  # the second prompt (another length, same bucket) replays the first one's graphs
+        prompt = random_prompt(model6.shape.vocab_size, seed=seed, chunk_lens=(90, 71 + seed - 31, 100),
+                               prefix_len=13, query_len=26)
+        chunks = [build_chunk_kv(model6, c) for c in prompt.chunk_ids]
+        for pol in policies:
+            for ratio in (0.15, 0.5):
+                a = prefill(model6, prompt, chunks, ratio=ratio, selection=pol, recompute="plain", extra_capacity=4)
+                b = prefill(model6, prompt, chunks, ratio=ratio, selection=pol, recompute=fast, extra_capacity=4)
+                n = prompt.num_tokens
+                err = max((a.logits - b.logits).abs().max().item(),
+                          (a.state.k[:, :, :n] - b.state.k[:, :, :n]).abs().max().item())
+                report(f"front {fast} == eager {pol.signal} l{pol.layers} f{pol.first_tokens} @{ratio:g} s{seed}", err,
+                       extra=a.stats.selected_positions == b.stats.selected_positions)
     with tempfile.TemporaryDirectory() as tmp:
         disk = DiskTier(Path(tmp), 1 << 30)
         disk.save(chunks[0])

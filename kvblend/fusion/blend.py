@@ -20,6 +20,7 @@ from typing import Sequence
 
 import torch
 
+from kvblend.fusion.front_graph import front_graphs, front_supported, make_plan
 from kvblend.fusion.select import CheckLayer, SelectionPolicy, select_candidates
 from kvblend.kvstore.chunk_kv import ChunkKV
 from kvblend.model.hf import DecoderModel
@@ -297,6 +298,20 @@ def prefill(model: DecoderModel, prompt: PromptIds, chunks: Sequence[ChunkKV] | 
         pos = active
     elif mode == "reuse":
         pos = always
+    elif recompute in ("graph", "padded") and front_supported(model, selection, check_layer, state.has_holes()):
+        # the front (layers below the check layer + check layers + selection) in static shapes: one CUDA
+        # graph replay (fusion/front_graph.py); "padded" runs the same computation eagerly (tests)
+        plan = make_plan(n, len(prompt.prefix_ids), n - len(prompt.query_ids), check_layer, ratio, selection)
+        for layer in range(check_layer, check_layer + selection.layers):
+            _wait(layer_ready[layer], dev)
+        offsets = torch.zeros(n, dtype=torch.long, device=dev)
+        if selection.first_tokens and chunk_pos.numel():
+            offsets.index_copy_(0, chunk_pos, torch.cat(chunk_off_parts))
+        scratch = state.capacity - MAX_PAD
+        h, pos = front_graphs(model).run(state, plan, ids, offsets, scratch, capture=recompute == "graph")
+        selected = pos[plan.prefix:plan.prefix + plan.budgets[-1]]
+        first_partial = check_layer + selection.layers
+        stages.mark("check_and_select")
     else:
         h = h[active]
         cos_a, sin_a = cos[active], sin[active]

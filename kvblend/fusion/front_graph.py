@@ -1,0 +1,278 @@
+"""The front of a blended prefill in static shapes, so it can be captured as one CUDA graph.
+
+The front is everything before the recompute layers: the embedding, the layers below the check layer over
+every token, and the check layer(s) with the token selection (fusion/select.py). Eagerly (fusion/blend.py)
+these are ~25 kernel launches per layer plus the selection's gathers, sorts and top-k, issued one by one from
+Python: on a small model the GPU idles while the host launches them. Here the same computation is written so
+that every tensor has a size known before the call (a *plan*), and the whole front is one graph replay:
+
+  * the prompt is padded to n_pad tokens (pads after the query, token 0): causal attention keeps real rows
+    from seeing them, and their K/V go to scratch rows past every real row (decoding's rows stay untouched);
+  * at each check step the rows of the current set are scored, non-candidates get -inf, and a stable sort
+    ranks the candidates; the kept ones are `rank < budget`, with the budget a device scalar, so one graph
+    serves every budget of a size bucket;
+  * the next set (always-recomputed rows + kept candidates, ascending positions) comes from sorting a key
+    that puts members first; it is cut to a bucketed row count whose tail rows are pads that write scratch
+    rows past every real row and attend to key 0 only (as in model/layer_graphs.py).
+
+The selection is the one of fusion/select.py (k / v deviation, query attention, their product, first tokens
+forced, narrowing over several check layers); ties between equal scores are broken towards lower positions
+here (torch.topk leaves them unspecified). The rank-sum signal is left to the eager path (integer rank sums
+tie often). `run_front` runs the computation eagerly (the tests compare it with the eager blend on CPU);
+`FrontGraphs` captures and replays it on CUDA.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from kvblend.fusion.select import SelectionPolicy, kv_deviation
+from kvblend.model.hf import DecoderModel
+from kvblend.model.layer_graphs import row_bucket
+from kvblend.model.rope import rope_cos_sin
+from kvblend.model.runner import KVState, attend_mlp, qkv, write_kv
+
+log = logging.getLogger(__name__)
+
+TOKEN_BUCKET = 256  # prompt length bucket of the front graph
+MAX_FRONT_GRAPHS = 8
+SIGNALS = ("k", "v", "attn", "k_attn_product")  # k_attn_rank: eager (integer rank sums tie)
+
+
+@dataclass(frozen=True, slots=True)
+class FrontPlan:
+    """The host-known sizes of one blended prefill's front (the graph key is everything but the exact sizes)."""
+
+    n: int  # prompt tokens
+    n_pad: int
+    prefix: int  # tokens before the first chunk
+    query_start: int
+    check_layer: int
+    policy: SelectionPolicy
+    budgets: tuple[int, ...]  # chunk tokens kept after each check step
+    set_rows: tuple[int, ...]  # padded row count of the set entering each check step after the first
+    query_pad: int
+
+    @property
+    def key(self) -> tuple:
+        return (self.n_pad, self.check_layer, self.policy, self.set_rows, self.query_pad)
+
+    @property
+    def num_always(self) -> int:
+        return self.prefix + (self.n - self.query_start)
+
+    @property
+    def rows_out(self) -> int:
+        """Real rows of the set leaving the front (prefix + query + kept chunk tokens)."""
+        return self.num_always + self.budgets[-1]
+
+
+def front_supported(model: DecoderModel, policy: SelectionPolicy, check_layer: int, has_holes: bool) -> bool:
+    """Whether the static front applies: no placeholders, a signal it implements, a recompute layer after,
+    and not switched off with KVBLEND_FRONT_GRAPH=0 (the eager front then runs: for A/B measurements)."""
+    if os.environ.get("KVBLEND_FRONT_GRAPH", "1") in ("0", "false", "no"):
+        return False
+    last = check_layer + policy.layers - 1
+    return not has_holes and policy.signal in SIGNALS and last < model.shape.num_layers - 1
+
+
+def make_plan(n: int, prefix: int, query_start: int, check_layer: int, ratio: float,
+              policy: SelectionPolicy) -> FrontPlan:
+    num_chunk = query_start - prefix
+    budgets = tuple(policy.budget(step, policy.layers, ratio, num_chunk) for step in range(policy.layers))
+    always = prefix + (n - query_start)
+    n_pad = -(-n // TOKEN_BUCKET) * TOKEN_BUCKET
+    set_rows = tuple(min(row_bucket(always + b), n_pad) for b in budgets)
+    query = n - query_start
+    return FrontPlan(n=n, n_pad=n_pad, prefix=prefix, query_start=query_start, check_layer=check_layer,
+                     policy=policy, budgets=budgets, set_rows=set_rows, query_pad=-(-query // 16) * 16)
+
+
+@dataclass(slots=True)
+class FrontInputs:
+    """Static inputs and outputs of one front graph."""
+
+    ids: torch.Tensor  # [n_pad] long
+    offsets: torch.Tensor  # [n_pad] long: each chunk token's offset inside its chunk (others: any)
+    cos: torch.Tensor  # [n_pad, D] rope tables of positions 0..n_pad-1
+    sin: torch.Tensor
+    scalars: torch.Tensor  # long [4 + steps]: n, prefix, query_start, first_tokens, budget per step
+    h_out: torch.Tensor  # [rows of the last set, hidden]
+    pos_out: torch.Tensor  # [rows of the last set] long: real positions first, then scratch rows
+
+    @staticmethod
+    def empty(model: DecoderModel, plan: FrontPlan) -> "FrontInputs":
+        dev = model.device
+        cos, sin = rope_cos_sin(model.inv_freq, torch.arange(plan.n_pad, device=dev), model.dtype)
+        rows = plan.set_rows[-1]
+        return FrontInputs(ids=torch.zeros(plan.n_pad, dtype=torch.long, device=dev),
+                           offsets=torch.zeros(plan.n_pad, dtype=torch.long, device=dev), cos=cos, sin=sin,
+                           scalars=torch.zeros(4 + len(plan.budgets), dtype=torch.long, device=dev),
+                           h_out=torch.zeros(rows, model.shape.hidden_size, dtype=model.dtype, device=dev),
+                           pos_out=torch.zeros(rows, dtype=torch.long, device=dev))
+
+    def fill(self, plan: FrontPlan, ids: torch.Tensor, offsets: torch.Tensor, first_tokens: int) -> None:
+        """One call's values (device copies of host-known numbers: no synchronisation)."""
+        self.ids.zero_()
+        self.ids[:plan.n].copy_(ids)
+        self.offsets[:plan.n].copy_(offsets)
+        vals = [plan.n, plan.prefix, plan.query_start, first_tokens, *plan.budgets]
+        self.scalars.copy_(torch.tensor(vals, dtype=torch.long), non_blocking=True)
+
+
+def run_front(model: DecoderModel, state: KVState, plan: FrontPlan, inp: FrontInputs, scratch_start: int) -> None:
+    """The front over static inputs (see the module docstring); writes inp.h_out / inp.pos_out.
+    scratch_start: first of MAX_PAD state rows past every real row (pad rows write there)."""
+    dev = inp.ids.device
+    n_pad, c, policy = plan.n_pad, plan.check_layer, plan.policy
+    n_t, prefix_t, qstart_t, first_t = inp.scalars[0], inp.scalars[1], inp.scalars[2], inp.scalars[3]
+    h = model.embed_tokens(inp.ids)
+    keys_idx = torch.arange(n_pad, device=dev)
+    # pad tokens write scratch rows: the rows past the prompt belong to decoding and stay untouched
+    rows_below = torch.where(keys_idx < n_t, keys_idx, scratch_start + (keys_idx - n_t).clamp(min=0))
+    for layer in range(c):
+        q, k, v = qkv(model, layer, h, inp.cos, inp.sin)
+        write_kv(state, layer, rows_below, k, v)
+        h = attend_mlp(model, layer, h, q, None, state, n_pad, causal_prefix=True)
+    pos = rows_below  # state rows of the current set: real positions first (ascending), then pad rows
+    rope_pos = keys_idx  # their positions (0 for pad rows)
+    real = keys_idx < n_t
+    num_real = n_t
+    for step in range(policy.layers):
+        layer = c + step
+        q, k, v = qkv(model, layer, h, inp.cos[rope_pos], inp.sin[rope_pos])
+        cand = real & (rope_pos >= prefix_t) & (rope_pos < qstart_t)
+        score = _scores(model, state, layer, policy.signal, q, k, v, pos, rope_pos, real, num_real, plan,
+                        n_t - qstart_t).to(torch.float32)
+        score = torch.where(cand, score, torch.full_like(score, float("-inf")))
+        if policy.first_tokens:  # forced tokens outrank every other (select.select_candidates)
+            forced = cand & (inp.offsets[rope_pos] < first_t)
+            lift = (torch.where(cand, score.abs(), torch.zeros_like(score)).max() + 1.0) * 2.0
+            score = torch.where(forced, score + lift, score)
+        order = torch.sort(score, descending=True, stable=True).indices
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel(), device=dev)
+        keep = cand & (rank < inp.scalars[4 + step])
+        member = keep | (real & ~cand)
+        member_key = torch.where(member, rope_pos, n_pad + torch.arange(pos.numel(), device=dev))
+        rows = torch.sort(member_key, stable=True).indices[:plan.set_rows[step]]
+        num_real = prefix_t + (n_t - qstart_t) + inp.scalars[4 + step]
+        slot = torch.arange(rows.numel(), device=dev)
+        real = slot < num_real
+        new_rope = torch.where(real, rope_pos[rows], torch.zeros_like(rows))
+        new_pos = torch.where(real, pos[rows], scratch_start + (slot - num_real).clamp(min=0))
+        write_kv(state, layer, new_pos, k[:, rows], v[:, rows])
+        mask = torch.where(real[:, None], keys_idx[None, :] <= new_rope[:, None], keys_idx[None, :] == 0)
+        h = attend_mlp(model, layer, h[rows], q[:, rows], None, state, n_pad, causal_prefix=False, mask=mask)
+        pos, rope_pos = new_pos, new_rope
+    inp.h_out.copy_(h)
+    inp.pos_out.copy_(pos)
+
+
+def _scores(model: DecoderModel, state: KVState, layer: int, signal: str, q, k, v, pos, rope_pos, real,
+            num_real, plan: FrontPlan, query_len) -> torch.Tensor:
+    """select.token_scores for every row of the set ([rows]); the caller masks non-candidates."""
+    if signal in ("k", "v", "k_attn_product"):
+        fresh, cached = (v, state.v[layer]) if signal == "v" else (k, state.k[layer])
+        deviation = kv_deviation(fresh, cached[:, pos])
+        if signal != "k_attn_product":
+            return deviation
+    # the query's attention mass at this layer over the keys it sees: fresh rows of the set, cached elsewhere
+    n_pad, dev = plan.n_pad, q.device
+    keys = torch.cat([state.k[layer, :, :n_pad], state.k.new_zeros(k.shape[0], 1, k.shape[2])], dim=1)
+    keys = keys.to(torch.float32)
+    keys.index_copy_(1, torch.where(real, rope_pos, torch.full_like(rope_pos, n_pad)), k.to(torch.float32))
+    slot = torch.arange(plan.query_pad, device=dev)
+    q_valid = slot < query_len
+    q_rows = torch.where(q_valid, num_real - query_len + slot, torch.zeros_like(slot))
+    qq = q[:, q_rows].to(torch.float32)  # [H, Qp, D]
+    group = qq.shape[0] // keys.shape[0]
+    if group > 1:
+        keys = keys.repeat_interleave(group, dim=0)
+    logits = torch.matmul(qq, keys.transpose(1, 2)) * model.attn_scale  # [H, Qp, n_pad + 1]
+    key_idx = torch.arange(n_pad + 1, device=dev)
+    q_pos = rope_pos[q_rows]
+    see = torch.where(q_valid[:, None], key_idx[None, :] <= q_pos[:, None], key_idx[None, :] == 0)
+    probs = logits.masked_fill(~see[None], float("-inf")).softmax(dim=-1) * q_valid[None, :, None]
+    attn = probs.sum(dim=(0, 1))[rope_pos]
+    if signal == "attn":
+        return attn
+    return deviation * attn
+
+
+@dataclass(slots=True)
+class _Graph:
+    graph: object
+    inputs: FrontInputs
+    buffer_ptr: int
+
+
+class FrontGraphs:
+    """Per model: captured fronts, keyed by FrontPlan.key, replayed over the GraphCache's static KV buffer."""
+
+    def __init__(self, model: DecoderModel):
+        self.model = model
+        self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+        self.captures = 0
+        self.failed: str | None = None
+
+    def run(self, state: KVState, plan: FrontPlan, ids: torch.Tensor, offsets: torch.Tensor,
+            scratch_start: int, capture: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, positions) of the set leaving the front: plan.rows_out real rows (views of static outputs,
+        valid until the next call). capture=False runs the same computation eagerly."""
+        if not capture or self.failed is not None:
+            inp = FrontInputs.empty(self.model, plan)
+            inp.fill(plan, ids, offsets, plan.policy.first_tokens)
+            run_front(self.model, state, plan, inp, scratch_start)
+            return inp.h_out[:plan.rows_out], inp.pos_out[:plan.rows_out]
+        g = self.graphs.get(plan.key)
+        if g is not None and g.buffer_ptr != state.k.data_ptr():
+            self.graphs.clear()  # the static KV buffer was reallocated: every graph points at the old one
+            g = None
+        if g is None:
+            try:
+                g = self._capture(state, plan, scratch_start)
+            except RuntimeError as exc:
+                self.failed = f"{type(exc).__name__}: {exc}"
+                log.warning("CUDA graph capture of the blend front failed (%s); running it eagerly", self.failed)
+                return self.run(state, plan, ids, offsets, scratch_start, capture=False)
+            self.graphs[plan.key] = g
+            while len(self.graphs) > MAX_FRONT_GRAPHS:
+                self.graphs.popitem(last=False)
+        self.graphs.move_to_end(plan.key)
+        g.inputs.fill(plan, ids, offsets, plan.policy.first_tokens)
+        g.graph.replay()
+        return g.inputs.h_out[:plan.rows_out], g.inputs.pos_out[:plan.rows_out]
+
+    def _capture(self, state: KVState, plan: FrontPlan, scratch_start: int) -> _Graph:
+        dev = self.model.device
+        inp = FrontInputs.empty(self.model, plan)
+        # warm-up and capture with n = 0: no real row, so the check layers write scratch rows only and the
+        # cached chunk rows already placed in the buffer stay intact (layers below the check layer are
+        # recomputed by every call anyway)
+        inp.scalars.zero_()
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                run_front(self.model, state, plan, inp, scratch_start)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run_front(self.model, state, plan, inp, scratch_start)
+        self.captures += 1
+        log.info("captured a CUDA graph of the blend front (%d tokens, sets %s)", plan.n_pad, plan.set_rows)
+        return _Graph(graph, inp, state.k.data_ptr())
+
+
+def front_graphs(model: DecoderModel) -> FrontGraphs:
+    cache = getattr(model, "_front_graphs", None)
+    if cache is None:
+        cache = FrontGraphs(model)
+        model._front_graphs = cache
+    return cache
