@@ -57,14 +57,14 @@ def main() -> None:
         res = {}
         os.environ["KVBLEND_FRONT_GRAPH"] = "1"
         for label, pol in (("k", None), ("default", default)):  # the graph front selects what the eager loop does
-            a = prefill(model, prompt, chunks, mode="blend", ratio=0.15, selection=pol, recompute="plain")
-            b = prefill(model, prompt, chunks, mode="blend", ratio=0.15, selection=pol)
-            same = a.stats.selected_positions == b.stats.selected_positions
-            overlap = len(set(a.stats.selected_positions) & set(b.stats.selected_positions)) / max(
-                1, len(a.stats.selected_positions))
-            diff = (a.logits - b.logits).abs().max().item()
+            ra = prefill(model, prompt, chunks, mode="blend", ratio=0.15, selection=pol, recompute="plain")
+            rb = prefill(model, prompt, chunks, mode="blend", ratio=0.15, selection=pol)
+            same = ra.stats.selected_positions == rb.stats.selected_positions
+            overlap = len(set(ra.stats.selected_positions) & set(rb.stats.selected_positions)) / max(
+                1, len(ra.stats.selected_positions))
+            diff = (ra.logits - rb.logits).abs().max().item()
             res[f"check_{label}"] = {"same_selection": same, "selection_overlap": overlap, "max_logit_diff": diff,
-                                     "same_argmax": bool(a.logits.argmax() == b.logits.argmax())}
+                                     "same_argmax": bool(ra.logits.argmax() == rb.logits.argmax())}
             print(f"{shape:14s} check {label:8s} graph front vs eager: same selection {same} "
                   f"(overlap {overlap:.3f}), max|logit diff| {diff:.3g}", flush=True)
         for name, fn in cases.items():
