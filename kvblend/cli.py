@@ -57,6 +57,12 @@ def _add_pipeline_args(p: argparse.ArgumentParser, mode: bool = False) -> None:
     p.add_argument("--start-tier", dest="start_tier", choices=TIERS, default=None,
                    help="tier every chunk is staged on before each timed answer, the same for every mode "
                         "(default cpu)")
+    p.add_argument("--no-warm", dest="warm_ttft", action="store_const", const=False, default=None,
+                   help="decode/run: skip the warm TTFT pass (each sample's first token again with its chunks "
+                        "GPU-resident, beside the cold TTFT from --start-tier; costs a second prefill per sample)")
+    p.add_argument("--no-prefetch", dest="prefetch", action="store_const", const=False, default=None,
+                   help="decode/run with --start-tier disk: do not read the next sample's chunks into the CPU tier "
+                        "while one decodes (every sample's TTFT then truly cold)")
     p.add_argument("--gpu-budget", dest="gpu_budget", default=None, help="e.g. 4GiB")
     p.add_argument("--cpu-budget", dest="cpu_budget", default=None)
     p.add_argument("--ratio", type=_ratio, default=None, help="blend recompute ratio (default 0.15)")
@@ -96,9 +102,10 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
 
 
 PIPELINE_FLAGS = ("model", "dtype", "device", "dataset", "limit", "seed", "top_k", "retrieval_mode",
-                  "retrieval_scope", "results_dir", "gpu_chunks", "start_tier", "gpu_budget", "cpu_budget", "ratio",
-                  "max_new_tokens", "max_context_tokens", "mode", "chunk_sink", "score_on", "select_first_tokens",
-                  "select_layers", "drafter", "draft_model", "proxy", "promote_threshold", "spec_k")
+                  "retrieval_scope", "results_dir", "gpu_chunks", "start_tier", "warm_ttft", "prefetch", "gpu_budget",
+                  "cpu_budget", "ratio", "max_new_tokens", "max_context_tokens", "mode", "chunk_sink", "score_on",
+                  "select_first_tokens", "select_layers", "drafter", "draft_model", "proxy", "promote_threshold",
+                  "spec_k")
 
 
 def _config_from_args(args: argparse.Namespace):
@@ -277,8 +284,10 @@ def cmd_decode(args: argparse.Namespace) -> int:
     path = run_decode(config, progress=not args.quiet)
     res = json.loads(path.read_text())
     score = "-" if res["mean_score"] is None else f"{res['mean_score']:.3f}"
-    print(f"wrote {path}: mean {res['metric']} {score}, mean TTFT {res['mean_ttft_ms']:.0f} ms, "
-          f"TPOT {res['mean_tpot_ms']:.1f} ms")
+    warm = res.get("mean_ttft_warm_ms")
+    warm = "" if warm is None else f", warm (chunks GPU-resident) {warm:.0f} ms"
+    print(f"wrote {path}: mean {res['metric']} {score}, mean TTFT cold ({res['start_tier']} tier) "
+          f"{res['mean_ttft_ms']:.0f} ms{warm}, TPOT {res['mean_tpot_ms']:.1f} ms")
     return 0
 
 

@@ -73,6 +73,8 @@ class EngineConfig:
     disk_budget: str = "50GiB"
     gpu_chunks: int = 2  # chunks resident on the GPU tier (best by retrieval score); the rest are CPU placeholders
     start_tier: str = "cpu"  # tier every chunk is staged on before each timed answer of a comparison: gpu | cpu | disk
+    warm_ttft: bool = True  # decode/run: also time each first token with the chunks GPU-resident (a 2nd prefill)
+    prefetch: bool = True  # decode/run, start_tier disk: next sample's chunks read into the CPU tier during a decode
     # speculative decoding with promotion (decode --speculative)
     drafter: str = "ngram"  # ngram | model | none
     draft_model: str = ""  # named model or folder for drafter=model (same tokenizer as the target)

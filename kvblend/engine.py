@@ -13,6 +13,7 @@ import logging
 import re
 import time
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -91,6 +92,7 @@ class Engine:
         self.selection = SelectionPolicy(config.score_on, config.select_first_tokens, config.select_layers)
         self.newline = NewlineDetector(tok) if tok is not None else None
         self.warmed_up = False
+        self._prefetcher: ThreadPoolExecutor | None = None  # Engine.prefetch's one worker thread
 
     def sampling(self, max_new_tokens: int | None = None) -> SamplingParams:
         c = self.config
@@ -143,13 +145,23 @@ class Engine:
     def _texts(self, prompt: PromptIds, chunk_texts: Sequence[str] | None) -> list[str]:
         return list(chunk_texts) if chunk_texts is not None else [""] * len(prompt.chunk_ids)
 
-    def stage(self, prompt: PromptIds, chunk_texts: Sequence[str] | None, tier: str) -> None:
+    def keys(self, prompt: PromptIds, chunk_texts: Sequence[str] | None = None) -> list[ChunkKey]:
+        """The prompt's chunk keys, in prompt order."""
+        return [self.chunk_key(ids, prompt.prefix_ids, t) for ids, t in zip(prompt.chunk_ids,
+                                                                            self._texts(prompt, chunk_texts))]
+
+    def stage(self, prompt: PromptIds, chunk_texts: Sequence[str] | None, tier: str,
+              skip: Sequence[ChunkKey] = ()) -> None:
         """Before a timed comparison (outside every clock): build the prompt's missing chunks, then leave each
-        with `tier` as its fastest tier, so that every mode of the comparison starts from the same tier."""
+        with `tier` as its fastest tier, so that every mode of the comparison starts from the same tier.
+        skip: chunks left where they are (those of a request in flight, when the next prompt is staged early)."""
         if tier not in TIERS:
             raise ValueError(f"unknown tier '{tier}'; use one of {', '.join(TIERS)}")
+        skipped = {k.digest for k in skip}
         for ids, text in zip(prompt.chunk_ids, self._texts(prompt, chunk_texts)):
             key = self.chunk_key(ids, prompt.prefix_ids, text)
+            if key.digest in skipped:
+                continue
             if key not in self.store:  # missing: build it (a stored file is verified when it is read, not here)
                 self.store.ensure(key, self._builder(ids, text, prompt.prefix_ids), tier="disk")
             try:
@@ -157,6 +169,22 @@ class Engine:
             except ChunkCorruptError:  # found corrupt while copying it up: rebuild, stage again
                 self.store.ensure(key, self._builder(ids, text, prompt.prefix_ids), tier="disk")
                 self.store.stage(key, tier)
+
+    def prefetch(self, prompt: PromptIds, chunk_texts: Sequence[str] | None = None,
+                 keep: Sequence[ChunkKey] = ()) -> Future:
+        """Start making the prompt's disk-only chunks resident on the CPU tier in the background (one worker
+        thread per engine, so prefetches never overlap each other), while the caller goes on, e.g. decoding the
+        request before it. The CPU budget and every pin hold; nothing in `keep` (the chunks of the request in
+        flight) is evicted, nor prefetched (its request fetches those itself); what does not fit is skipped
+        (ChunkKVStore.prefetch). The chunks' data is the same wherever they are found, so answers do not
+        change; the request that follows records the tier it found each chunk on. Returns the Future of the
+        keys made resident."""
+        keys = self.keys(prompt, chunk_texts)  # here, not in the worker: the key table is not shared
+        skipped = {k.digest for k in keep}
+        todo = [k for k in keys if k.digest not in skipped]
+        if self._prefetcher is None:
+            self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="kvblend-prefetch")
+        return self._prefetcher.submit(self.store.prefetch, todo, "cpu", list(keep))
 
     def warm_up(self, prompt: PromptIds, chunk_texts: Sequence[str] | None = None) -> None:
         """One uncounted short answer per engine and mode family (first-call costs off the clock): the prompt
@@ -204,7 +232,7 @@ class Engine:
             self.stage(prompt, texts, start_tier)
         build0 = self.store.stats.build_ms
         clock = RequestClock()
-        keys = [self.chunk_key(ids, prompt.prefix_ids, t) for ids, t in zip(prompt.chunk_ids, texts)]
+        keys = self.keys(prompt, texts)
         return texts, build0, clock, keys
 
     def _gather(self, mode: str, keys: Sequence[ChunkKey], prompt: PromptIds, texts: Sequence[str],

@@ -4,6 +4,7 @@ speculative decode with its trace."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,8 @@ import pytest
 from kvblend.config import EngineConfig
 from kvblend.engine import Engine
 from kvblend.model.registry import load_model
-from kvblend.pipeline import run_budget_sweep, run_build, run_decode, run_eval, run_retrieve, run_speculative
+from kvblend.pipeline import (format_eval_table, run_budget_sweep, run_build, run_decode, run_eval, run_retrieve,
+                              run_speculative)
 from kvblend.retrieval import load_retrieval
 
 
@@ -52,9 +54,25 @@ def test_pipeline_end_to_end(setup):
         assert res["start_tier"] == "cpu" and row["chunk_tiers"] == ["cpu"] * 4 and row["build_ms"] == 0
         assert (row["fetch_ms"] > 0) == (mode != "full")
         assert res["made_from"]["dataset"] == "toy" and res["made_from"]["limit"] == 1
-    _, table = run_eval(config, ("full", "blend"))
+        # the warm TTFT beside the cold one: the same request with its chunks GPU-resident (full: its own TTFT)
+        assert row["ttft_warm_ms"] > 0 and res["warm_ttft"] and res["mean_ttft_warm_ms"] == row["ttft_warm_ms"]
+        assert row["warm_chunk_tiers"] == (["cpu"] * 4 if mode == "full" else ["gpu"] * 4)
+        assert (row["ttft_warm_ms"] == row["ttft_ms"]) == (mode == "full")
+        assert res["median_ttft_ms"] == row["ttft_ms"] and row["prefetched_chunks"] == 0
+    path, table = run_eval(config, ("full", "blend"))
     by_mode = {r["mode"]: r for r in table}
     assert by_mode["full"]["fidelity_exact"] == 1.0 and by_mode["blend"]["fidelity_rougeL"] is not None
+    blend = by_mode["blend"]
+    assert blend["ttft_cold_ms"]["mean"] == blend["mean_ttft_ms"] > 0 and blend["ttft_warm_ms"]["median"] > 0
+    assert "TTFT warm ms mean / median" in format_eval_table(table)
+    assert json.loads(path.read_text())["modes"] == table
+    # --no-warm: one prefill per sample, no warm figures (eval shows '-')
+    res = json.loads(run_decode(replace(config, warm_ttft=False), mode="reuse", engine=engine,
+                                progress=False).read_text())
+    assert res["warm_ttft"] is False and res["mean_ttft_warm_ms"] is None
+    assert res["samples"][0]["ttft_warm_ms"] is None
+    _, table = run_eval(config, ("full", "reuse"))
+    assert {r["mode"]: r for r in table}["reuse"]["ttft_warm_ms"] == {"mean": None, "median": None}
 
     spec = json.loads(run_speculative(config, engine=engine, gpu_chunks=2, proxy="key_bounds",
                                       progress=False).read_text())

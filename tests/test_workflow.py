@@ -84,6 +84,55 @@ def test_corrupt_chunk_found_by_a_request_is_rebuilt_and_counted(tiny_engine):
     assert out.token_ids == ref.token_ids  # the request went on, with the same KV
 
 
+def test_warm_and_prefetch_opt_outs_parse_from_flags_env_and_file(tmp_path):
+    from kvblend.cli import _config_from_args
+
+    c = EngineConfig()
+    assert (c.warm_ttft, c.prefetch) == (True, True)  # warm measured, prefetch on, by default
+    for command in ("decode", "run", "eval"):
+        args = build_parser().parse_args([command, "--no-warm", "--no-prefetch"])
+        assert (_config_from_args(args).warm_ttft, _config_from_args(args).prefetch) == (False, False)
+        args = build_parser().parse_args([command])
+        assert (_config_from_args(args).warm_ttft, _config_from_args(args).prefetch) == (True, True)
+    assert load_config(None, {}, {"KVBLEND_PREFETCH": "0", "KVBLEND_WARM_TTFT": "false"}).prefetch is False
+    toml = tmp_path / "c.toml"
+    toml.write_text("warm_ttft = false\n")
+    assert load_config(str(toml)).warm_ttft is False
+
+
+def test_eval_shows_cold_and_warm_ttft_and_a_dash_for_files_without_warm(tmp_path):
+    from kvblend.pipeline import decode_path, format_eval_table, made_from, run_eval
+
+    config = EngineConfig(dataset="toy", limit=1, results_dir=str(tmp_path))
+
+    def write(mode, ttfts, warm):
+        rows = [{"sample_id": f"toy/{i}", "answer": "a", "raw_output": "a", "gold": [], "ttft_ms": t,
+                 **({"ttft_warm_ms": w} if warm else {})} for i, (t, w) in enumerate(ttfts)]
+        doc = {"made_from": made_from(config), "mode": mode, "ratio": 0.0, "metric": "f1", "start_tier": "disk",
+               "mean_ttft_ms": sum(t for t, _ in ttfts) / len(ttfts), "mean_tpot_ms": 1.0, "samples": rows}
+        path = decode_path(config, mode)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(doc))
+
+    write("full", [(100.0, 0), (300.0, 0), (110.0, 0)], warm=False)  # a file from before the warm pass
+    write("reuse", [(50.0, 10.0), (70.0, 20.0), (60.0, 12.0)], warm=True)
+    _, table = run_eval(config, ("full", "reuse"), progress=False)
+    by_mode = {r["mode"]: r for r in table}
+    assert by_mode["reuse"]["ttft_cold_ms"] == {"mean": 60.0, "median": 60.0}
+    assert by_mode["reuse"]["ttft_warm_ms"] == {"mean": 14.0, "median": 12.0}
+    assert by_mode["full"]["ttft_cold_ms"] == {"mean": 170.0, "median": 110.0}
+    assert by_mode["full"]["ttft_warm_ms"] == {"mean": None, "median": None}
+    assert by_mode["full"]["mean_ttft_ms"] == 170.0  # the old key, still the cold mean
+    text = format_eval_table(table)
+    assert "TTFT cold ms mean / median | TTFT warm ms mean / median" in text
+    lines = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert "| 170 / 110 | - / - |" in lines["full"] and "| 60 / 60 | 14 / 12 |" in lines["reuse"]
+    assert "| 2.83x | - |" in lines["reuse"]  # cold vs full; no warm figure for full
+    # an eval table written before the warm figures renders too
+    old = [{k: v for k, v in r.items() if k not in ("ttft_cold_ms", "ttft_warm_ms")} for r in table]
+    assert "| 170 / - | - / - |" in format_eval_table(old)
+
+
 # one vocabulary ---------------------------------------------------------------------------------------------
 def test_argparse_choices_come_from_the_vocabulary():
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices

@@ -13,18 +13,26 @@ Read verbs and their outcomes (LMCache-style):
                                  engine registered one (so a corrupt file found anywhere on the read path, even
                                  by a promotion, heals and the request goes on), else ChunkMissingError /
                                  ChunkCorruptError
+  prefetch(keys, tier, keep)  -> ahead of a request (a background thread): disk-only chunks made resident on a memory
+                                 tier as far as its budget allows, evicting nothing pinned or in `keep`; never a hit
 Over-budget is never a "missing" outcome: BudgetExceededError propagates from every verb and nothing is rebuilt.
 A corrupt chunk counts in stats.corrupt, never as a hit; a missing one in stats.misses.
+
+Thread safety: every verb holds the store's lock (an RLock) while it reads or changes which chunk lives where, so a
+prefetch thread and the request thread can share one store. Chunk builds (ensure / get) and the prefetch's file
+reads run outside the lock.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from functools import wraps
+from typing import Callable, Iterable, Literal
 
 import torch
 
@@ -39,6 +47,17 @@ log = logging.getLogger(__name__)
 Outcome = Literal["hit", "missing", "corrupt"]
 
 
+def _locked(method):
+    """Run the method holding the store's lock (reentrant: verbs call each other)."""
+
+    @wraps(method)
+    def run(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return run
+
+
 @dataclass(slots=True)
 class StoreStats:
     hits: Counter = field(default_factory=Counter)  # per tier a chunk was found on (verified)
@@ -48,13 +67,15 @@ class StoreStats:
     build_ms: float = 0.0  # wall time of those builds (prefill alone + write), never part of a TTFT
     evictions: Counter = field(default_factory=Counter)  # per tier
     bytes_moved: Counter = field(default_factory=Counter)  # e.g. "cpu->gpu"
+    prefetched: int = 0  # chunks a prefetch made resident ahead of a request (not hits: the request counts those)
 
     def as_dict(self) -> dict:
         hits = sum(self.hits.values())
         total = hits + self.misses + self.corrupt
         return {"hits": dict(self.hits), "misses": self.misses, "corrupt": self.corrupt, "built": self.built,
                 "build_ms": round(self.build_ms, 3), "evictions": dict(self.evictions),
-                "bytes_moved": dict(self.bytes_moved), "hit_rate": (hits / total) if total else None}
+                "bytes_moved": dict(self.bytes_moved), "prefetched": self.prefetched,
+                "hit_rate": (hits / total) if total else None}
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,23 +103,28 @@ class ChunkKVStore:
         self.disk = DiskTier(Path(root), disk_budget_bytes)
         self.stats = StoreStats()
         self._pins: Counter = Counter()
+        self._lock = threading.RLock()
         # key -> ChunkKV for keys whose token ids the owner knows (the engine sets it); used by get()
         self.builder: Callable[[ChunkKey], ChunkKV | None] | None = None
 
     # pins -------------------------------------------------------------------------------------
+    @_locked
     def pin(self, key: ChunkKey) -> None:
         self._pins[key.digest] += 1
 
+    @_locked
     def unpin(self, key: ChunkKey) -> None:
         assert self._pins[key.digest] > 0, f"unpin of a chunk that is not pinned: {key}"
         self._pins[key.digest] -= 1
         if not self._pins[key.digest]:
             del self._pins[key.digest]
 
+    @_locked
     def is_pinned(self, key: ChunkKey) -> bool:
         return self._pins[key.digest] > 0
 
     # queries (no statistics, no file reads) -----------------------------------------------------
+    @_locked
     def tier_of(self, key: ChunkKey) -> str | None:
         """Fastest tier holding the chunk, None if it is not stored (a disk file is not verified here)."""
         for name in TIERS[:2]:
@@ -109,6 +135,7 @@ class ChunkKVStore:
     def __contains__(self, key: ChunkKey) -> bool:
         return self.tier_of(key) is not None
 
+    @_locked
     def used_bytes(self) -> dict[str, int]:
         return {"gpu": self.tiers["gpu"].used_bytes, "cpu": self.tiers["cpu"].used_bytes,
                 "disk": self.disk.used_bytes}
@@ -117,12 +144,14 @@ class ChunkKVStore:
         return {"gpu": self.tiers["gpu"].budget_bytes, "cpu": self.tiers["cpu"].budget_bytes,
                 "disk": self.disk.budget_bytes}
 
+    @_locked
     def summary(self) -> dict:
         return {"stats": self.stats.as_dict(), "used_bytes": self.used_bytes(), "budget_bytes": self.budgets(),
                 "num_chunks": {"gpu": len(self.tiers["gpu"]), "cpu": len(self.tiers["cpu"]),
                                "disk": len(self.disk)}}
 
     # writes -----------------------------------------------------------------------------------
+    @_locked
     def put(self, chunk: ChunkKV, tier: str = "disk") -> ChunkKV:
         """Store a chunk on disk and, if asked, also resident on a memory tier."""
         if chunk.key.digest not in self.disk:
@@ -132,6 +161,7 @@ class ChunkKVStore:
             return chunk
         return self._put_memory(chunk, tier)
 
+    @_locked
     def _put_memory(self, chunk: ChunkKV, tier: str) -> ChunkKV:
         t = self.tiers[tier]
         if chunk.key.digest in t:
@@ -139,7 +169,9 @@ class ChunkKVStore:
         self._make_room(tier, chunk.nbytes)
         return t.put(chunk)
 
-    def _make_room(self, tier: str, nbytes: int) -> None:
+    def _make_room(self, tier: str, nbytes: int, keep: frozenset[str] = frozenset()) -> None:
+        """Evict least recently used chunks of `tier` (never a pinned one, nor one whose digest is in `keep`)
+        until nbytes more fit; BudgetExceededError when they cannot."""
         t = self.tiers[tier]
         if nbytes > t.budget_bytes:
             raise BudgetExceededError(f"{tier} tier: a chunk of {nbytes} bytes exceeds the whole budget of "
@@ -147,7 +179,7 @@ class ChunkKVStore:
         for digest in t.lru_digests():
             if t.used_bytes + nbytes <= t.budget_bytes:
                 break
-            if self._pins[digest]:
+            if self._pins[digest] or digest in keep:
                 continue
             victim = t.remove(digest)
             self.stats.evictions[tier] += 1
@@ -159,6 +191,12 @@ class ChunkKVStore:
         if t.used_bytes + nbytes > t.budget_bytes:
             raise BudgetExceededError(f"{tier} tier: {t.used_bytes} of {t.budget_bytes} bytes are held by pinned "
                                       f"chunks; {nbytes} more do not fit; raise the {tier} budget or use fewer chunks")
+
+    def _fits(self, tier: str, nbytes: int, keep: frozenset[str]) -> bool:
+        """Whether nbytes more fit on `tier` after evicting every chunk _make_room(..., keep) may evict."""
+        t = self.tiers[tier]
+        held = sum(t.nbytes(d) for d in t.lru_digests() if self._pins[d] or d in keep)
+        return held + nbytes <= t.budget_bytes
 
     def _make_room_on_disk(self, nbytes: int) -> None:
         d = self.disk
@@ -173,6 +211,7 @@ class ChunkKVStore:
                                       f"raise the disk budget")
 
     # reads ------------------------------------------------------------------------------------
+    @_locked
     def fetch(self, key: ChunkKey, tier: str = "gpu") -> Fetched:
         """Make the chunk resident on `tier` (copied up from a slower tier if needed; for "disk": verified
         read). Outcome "missing" when it is not stored, "corrupt" when its file fails verification (the file
@@ -196,6 +235,47 @@ class ChunkKVStore:
         moved = self._put_memory(chunk, tier)
         self.stats.bytes_moved[f"{found}->{tier}"] += chunk.nbytes
         return Fetched(key, moved, "hit", found)
+
+    def prefetch(self, keys: Iterable[ChunkKey], tier: str = "cpu", keep: Iterable[ChunkKey] = (),
+                 stop: threading.Event | None = None) -> list[ChunkKey]:
+        """Ahead of a request (typically in a background thread): make the chunks that are only on disk resident
+        on memory tier `tier`, as far as its budget allows. Only a chunk that fits after evicting unpinned chunks
+        outside `keep` and `keys` is read (what does not fit is skipped, never an error); nothing pinned or in
+        `keep` (the chunks of the request in flight) is ever evicted. The read is verified (CRC-32) like fetch's;
+        a file that fails it is left where it is, for the request's own fetch to find (counted there, once).
+        Not a hit: the request that then finds the chunk on `tier` counts one. The file reads run outside the
+        store's lock. `stop` set: the chunks not started yet are skipped. Returns the keys made resident."""
+        if tier not in ("gpu", "cpu"):
+            raise ValueError(f"prefetch goes to a memory tier (gpu or cpu), not {tier!r}")
+        keys = list(keys)
+        protect = frozenset(k.digest for k in keys) | frozenset(k.digest for k in keep)
+        done: list[ChunkKey] = []
+        for key in keys:
+            if stop is not None and stop.is_set():
+                break
+            with self._lock:
+                if self.tier_of(key) != "disk":  # resident already, or not stored (a request builds it)
+                    continue
+                if not self._fits(tier, self.disk.nbytes(key.digest), protect):
+                    log.debug("prefetch: chunk %s does not fit in the %s budget; skipped", key, tier)
+                    continue
+            try:
+                chunk = self.disk.read(key)
+            except ChunkCorruptError as exc:
+                log.debug("prefetch: %s; left for the request to find", exc)
+                continue
+            with self._lock:
+                if self.tier_of(key) != "disk":  # a request took it meanwhile, or its file went away
+                    continue
+                if not self._fits(tier, chunk.nbytes, protect):
+                    continue
+                self._make_room(tier, chunk.nbytes, keep=protect)
+                self.tiers[tier].put(chunk)
+                self.disk.touch(key.digest)
+                self.stats.prefetched += 1
+                self.stats.bytes_moved[f"disk->{tier}"] += chunk.nbytes
+            done.append(key)
+        return done
 
     def lookup(self, key: ChunkKey, tier: str = "gpu") -> ChunkKV | None:
         """The chunk resident on `tier`, or None when it is missing or corrupt."""
@@ -242,6 +322,7 @@ class ChunkKVStore:
         log.info("chunk %s was %s on the read path; rebuilt", key, got.outcome)
         return chunk
 
+    @_locked
     def stage(self, key: ChunkKey, tier: str) -> None:
         """Before a timed comparison: leave the chunk with `tier` as its fastest tier (copies on faster tiers
         are dropped, a copy on `tier` is made). Not counted as a hit; the chunk must be stored and unpinned."""
@@ -264,6 +345,7 @@ class ChunkKVStore:
                 if tier == "cpu" and name == "gpu" and key.digest not in self.tiers["cpu"]:
                     self._put_memory(chunk, "cpu")
 
+    @_locked
     def demote(self, key: ChunkKey) -> None:
         """Move a resident chunk from the GPU tier to the CPU tier (no-op if not on GPU)."""
         if key.digest not in self.tiers["gpu"]:

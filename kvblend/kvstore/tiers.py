@@ -10,7 +10,9 @@ memory when CUDA is present (one read, no intermediate bytes object; the copy to
 asynchronous), checked with CRC-32 (zlib, ~7 GB/s on one core, the GIL released) against the metadata
 instead of SHA-256 (~2 GB/s; still written for provenance and used for files without a CRC), and several
 chunks can be read and checked in parallel threads (`prefetch`). A file that fails any check is never used:
-it is removed and ChunkCorruptError raised, as before.
+it is removed and ChunkCorruptError raised, as before. `read` is the same verified read without any change to
+the tier (for ChunkKVStore.prefetch's background thread, which makes the chunks of the next request resident
+in memory); a file it finds corrupt is left for `load` to remove.
 """
 
 from __future__ import annotations
@@ -109,6 +111,9 @@ class MemoryTier:
         self.used_bytes += local.nbytes
         return local
 
+    def nbytes(self, digest: str) -> int:
+        return self._items[digest].nbytes
+
     def remove(self, digest: str) -> ChunkKV:
         chunk = self._items.pop(digest)
         self.used_bytes -= chunk.nbytes
@@ -129,10 +134,13 @@ class DiskTier:
         self._pool: ThreadPoolExecutor | None = None
         self._pending: dict[str, Future] = {}
         self._sizes: dict[str, int] = {}
+        self._nbytes: dict[str, int] = {}  # tensor bytes (what a memory tier will hold)
         self._atime: dict[str, float] = {}
         for meta in self.root.glob("*/*.json"):
             try:
-                self._sizes[meta.stem] = int(json.loads(meta.read_text())["file_bytes"])
+                info = json.loads(meta.read_text())
+                self._sizes[meta.stem] = int(info["file_bytes"])
+                self._nbytes[meta.stem] = int(info.get("nbytes", info["file_bytes"]))
                 self._atime[meta.stem] = meta.stat().st_mtime
             except (ValueError, KeyError, OSError):
                 log.warning("%s: unreadable chunk metadata; it will be rebuilt when needed", meta)
@@ -184,8 +192,18 @@ class DiskTier:
         atomic_write_bytes(tensor_path, data)
         atomic_write_json(meta_path, meta)
         self._sizes[digest] = len(data)
+        self._nbytes[digest] = chunk.nbytes
         self._atime[digest] = time.time()
         return len(data)
+
+    def nbytes(self, digest: str) -> int:
+        """Tensor bytes of a stored chunk (the file's size when its metadata lacks them)."""
+        return self._nbytes.get(digest, self._sizes.get(digest, 0))
+
+    def touch(self, digest: str) -> None:
+        """Mark the chunk recently used (disk LRU)."""
+        if digest in self._sizes:
+            self._atime[digest] = time.time()
 
     def prefetch(self, keys) -> None:
         """Start reading and checking these chunks in background threads; load() then takes the result.
@@ -229,6 +247,19 @@ class DiskTier:
             self.remove(digest)
             raise ChunkCorruptError(f"{tensor_path}: corrupt chunk file ({exc}); removed, it will be rebuilt") from None
         self._atime[digest] = time.time()
+        return self._chunk(key, kv, meta)
+
+    def read(self, key: ChunkKey) -> ChunkKV:
+        """A verified read that changes nothing in the tier (safe from another thread): ChunkCorruptError when
+        the file does not check out, which is left in place for load() to find and remove."""
+        try:
+            kv, meta = self._read_checked(key)
+        except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+            raise ChunkCorruptError(f"{self.paths(key.digest)[0]}: unreadable or corrupt chunk file ({exc})") from None
+        return self._chunk(key, kv, meta)
+
+    @staticmethod
+    def _chunk(key: ChunkKey, kv: torch.Tensor, meta: dict) -> ChunkKV:
         return ChunkKV(key=key, token_ids=tuple(meta["token_ids"]), kv=kv, rope_offset=int(meta["rope_offset"]),
                        sink_ids=tuple(meta["sink_ids"]), text=meta.get("text", ""))
 
@@ -246,4 +277,5 @@ class DiskTier:
         for p in self.paths(digest):
             p.unlink(missing_ok=True)
         self._sizes.pop(digest, None)
+        self._nbytes.pop(digest, None)
         self._atime.pop(digest, None)
