@@ -33,7 +33,7 @@ import torch
 
 from kvblend.fusion.select import SelectionPolicy, kv_deviation
 from kvblend.model.hf import DecoderModel
-from kvblend.model.layer_graphs import row_bucket
+from kvblend.model.layer_graphs import MAX_PAD, row_bucket
 from kvblend.model.rope import rope_cos_sin
 from kvblend.model.runner import KVState, attend_mlp, qkv, write_kv
 
@@ -127,14 +127,15 @@ class FrontInputs:
 
 def run_front(model: DecoderModel, state: KVState, plan: FrontPlan, inp: FrontInputs, scratch_start: int) -> None:
     """The front over static inputs (see the module docstring); writes inp.h_out / inp.pos_out.
-    scratch_start: first of MAX_PAD state rows past every real row (pad rows write there)."""
+    scratch_start: first of MAX_PAD state rows past every real row (pad rows write there; a real call has
+    fewer than MAX_PAD pad rows, the capture's dummy call wraps around)"""
     dev = inp.ids.device
     n_pad, c, policy = plan.n_pad, plan.check_layer, plan.policy
     n_t, prefix_t, qstart_t, first_t = inp.scalars[0], inp.scalars[1], inp.scalars[2], inp.scalars[3]
     h = model.embed_tokens(inp.ids)
     keys_idx = torch.arange(n_pad, device=dev)
     # pad tokens write scratch rows: the rows past the prompt belong to decoding and stay untouched
-    rows_below = torch.where(keys_idx < n_t, keys_idx, scratch_start + (keys_idx - n_t).clamp(min=0))
+    rows_below = torch.where(keys_idx < n_t, keys_idx, scratch_start + (keys_idx - n_t).clamp(min=0) % MAX_PAD)
     for layer in range(c):
         q, k, v = qkv(model, layer, h, inp.cos, inp.sin)
         write_kv(state, layer, rows_below, k, v)
@@ -165,7 +166,7 @@ def run_front(model: DecoderModel, state: KVState, plan: FrontPlan, inp: FrontIn
         slot = torch.arange(rows.numel(), device=dev)
         real = slot < num_real
         new_rope = torch.where(real, rope_pos[rows], torch.zeros_like(rows))
-        new_pos = torch.where(real, pos[rows], scratch_start + (slot - num_real).clamp(min=0))
+        new_pos = torch.where(real, pos[rows], scratch_start + (slot - num_real).clamp(min=0) % MAX_PAD)
         write_kv(state, layer, new_pos, k[:, rows], v[:, rows])
         mask = torch.where(real[:, None], keys_idx[None, :] <= new_rope[:, None], keys_idx[None, :] == 0)
         h = attend_mlp(model, layer, h[rows], q[:, rows], None, state, n_pad, causal_prefix=False, mask=mask)
