@@ -10,6 +10,10 @@ starting tier before a timed comparison (Engine.stage) happens before the clock 
 
 Decoders measure TTFT as now - t_start; RequestClock.ttft_start() hands them a start shifted by the build
 time excluded so far, so every path (plain, speculative, demo, pipeline, server) reports the same quantity.
+
+Cold and warm are the same quantity from two starting points: cold, the chunks start on the comparison's start
+tier (or where a prefetch put them, which the answer's chunk_tiers record); warm, they are GPU-resident
+(kvblend.pipeline.decode.answer_plans times both).
 Torch-free.
 """
 
