@@ -94,7 +94,7 @@ def _place_pipelined(state: KVState, placed: Sequence[tuple[ChunkKV, int]], mode
     reading that layer's rows (None: not copied) and the event of the last group."""
     dev = model.device
     num_layers = model.shape.num_layers
-    side = torch.cuda.Stream(dev)
+    side = _side_stream(dev)
     side.wait_stream(torch.cuda.current_stream(dev))  # the buffer was allocated / zeroed there
     a = min(start for _, start in placed)
     b = max(start + chunk.num_tokens for chunk, start in placed)
@@ -118,6 +118,18 @@ def _place_pipelined(state: KVState, placed: Sequence[tuple[ChunkKV, int]], mode
             for layer in group:
                 events[layer] = last
     return events, last
+
+
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device: torch.device):
+    """One copy stream per device for the whole process: a new stream per call would also give the caching
+    allocator a new pool per call (fresh cudaMallocs on the critical path)."""
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[key]
 
 
 class _Stages:
@@ -287,18 +299,20 @@ def prefill(model: DecoderModel, prompt: PromptIds, chunks: Sequence[ChunkKV] | 
     always = torch.cat([torch.arange(len(prompt.prefix_ids), device=dev), torch.arange(start, n, device=dev)])
 
     ids = torch.tensor(prompt.flat(), dtype=torch.long, device=dev)
-    h = model.embed_tokens(ids)  # [N, hidden]
     cos, sin = rope_cos_sin(model.inv_freq, torch.arange(n, device=dev), model.dtype)
+    use_front = (mode == "blend" and recompute in ("graph", "padded")
+                 and front_supported(model, selection, check_layer, state.has_holes()))
+    h = None if use_front else model.embed_tokens(ids)  # [N, hidden]
 
     # active: every position that is computed at all (placeholders are not); pos: the recompute set
-    active = torch.cat([always, chunk_pos]).sort().values
+    active = None if use_front else torch.cat([always, chunk_pos]).sort().values
     selected = torch.empty(0, dtype=torch.long, device=dev)
     first_partial = 0
     if mode == "full":
         pos = active
     elif mode == "reuse":
         pos = always
-    elif recompute in ("graph", "padded") and front_supported(model, selection, check_layer, state.has_holes()):
+    elif use_front:
         # the front (layers below the check layer + check layers + selection) in static shapes: one CUDA
         # graph replay (fusion/front_graph.py); "padded" runs the same computation eagerly (tests)
         plan = make_plan(n, len(prompt.prefix_ids), n - len(prompt.query_ids), check_layer, ratio, selection)
