@@ -190,6 +190,19 @@ def measure_ceilings(device) -> dict[str, float]:
     return out
 
 
+def _front_off(fn: Callable[[], Any]) -> Any:
+    """fn() with the blend front run eagerly (KVBLEND_FRONT_GRAPH=0), for before/after rows in one run."""
+    prev = os.environ.get("KVBLEND_FRONT_GRAPH")
+    os.environ["KVBLEND_FRONT_GRAPH"] = "0"
+    try:
+        return fn()
+    finally:
+        if prev is None:
+            os.environ.pop("KVBLEND_FRONT_GRAPH", None)
+        else:
+            os.environ["KVBLEND_FRONT_GRAPH"] = prev
+
+
 def _sync(device) -> None:
     import torch
 
@@ -311,6 +324,19 @@ def measure(model, prompt, texts, args, device, label: str, home: Path, real: bo
         cases[f"blend@{r0:g}_no_graphs"] = lambda: prefill(model, prompt, chunks, mode="blend", ratio=r0,
                                                            recompute="plain")
         cases["reuse_no_graphs"] = lambda: prefill(model, prompt, chunks, mode="reuse", recompute="plain")
+        # the blend front (check layers + selection) eagerly vs as one CUDA graph (fusion/front_graph.py), with
+        # plain CacheBlend selection and with the engine's default selection policy
+        from kvblend.fusion.select import SelectionPolicy
+
+        dflt = EngineConfig()
+        policy = SelectionPolicy(signal=dflt.score_on, layers=dflt.select_layers,
+                                 first_tokens=dflt.select_first_tokens)
+        cases[f"blend@{r0:g}_eager_front"] = lambda: _front_off(
+            lambda: prefill(model, prompt, chunks, mode="blend", ratio=r0))
+        cases[f"blend@{r0:g}_default_selection"] = lambda: prefill(model, prompt, chunks, mode="blend", ratio=r0,
+                                                                   selection=policy)
+        cases[f"blend@{r0:g}_default_selection_eager_front"] = lambda: _front_off(
+            lambda: prefill(model, prompt, chunks, mode="blend", ratio=r0, selection=policy))
         pinned = [c.to("cpu", pin=True) for c in chunks]
         _sync(device)
         cases[f"blend@{r0:g}_pinned"] = lambda: prefill(model, prompt, pinned, mode="blend", ratio=r0)
