@@ -13,18 +13,27 @@ import torch
 from conftest import make_tiny
 from kvblend.data.prompt import chunk_context_ids
 from kvblend.fusion.blend import prefill
-from kvblend.fusion.select import (CheckLayer, SelectionPolicy, kv_deviation, num_to_select, query_attention,
-                                   select_candidates, token_scores)
+from kvblend.fusion.select import (SIGNALS, CheckLayer, SelectionPolicy, kv_deviation, num_to_select,
+                                   query_attention, select_candidates, token_scores)
 from kvblend.generation.generate import generate
 from kvblend.generation.sampling import SamplingParams
 from kvblend.kvstore.builder import build_chunk_kv
 from kvblend.quality.variants import VARIANTS, parse_variants
-from kvblend.vocab import SCORE_ON
 from test_blend import hf_full_logits, random_prompt
 
-POLICIES = [SelectionPolicy(sig) for sig in SCORE_ON] + [
+POLICIES = [SelectionPolicy(sig) for sig in SIGNALS] + [
     SelectionPolicy("k", first_tokens=4), SelectionPolicy("k_attn_product", layers=3),
-    SelectionPolicy("attn", first_tokens=3, layers=2)]
+    SelectionPolicy("attn", first_tokens=3, layers=2), SelectionPolicy("k_tail_product", first_tokens=2, layers=3)]
+TEXT_SINK = (3, 4, 5)  # a 'text' chunk context is a fixed id sequence (its ids come from the tokenizer)
+
+
+def _variant_policy(v) -> SelectionPolicy:
+    return SelectionPolicy(v.score_on, v.select_first_tokens, v.select_layers)
+
+
+def _variant_chunks(model, prompt, v):
+    ctx = TEXT_SINK if v.chunk_sink == "text" else chunk_context_ids(None, v.chunk_sink, prompt.prefix_ids)
+    return [build_chunk_kv(model, c, ctx) for c in prompt.chunk_ids]
 
 
 def _chunks(model, prompt, context: str):
@@ -58,6 +67,49 @@ def test_every_policy_keeps_exactly_the_ratio_budget(tiny_llama, policy):
         starts = [5, 35, 60]  # prefix 5, chunks of 30 / 25 / 20
         firsts = {s + j for s in starts for j in range(policy.first_tokens)}
         assert firsts <= set(out.stats.selected_positions)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_every_variant_ratio_one_is_full_ratio_zero_is_reuse_and_keeps_the_budget(tiny_model, name):
+    """Every registered variant (its precompute context and selection policy, as the frontier runs it)."""
+    v = VARIANTS[name]
+    policy = _variant_policy(v)
+    prompt = random_prompt(tiny_model.shape.vocab_size, seed=14, chunk_lens=(30, 25, 20))
+    chunks = _variant_chunks(tiny_model, prompt, v)
+    full = prefill(tiny_model, prompt, mode="full")
+    one = prefill(tiny_model, prompt, chunks, mode="blend", ratio=1.0, selection=policy)
+    torch.testing.assert_close(one.logits, full.logits, atol=1e-5, rtol=1e-5)
+    reuse = prefill(tiny_model, prompt, chunks, mode="reuse")
+    zero = prefill(tiny_model, prompt, chunks, mode="blend", ratio=0.0, selection=policy)
+    torch.testing.assert_close(zero.logits, reuse.logits, atol=1e-5, rtol=1e-5)
+    assert zero.stats.selected_positions == ()
+    mid = prefill(tiny_model, prompt, chunks, mode="blend", ratio=0.2, selection=policy)
+    assert len(mid.stats.selected_positions) == num_to_select(75, 0.2)
+
+
+def test_new_candidate_variants_are_registered():
+    assert {"prefix_epic_product_narrow", "prefix_product_narrow5", "prefix_tail_product_narrow"} <= set(VARIANTS)
+    v = VARIANTS["prefix_epic_product_narrow"]
+    assert (v.chunk_sink, v.score_on, v.select_first_tokens, v.select_layers) == ("prefix", "k_attn_product", 8, 3)
+    assert VARIANTS["prefix_product_narrow5"].select_layers == 5
+    assert all(x.score_on in SIGNALS for x in VARIANTS.values())
+
+
+def test_tail_signal_counts_only_the_last_query_tokens(monkeypatch):
+    import kvblend.fusion.select as sel
+
+    layer = _check_layer(t=12)  # 3 query tokens
+    dev = token_scores("k", layer)
+    # a tail at least as long as the query: the whole query's attention, so k_attn_product exactly
+    torch.testing.assert_close(token_scores("k_tail_product", layer), token_scores("k_attn_product", layer))
+    monkeypatch.setattr(sel, "TAIL_QUERY_TOKENS", 1)
+    keys = layer.k.repeat_interleave(2, dim=0)
+    qi = int(layer.query_pos[-1])
+    ref = torch.zeros(layer.num_keys)
+    for hh in range(4):
+        ref[: qi + 1] += ((layer.q[hh, qi] @ keys[hh, : qi + 1].T) * layer.scale).softmax(-1)
+    torch.testing.assert_close(token_scores("k_tail_product", layer), dev * ref[layer.cand_pos])
+    assert SelectionPolicy("k_tail_product").needs_attention
 
 
 def test_prefix_context_makes_a_single_chunk_prompt_exact(tiny_model):

@@ -10,6 +10,10 @@ the top `ratio` of chunk tokens. Signals (kvblend.vocab.SCORE_ON):
                   the model really sees (information flow, as in InfoFlow KV)
   k_attn_rank     rank of k + rank of attn (a token must matter on both)
   k_attn_product  k deviation x attention mass
+  k_tail_product  k deviation x attention mass from the query's last TAIL_QUERY_TOKENS tokens only (the
+                  positions nearest the first answer token; a long query, such as samsum's dialogue, otherwise
+                  spreads the mass over its own local reading). Frontier-only until kvblend.vocab.SCORE_ON lists
+                  it (EXTRA_SIGNALS below), so EngineConfig cannot select it yet.
 
 Policy extras: `first_tokens` keeps each chunk's first N tokens always (EPIC's false attention sinks),
 inside the same budget; `layers` > 1 narrows progressively (CacheBlend's gradual filtering): the first check
@@ -25,6 +29,13 @@ from dataclasses import dataclass
 import torch
 
 from kvblend.vocab import SCORE_ON
+
+# signals the selection understands beyond kvblend.vocab.SCORE_ON (quality-frontier candidates; a signal moves
+# to SCORE_ON, and so becomes an EngineConfig / CLI choice, once it wins)
+EXTRA_SIGNALS: tuple[str, ...] = ("k_tail_product",)
+SIGNALS: tuple[str, ...] = (*SCORE_ON, *EXTRA_SIGNALS)
+ATTENTION_SIGNALS: tuple[str, ...] = ("attn", "k_attn_rank", "k_attn_product", "k_tail_product")
+TAIL_QUERY_TOKENS = 16  # k_tail_product: the query's last tokens whose attention counts
 
 
 def kv_deviation(fresh: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
@@ -55,8 +66,8 @@ class SelectionPolicy:
     layers: int = 1
 
     def __post_init__(self) -> None:
-        if self.signal not in SCORE_ON:
-            raise ValueError(f"unknown selection signal '{self.signal}'; use one of {', '.join(SCORE_ON)}")
+        if self.signal not in SIGNALS:
+            raise ValueError(f"unknown selection signal '{self.signal}'; use one of {', '.join(SIGNALS)}")
         if not isinstance(self.first_tokens, int) or self.first_tokens < 0:
             raise ValueError(f"first_tokens must be an integer >= 0, got {self.first_tokens!r}")
         if not isinstance(self.layers, int) or self.layers < 1:
@@ -64,7 +75,7 @@ class SelectionPolicy:
 
     @property
     def needs_attention(self) -> bool:
-        return self.signal in ("attn", "k_attn_rank", "k_attn_product")
+        return self.signal in ATTENTION_SIGNALS
 
     def budget(self, step: int, num_steps: int, ratio: float, num_chunk_tokens: int) -> int:
         """Chunk tokens kept after check step `step` of `num_steps`: (num_steps - step) x ratio of them, so
@@ -102,19 +113,21 @@ class CheckLayer:
         return lut[pos]
 
 
-def query_attention(layer: CheckLayer) -> torch.Tensor:
+def query_attention(layer: CheckLayer, last: int = 0) -> torch.Tensor:
     """Attention probability mass from the query tokens onto each candidate, summed over heads and query
     tokens [T_cand] (fp32). Keys are what the query sees at this layer: fresh rows where computed, the cached
-    (re-rotated) rows elsewhere; per-token causal mask, placeholders masked out."""
+    (re-rotated) rows elsewhere; per-token causal mask, placeholders masked out. last > 0: only the query's
+    last `last` tokens count (k_tail_product); 0: every query token (the existing signals)."""
     n = layer.num_keys
     keys = layer.cached_k[:, :n].to(torch.float32).clone()
     keys[:, layer.rows_pos] = layer.k.to(torch.float32)
-    q = layer.q[:, layer.rows_of(layer.query_pos)].to(torch.float32)  # [H, Tq, D]
+    query_pos = layer.query_pos[-last:] if last > 0 else layer.query_pos
+    q = layer.q[:, layer.rows_of(query_pos)].to(torch.float32)  # [H, Tq, D]
     group = q.shape[0] // keys.shape[0]
     if group > 1:
         keys = keys.repeat_interleave(group, dim=0)
     scores = torch.matmul(q, keys.transpose(1, 2)) * layer.scale  # [H, Tq, n]
-    mask = torch.arange(n, device=q.device)[None, :] <= layer.query_pos[:, None]
+    mask = torch.arange(n, device=q.device)[None, :] <= query_pos[:, None]
     if layer.valid is not None:
         mask = mask & layer.valid[None, :n]
     probs = scores.masked_fill(~mask[None], float("-inf")).softmax(dim=-1)
@@ -131,13 +144,15 @@ def _ranks(x: torch.Tensor) -> torch.Tensor:
 def token_scores(signal: str, layer: CheckLayer) -> torch.Tensor:
     """Importance of each candidate [T_cand] (higher = recompute first)."""
     rows = layer.rows_of(layer.cand_pos)
-    if signal in ("k", "v", "k_attn_rank", "k_attn_product"):
+    if signal in ("k", "v", "k_attn_rank", "k_attn_product", "k_tail_product"):
         on_v = signal == "v"
         fresh = (layer.v if on_v else layer.k)[:, rows]
         cached = (layer.cached_v if on_v else layer.cached_k)[:, layer.cand_pos]
         dev = kv_deviation(fresh, cached)
         if signal in ("k", "v"):
             return dev
+        if signal == "k_tail_product":
+            return dev * query_attention(layer, last=TAIL_QUERY_TOKENS)
     attn = query_attention(layer)
     if signal == "attn":
         return attn

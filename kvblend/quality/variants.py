@@ -2,7 +2,8 @@
 
 Torch-free. Each variant is a set of EngineConfig values (chunk_sink, score_on, select_first_tokens,
 select_layers), so any variant can be run by the pipeline too (`kvblend decode --chunk-sink prefix
---score-on k_attn_product ...`).
+--score-on k_attn_product ...`); except a variant whose signal is only in fusion/select.py's EXTRA_SIGNALS
+(k_tail_product), which the frontier runs directly until kvblend.vocab.SCORE_ON lists it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import asdict, dataclass
 class Variant:
     name: str
     chunk_sink: str  # auto | none | prefix | text
-    score_on: str  # k | v | attn | k_attn_rank | k_attn_product
+    score_on: str  # k | v | attn | k_attn_rank | k_attn_product | k_tail_product (fusion/select.py SIGNALS)
     select_first_tokens: int = 0
     select_layers: int = 1
     what: str = ""
@@ -42,6 +43,16 @@ _ALL = (
             what="prefix context, K deviation x query attention narrowed over layers 1-3"),
     Variant("prefix_attn_narrow", "prefix", "attn", 0, 3,
             what="prefix context, query attention narrowed over layers 1-3"),
+    # candidates aimed at samsum (the worse dataset of Q2): the two best there were prefix_epic and
+    # prefix_product_narrow, so combine them; narrow deeper; and count only the attention of the query's tail
+    Variant("prefix_epic_product_narrow", "prefix", "k_attn_product", 8, 3,
+            what="prefix context, first 8 tokens of each chunk always + K deviation x query attention narrowed "
+                 "over layers 1-3"),
+    Variant("prefix_product_narrow5", "prefix", "k_attn_product", 0, 5,
+            what="prefix context, K deviation x query attention narrowed over layers 1-5 (5r, ..., r)"),
+    Variant("prefix_tail_product_narrow", "prefix", "k_tail_product", 0, 3,
+            what="prefix context, K deviation x attention from the query's last 16 tokens, narrowed over "
+                 "layers 1-3 (samsum's long dialogue query spreads whole-query attention)"),
 )
 VARIANTS: dict[str, Variant] = {v.name: v for v in _ALL}
 BASELINE = "plain"
