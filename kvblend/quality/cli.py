@@ -54,6 +54,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "keep it busy); their shard files are merged into the one results file")
     p.add_argument("--deadline-s", dest="deadline_s", type=float, default=0.0,
                    help="start no new sample after this many seconds (0 = none); rerun to resume")
+    p.add_argument("--promotion", action="store_true",
+                   help="also measure Q3_promotion_recovery on the same samples: --promotion-variant at "
+                        "--promotion-ratio decoded with --gpu-chunks of the chunks resident + promotions, with "
+                        "every chunk resident, and with --gpu-chunks resident without promotions "
+                        "(kvblend/quality/promotion.py)")
+    p.add_argument("--promotion-variant", dest="promotion_variant", default="",
+                   help="variant of the --promotion measurement (default: the EngineConfig default variant)")
+    p.add_argument("--promotion-ratio", dest="promotion_ratio", type=float, default=0.15,
+                   help="blend ratio of the --promotion measurement (default 0.15)")
+    p.add_argument("--gpu-chunks", dest="gpu_chunks", type=non_negative_int, default=2,
+                   help="chunks resident at the start in the --promotion measurement (default 2)")
     p.add_argument("--shard", default="0/1", help=argparse.SUPPRESS)  # i/k, set by --jobs for its workers
 
 
@@ -82,6 +93,20 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.variants is None:
         args.variants = parse_variants("main")
+    promotion = None
+    if args.promotion:
+        from kvblend.quality.report import default_variant
+
+        name = args.promotion_variant or default_variant()
+        if name not in VARIANTS:
+            print(f"kvblend frontier: error: unknown --promotion-variant {name!r}; known: {', '.join(VARIANTS)}",
+                  file=sys.stderr)
+            return 2
+        if not 0.0 < args.promotion_ratio < 1.0 or args.gpu_chunks < 1:
+            print("kvblend frontier: error: --promotion needs 0 < --promotion-ratio < 1 and --gpu-chunks >= 1",
+                  file=sys.stderr)
+            return 2
+        promotion = (name, args.promotion_ratio, args.gpu_chunks)
     started = float(os.environ.get("KVBLEND_FRONTIER_STARTED", time.time()))
     os.environ.setdefault("KVBLEND_FRONTIER_COMMAND", "kvblend frontier " + " ".join(
         a for a in sys.argv[2:] if not a.startswith("--shard")))
@@ -89,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
                          variants=args.variants, ratios=args.ratios, limit=args.limit, offset=args.offset,
                          chunks=args.chunks, max_new_tokens=args.max_new_tokens, out_dir=args.out_dir,
                          progress=not args.quiet and args.jobs <= 1, shard=(i, k),
-                         deadline=started + args.deadline_s if args.deadline_s > 0 else 0.0)
+                         deadline=started + args.deadline_s if args.deadline_s > 0 else 0.0, promotion=promotion)
     if args.jobs > 1:
         path, doc = _run_jobs(args, s, started)
     else:

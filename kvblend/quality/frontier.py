@@ -42,6 +42,8 @@ from kvblend.io import atomic_write_json
 from kvblend.kvstore.builder import build_chunk_kv
 from kvblend.model.hf import DecoderModel
 from kvblend.model.runner import KVState, forward_tokens
+from kvblend.quality.provenance import (PROVENANCE, merge_passes, merge_record, new_pass, sha_counts,
+                                        with_provenance)
 from kvblend.quality.stats import mean_ci
 from kvblend.quality.variants import VARIANTS
 from kvblend.types import PromptIds
@@ -70,6 +72,7 @@ class FrontierSettings:
     progress: bool = True
     shard: tuple[int, int] = (0, 1)  # (i, k): this process takes samples i, i+k, i+2k, ... (kvblend frontier --jobs)
     deadline: float = 0.0  # time.time() after which no new sample is started (0 = none); the file stays resumable
+    promotion: tuple[str, float, int] | None = None  # Q3 (variant, ratio, gpu_chunks): quality/promotion.py
 
 
 def run_key(variant: str, ratio: float) -> str:
@@ -177,8 +180,12 @@ def _answer_text(model: DecoderModel, tokens: Sequence[int], first_line_only: bo
 def evaluate_prompt(model: DecoderModel, prompt: PromptIds, variants: Sequence[str], ratios: Sequence[float],
                     params: SamplingParams, *, first_line_only: bool = True, metric: str | None = None,
                     answers: Any = None, done: dict | None = None, check_layer: int = 1,
-                    newline: NewlineDetector | None = None) -> dict[str, Any]:
-    """Every variant x ratio on one prompt. done: runs already measured (kept). Returns the sample record."""
+                    newline: NewlineDetector | None = None, promotion: tuple[str, float, int] | None = None,
+                    done_promotion: dict | None = None, pass_id: str = "") -> dict[str, Any]:
+    """Every variant x ratio on one prompt. done: runs already measured (kept). promotion: (variant, ratio,
+    gpu_chunks) of the Q3 measurement (quality/promotion.py), added under record["promotion"][key] unless
+    done_promotion has it. pass_id: recorded in every run (and promotion record) computed now. Returns the
+    sample record."""
     runs: dict[str, dict] = dict(done or {})
     todo = [(v, r) for v in variants for r in ratios if run_key(v, r) not in runs]
     t0 = time.perf_counter()
@@ -217,8 +224,20 @@ def evaluate_prompt(model: DecoderModel, prompt: PromptIds, variants: Sequence[s
             "fid_rougeL": 1.0 if answer.strip() == full_answer.strip() else rouge_l(answer, full_answer),
             "score": score_answer(metric, answer, answers) if metric and answers else None,
             "recompute": out["recompute"], "prefill_ms": out["prefill_ms"],
+            **({"pass": pass_id} if pass_id else {}),
         }
     record["runs"] = runs
+    if promotion is not None or done_promotion:
+        from kvblend.quality.promotion import measure_promotion, promotion_key
+
+        promos = dict(done_promotion or {})
+        if promotion is not None and promotion_key(*promotion) not in promos:
+            variant, ratio, gpu_chunks = promotion
+            rec = measure_promotion(model, prompt, ref.tokens, full_answer, params, variant, ratio, gpu_chunks,
+                                    check_layer, answer_text=lambda ids: _answer_text(model, ids, first_line_only),
+                                    metric=metric, answers=answers)
+            promos[promotion_key(*promotion)] = {**rec, **({"pass": pass_id} if pass_id else {})}
+        record["promotion"] = promos
     record["seconds"] = time.perf_counter() - t0
     return record
 
@@ -309,8 +328,32 @@ def sample_prompts(data, tokenizer, s: FrontierSettings, context_limit: int):
     return out
 
 
+def sample_done(rec: dict | None, s: FrontierSettings) -> bool:
+    """Whether a sample record already holds every run (and the promotion record) this pass asks for."""
+    if not rec:
+        return False
+    if not all(run_key(v, r) in rec.get("runs", {}) for v in s.variants for r in s.ratios):
+        return False
+    if s.promotion is not None:
+        from kvblend.quality.promotion import promotion_key
+
+        return promotion_key(*s.promotion) in (rec.get("promotion") or {})
+    return True
+
+
+def _same_setup(doc: dict | None, setup: dict, path: Path) -> dict | None:
+    if doc and doc.get("setup") != setup:
+        log.warning("%s: written with other settings; not resumed from", path)
+        return None
+    return with_provenance(doc) if doc else None
+
+
 def run_frontier(s: FrontierSettings) -> tuple[Path, dict]:
-    """Run (or resume) the frontier; returns the results file and its contents."""
+    """Run (or resume) the frontier; returns the results file and its contents.
+
+    A worker of --jobs (s.shard k > 1) resumes from the merged results file as well as its own shard file, so
+    a rerun with only the merged file at hand (a fresh machine, shard files removed) goes on with the samples
+    the merged file lacks instead of recomputing the ones it has."""
     from tqdm import tqdm
 
     from kvblend.data.datasets import load_dataset
@@ -318,6 +361,8 @@ def run_frontier(s: FrontierSettings) -> tuple[Path, dict]:
     from kvblend.model.registry import load_model
 
     unknown = [v for v in s.variants if v not in VARIANTS]
+    if s.promotion is not None and s.promotion[0] not in VARIANTS:
+        unknown.append(s.promotion[0])
     if unknown:
         raise ValueError(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
     bad = [r for r in s.ratios if not 0.0 <= r <= 1.0]
@@ -331,28 +376,39 @@ def run_frontier(s: FrontierSettings) -> tuple[Path, dict]:
         raise ValueError(f"{s.model} has no tokenizer; the frontier needs one to build prompts")
     dtype_label = dtype_name(model.dtype)
     path = output_path(s, data.name, dtype_label)
+    merged_path = output_path(s, data.name, dtype_label, shard=False)
     pairs = sample_prompts(data, model.tokenizer, s, model.shape.max_position_embeddings)
     params = SamplingParams(max_new_tokens=s.max_new_tokens or data.max_new_tokens, temperature=0.0,
                             stop_on_newline=True)
     setup = {"dataset": data.name, "model": s.model, "fingerprint": model.fingerprint, "dtype": dtype_label,
              "chunks": s.chunks, "max_new_tokens": params.max_new_tokens, "offset": s.offset,
              "check_layer": s.check_layer, "metric": data.metric}
-    old = read_results(path)
-    if old and old.get("setup") != setup:
-        log.warning("%s: written with other settings; starting over", path)
-        old = None
-    variants = list(dict.fromkeys([*(old["variants"] if old else []), *s.variants]))
-    ratios = sorted(set([*(old["ratios"] if old else []), *s.ratios]))
-    by_id: dict[str, dict] = {r["sample_id"]: r for r in (old["samples"] if old else [])}
-    for r in by_id.values():  # samples of a resumed file keep the hardware they were measured on
-        r.setdefault("hardware", old.get("hardware", "?"))
-    order = {smp.sample_id: i for i, smp in enumerate(data.samples)}
+    i, k = s.shard
+    mine = pairs[i::k]
+    old = _same_setup(read_results(path), setup, path)
+    merged = _same_setup(read_results(merged_path), setup, merged_path) if merged_path != path else None
+    bases = [d for d in (merged, old) if d]  # oldest first: a worker's own shard file is newer than the merge
+    variants = list(dict.fromkeys([*(v for d in bases for v in d["variants"]), *s.variants]))
+    ratios = sorted(set([*(r for d in bases for r in d["ratios"]), *s.ratios]))
+    by_id: dict[str, dict] = {}
+    ids = {smp.sample_id for smp, _ in mine}
+    for d in bases:
+        for r in d["samples"]:
+            if d is old or r["sample_id"] in ids:  # from the merged file: only this worker's samples
+                by_id[r["sample_id"]] = merge_record(by_id.get(r["sample_id"]), r)
+    order = {smp.sample_id: j for j, smp in enumerate(data.samples)}
     newline = NewlineDetector(model.tokenizer)
     doc: dict[str, Any] = {}
     complete = True
-    here = f"{os.environ.get('KVBLEND_FRONTIER_COMMAND', '')} [{hardware(model.device)}]"
-    commands = list(dict.fromkeys([*(old.get("commands") or [f"{old.get('command', '')} [{old.get('hardware', '?')}]"]
-                                     if old else []), here]))
+    hw_here = hardware(model.device)
+    command = os.environ.get("KVBLEND_FRONTIER_COMMAND", "")
+    here = f"{command} [{hw_here}]"
+    started = float(os.environ.get("KVBLEND_FRONTIER_STARTED") or time.time())
+    this_pass = new_pass(command, git_sha(), hw_here, started)
+    passes = merge_passes(*(d["passes"] for d in bases), [this_pass])
+    commands = list(dict.fromkeys([*(c for d in bases for c in (d.get("commands") or
+                                                             [f"{d.get('command', '')} [{d.get('hardware', '?')}]"])),
+                                   here]))
 
     def write(done: bool) -> None:
         samples = sorted(by_id.values(), key=lambda r: order.get(r["sample_id"], len(order)))
@@ -361,19 +417,21 @@ def run_frontier(s: FrontierSettings) -> tuple[Path, dict]:
         doc.update({
             "schema": SCHEMA, "setup": setup, "complete": done, "hardware_per_sample": hw,
             "variants": {v: asdict(VARIANTS[v]) for v in variants}, "ratios": ratios,
-            "device": str(model.device), "hardware": hardware(model.device),
-            "git_sha": git_sha(), "torch": torch.__version__,
-            "command": os.environ.get("KVBLEND_FRONTIER_COMMAND", ""), "commands": commands,
+            "device": str(model.device), "hardware": hw_here,
+            "git_sha": this_pass["git_sha"], "git_shas": sha_counts(samples, passes), "torch": torch.__version__,
+            "command": command, "commands": commands, "passes": passes,
             "aggregate": aggregate(samples, variants, ratios), "samples": samples,
         })
+        if any(smp.get("promotion") for smp in samples):
+            from kvblend.quality.promotion import aggregate_promotion
+
+            doc["promotion_aggregate"] = aggregate_promotion(samples)
         atomic_write_json(path, _clean_json(doc))
 
-    i, k = s.shard
-    mine = pairs[i::k]
     bar = tqdm(mine, desc=f"frontier {data.name}", unit="sample", disable=not s.progress)
     for sample, prompt in bar:
         rec = by_id.get(sample.sample_id)
-        if rec and all(run_key(v, r) in rec["runs"] for v in s.variants for r in s.ratios):
+        if sample_done(rec, s):
             continue
         if s.deadline and time.time() > s.deadline:
             log.warning("deadline reached: %s stops before %s (rerun to resume)", path.name, sample.sample_id)
@@ -382,11 +440,13 @@ def run_frontier(s: FrontierSettings) -> tuple[Path, dict]:
         out = evaluate_prompt(model, prompt, s.variants, s.ratios, params,
                               first_line_only=data.template.first_line_only, metric=data.metric,
                               answers=sample.answers, done=rec["runs"] if rec else None,
-                              check_layer=s.check_layer, newline=newline)
-        if rec and rec.get("hardware", hardware(model.device)) != hardware(model.device):
-            out["hardware_new_runs"] = hardware(model.device)
-        by_id[sample.sample_id] = {"sample_id": sample.sample_id,
-                                   "hardware": rec.get("hardware") if rec else hardware(model.device), **out}
+                              check_layer=s.check_layer, newline=newline, promotion=s.promotion,
+                              done_promotion=rec.get("promotion") if rec else None, pass_id=this_pass["id"])
+        if rec and rec.get("hardware", hw_here) != hw_here:
+            out["hardware_new_runs"] = hw_here
+        created = {k: rec[k] for k in PROVENANCE if k in rec} if rec else \
+            {"pass": this_pass["id"], "git_sha": this_pass["git_sha"], "command": command, "hardware": hw_here}
+        by_id[sample.sample_id] = {"sample_id": sample.sample_id, **created, **out}
         write(False)
     write(complete)
     if k == 1:
@@ -419,19 +479,25 @@ def plot_quietly(doc: dict, path: Path) -> None:
 
 
 def merge_shards(paths: Sequence[Path], out: Path) -> dict:
-    """One results file from shard files of the same setup (samples ordered by sample index)."""
-    docs = [d for d in (read_results(p) for p in paths) if d is not None]
+    """One results file from shard files of the same setup and the results file already at `out` (samples
+    ordered by sample index). Records of one sample are merged run by run (merge_record: shards are newer);
+    passes and command histories are the union of every file's."""
+    docs = [with_provenance(d) for d in (read_results(p) for p in paths) if d is not None]
     if not docs:
         raise ValueError(f"no shard results to merge into {out}")
     setup = docs[0]["setup"]
     if any(d["setup"] != setup for d in docs):
         raise ValueError(f"shards of {out.name} were run with different settings")
     old = read_results(out)
-    samples = {r["sample_id"]: r for r in (old["samples"] if old and old["setup"] == setup else [])}
-    for d in docs:
-        samples.update({r["sample_id"]: r for r in d["samples"]})
-    variants = list(dict.fromkeys(v for d in docs for v in d["variants"]))
-    ratios = sorted({r for d in docs for r in d["ratios"]})
+    old = with_provenance(old) if old and old["setup"] == setup else None
+    sources = ([old] if old else []) + docs
+    samples: dict[str, dict] = {}
+    for d in sources:
+        for r in d["samples"]:
+            samples[r["sample_id"]] = merge_record(samples.get(r["sample_id"]), r)
+    variants = list(dict.fromkeys(v for d in sources for v in d["variants"]))
+    ratios = sorted({r for d in sources for r in d["ratios"]})
+    passes = merge_passes(*(d.get("passes") for d in sources))
 
     def index(sid: str) -> tuple[int, str]:
         tail = sid.rsplit("/", 1)[-1]
@@ -441,7 +507,15 @@ def merge_shards(paths: Sequence[Path], out: Path) -> dict:
     doc = dict(docs[0])
     doc.update({"complete": all(d["complete"] for d in docs),
                 "variants": {v: asdict(VARIANTS[v]) for v in variants}, "ratios": ratios,
+                "hardware_per_sample": sorted({r.get("hardware", "?") for r in ordered}),
+                "commands": list(dict.fromkeys(c for d in sources for c in (d.get("commands") or []))),
+                "passes": passes, "git_shas": sha_counts(ordered, passes),
                 "aggregate": aggregate(ordered, variants, ratios), "samples": ordered})
+    doc.pop("promotion_aggregate", None)
+    if any(smp.get("promotion") for smp in ordered):
+        from kvblend.quality.promotion import aggregate_promotion
+
+        doc["promotion_aggregate"] = aggregate_promotion(ordered)
     atomic_write_json(out, _clean_json(doc))
     plot_quietly(doc, out)
     return doc

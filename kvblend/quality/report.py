@@ -27,6 +27,9 @@ TARGETS = {  # key: (target, better)
     "Q2b_fidelity_ratio_vs_plain": (2.0, "higher"),
     "Q1_score_gap": (0.01, "lower"),
 }
+Q3_KEY = "Q3_promotion_recovery"
+Q3_TARGET = (0.9, "higher")  # fidelity with 2 of 5 chunks resident + promotions / with all 5 resident
+Q3_GPU_CHUNKS = 2
 
 
 def _f(x: Any, spec: str = ".3f") -> str:
@@ -118,6 +121,88 @@ def target_entries(docs: dict[str, tuple[dict, str]], best: str, ratio: float = 
     return out
 
 
+def q3_entry(docs: dict[str, tuple[dict, str]], variant: str, ratio: float = TARGET_RATIO,
+             gpu_chunks: int = Q3_GPU_CHUNKS) -> dict[str, dict]:
+    """Q3_promotion_recovery from {dataset: (frontier doc, source)}: fidelity (`= full` after normalisation)
+    with `gpu_chunks` resident + promotions over fidelity with every chunk resident, `variant` at `ratio`,
+    paired bootstrap interval; the worse of the datasets that have the measurement (per_dataset lists them,
+    with the no-promotion contrast). {} when no dataset has it."""
+    from kvblend.bench.summary import entry
+    from kvblend.quality.promotion import promotion_key, recovery
+
+    key = promotion_key(variant, ratio, gpu_chunks)
+    per: dict[str, tuple] = {}
+    for name, (doc, source) in docs.items():
+        rec = recovery(doc["samples"], key, "promote", "exact")
+        if rec is None or not math.isfinite(rec["mean"]):
+            continue
+        static = recovery(doc["samples"], key, "static", "exact")
+        score = recovery(doc["samples"], key, "promote", "score")
+        per[name] = (rec, static, score, source)
+    if not per:
+        return {}
+    target, better = Q3_TARGET
+    pick = min(per, key=lambda d: per[d][0]["mean"])
+    rec, _, _, source = per[pick]
+
+    def brief(r: dict | None) -> dict | None:
+        return None if r is None else {"measured": round(r["mean"], 4), "ci95": r["ci95"], "n_samples": r["n"]}
+
+    return {Q3_KEY: entry(rec["mean"], target, better, source, n_samples=rec["n"], ci95=rec["ci95"], dataset=pick,
+                          ratio=ratio, variant=variant, gpu_chunks=gpu_chunks, metric="fidelity (= full prefill)",
+                          per_dataset={d: {**brief(v[0]), "fidelity_promote": round(v[0]["arm_mean"], 4),
+                                           "fidelity_all_resident": round(v[0]["all_resident_mean"], 4),
+                                           "without_promotions": brief(v[1]), "score_ratio": brief(v[2])}
+                                       for d, v in per.items()})}
+
+
+def promotion_table(doc: dict) -> str:
+    """One row per promotion arm of every promotion key in the file, then the recovery ratios."""
+    from kvblend.quality.promotion import ARMS, recovery
+
+    agg = doc.get("promotion_aggregate") or {}
+    lines = []
+    for key, cell in agg.items():
+        lines += [f"`{key}` (variant@ratio/resident chunks at the start):", "",
+                  "| arm | n | = full (norm.) | same ids | fidelity Rouge-L | score | promotions / sample "
+                  "| = all-resident answer |", "|---|---|---|---|---|---|---|---|"]
+        for arm in ARMS:
+            row = cell.get(arm) or {}
+            vals = [s["promotion"][key]["arms"][arm] for s in doc["samples"]
+                    if key in (s.get("promotion") or {}) and arm in s["promotion"][key]["arms"]]
+            ex = sum(bool(v["exact"]) for v in vals)
+            same = sum(bool(v["same"]) for v in vals)
+            eq = sum(bool(v.get("same_as_all_resident")) for v in vals)
+            lines.append(f"| {arm} | {row.get('n', 0)} | {ex}/{len(vals)} | {same}/{len(vals)} "
+                         f"| {_cell(row, 'fid_rougeL')} | {_cell(row, 'score')} | {_cell(row, 'promotions', '.2f')} "
+                         f"| {eq}/{len(vals)} |")
+        lines.append("")
+        for arm in ("promote", "static"):
+            for metric, label in (("exact", "fidelity"), ("score", "score")):
+                r = recovery(doc["samples"], key, arm, metric)
+                if r is not None:
+                    lines.append(f"- {label} {arm} / all_resident: {r['mean']:.3f} [{r['ci95'][0]:.3f}, "
+                                 f"{r['ci95'][1]:.3f}] (n {r['n']})")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def provenance_lines(doc: dict) -> list[str]:
+    """The distinct git shas of the file's samples, with sample and run counts."""
+    rows = doc.get("git_shas")
+    if not rows:
+        from kvblend.quality.provenance import sha_counts, with_provenance
+
+        d = with_provenance(json.loads(json.dumps(doc)))
+        rows = sha_counts(d["samples"], d["passes"])
+    out = []
+    for r in rows:
+        note = f" ({r['inferred_samples']} inferred from the file: written before per-sample provenance)" \
+            if r.get("inferred_samples") else ""
+        out.append(f"- git `{r['git_sha']}`: {r['samples']} samples created, {r['runs']} runs computed{note}")
+    return out
+
+
 # datasets whose text may not be redistributed (SAMSum: CC BY-NC-ND): the docs copy drops generated answers
 REDACT = ("samsum",)
 
@@ -157,6 +242,9 @@ def redacted(doc: dict) -> dict:
         smp["full"].pop("tokens", None)
         for run in smp["runs"].values():
             run.pop("answer", None)
+        for rec in (smp.get("promotion") or {}).values():
+            for arm in rec.get("arms", {}).values():
+                arm.pop("answer", None)
     out["redacted"] = "generated answers dropped: the dataset's licence forbids redistributing derivatives"
     return out
 
@@ -208,12 +296,14 @@ def write_report(out_dir: str | Path, docs_dir: str | Path = "docs") -> list[str
             if d["setup"]["dtype"] == "float32" and d["setup"]["model"] == TARGET_MODEL
             and not d["setup"].get("offset") and d["setup"]["dataset"] in TARGET_DATASETS}
     entries = target_entries(fp32, best) if set(fp32) == set(TARGET_DATASETS) else {}
+    entries.update(q3_entry(fp32, best))
     if entries:
         update_summary(dest / "summary.json", entries)
         lines.append(f"wrote {dest / 'summary.json'}: " + ", ".join(
             f"{k} = {e['measured']} [{e['ci95'][0]:.3f}, {e['ci95'][1]:.3f}]" for k, e in entries.items()))
     else:
-        lines.append(f"no Q* keys: need fp32 {TARGET_MODEL} frontier files of {' and '.join(TARGET_DATASETS)}")
+        lines.append(f"no Q* keys: need fp32 {TARGET_MODEL} frontier files of {' and '.join(TARGET_DATASETS)} "
+                     f"(Q3: a --promotion pass on either)")
     md = quality_markdown(copied, best, entries, Path(docs_dir))
     atomic_write_text(Path(docs_dir) / "QUALITY.md", md)
     lines.append(f"wrote {Path(docs_dir) / 'QUALITY.md'} from {len(copied)} frontier file(s)")
@@ -231,7 +321,9 @@ def _variant_rows() -> list[str]:
             extra.append("chunk build prefills the prefix too (once per chunk, offline)")
         if v.chunk_sink == "text":
             extra.append("chunk build prefills a 3-token sink (offline)")
-        if v.score_on in ("attn", "k_attn_rank", "k_attn_product"):
+        if v.score_on == "k_tail_product":
+            extra.append("one (last 16 query tokens) x all-keys attention map per check layer (16 x N x heads)")
+        elif v.score_on in ("attn", "k_attn_rank", "k_attn_product"):
             extra.append("one query x all-keys attention map at the check layer (|query| x N x heads)")
         if v.select_layers > 1:
             L = v.select_layers
@@ -258,8 +350,18 @@ def _gaps(copied: list[tuple[Path, dict]]) -> list[str]:
             lines.append(f"- {label}: ratios {', '.join(missing)} not measured (the grid pass did not start "
                          f"before its deadline)")
     dtypes = {d["setup"]["dtype"] for _, d in copied}
+    models = {d["setup"]["model"] for _, d in copied}
     if "bfloat16" not in dtypes:
-        lines.append("- no bf16 run; no Qwen2.5-Coder-1.5B run; `Q3_promotion_recovery` not measured")
+        lines.append("- no bf16 run")
+    if not any("qwen" in m.lower() for m in models):
+        lines.append("- no Qwen2.5-Coder-1.5B run")
+    q3 = {d["setup"]["dataset"]: sum(bool(s.get("promotion")) for s in d["samples"]) for _, d in copied
+          if not d["setup"].get("offset") and d["setup"]["dtype"] == "float32"}
+    if not any(q3.values()):
+        lines.append(f"- `{Q3_KEY}` not measured (no --promotion pass)")
+    for ds, n in q3.items():
+        if 0 < n < 50:
+            lines.append(f"- {ds}: `{Q3_KEY}` on {n} samples (the target asks for >= 50)")
     return ["## Gaps", "", *lines, ""] if lines else []
 
 
@@ -286,8 +388,23 @@ def quality_markdown(copied: list[tuple[Path, dict]], best: str, entries: dict, 
             per = "; ".join(f"{d} {v['measured']}" for d, v in e["per_dataset"].items())
             out.append(f"| `{k}` | {e['measured']} | [{e['ci95'][0]:.3f}, {e['ci95'][1]:.3f}] | {e['better']} "
                        f"{e['target']} | {e['met']} | {e['n_samples']} | {e['dataset']} | {per} |")
-        out += ["", "`Q3_promotion_recovery` (GPU budget 2 of 5 + promotions vs all 5 resident) is not measured "
-                "by this suite yet.", ""]
+        out.append("")
+        if Q3_KEY in entries:
+            e = entries[Q3_KEY]
+            out += [f"`{Q3_KEY}`: {e['variant']} at ratio {e['ratio']:g}, {e['gpu_chunks']} of the chunks resident "
+                    "at the start + promotions (EngineConfig drafter and proxy) vs every chunk resident, greedy; "
+                    "fidelity = answers equal to full prefill's after normalisation; per dataset (with the "
+                    "no-promotion contrast):", ""]
+            for d, v in e["per_dataset"].items():
+                wo = v.get("without_promotions")
+                out.append(f"- {d}: {v['measured']} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}] (n {v['n_samples']}; "
+                           f"fidelity {v['fidelity_promote']:.3f} vs {v['fidelity_all_resident']:.3f} all resident)"
+                           + (f"; without promotions {wo['measured']} [{wo['ci95'][0]:.3f}, {wo['ci95'][1]:.3f}]"
+                              if wo else ""))
+            out.append("")
+        else:
+            out += [f"`{Q3_KEY}` (GPU budget 2 of 5 + promotions vs all 5 resident): no --promotion pass in "
+                    "the files yet.", ""]
     out += ["## Variants and what they cost", "", *_variant_rows(), "",
             "The recompute fraction is the same r for every variant at ratio r (the first-token and narrowing",
             "variants spend the same final budget); the prefill ms column of each table is measured side by side.",
@@ -311,6 +428,7 @@ def quality_markdown(copied: list[tuple[Path, dict]], best: str, entries: dict, 
                 f"(per sample in the file); git {doc.get('git_sha') or '?'}; file `{rel}`.", "",
                 "Commands (each a resumable pass over the same file, [where it ran]):", "",
                 *[f"- `{c}`" for c in (doc.get("commands") or [doc.get("command", "")])], "",
+                "Code versions (per sample, from the file):", "", *provenance_lines(doc), "",
                 f"![KL vs ratio]({stem}_kl.png) ![fidelity vs ratio]({stem}_fidelity.png)", "",
                 "At ratio 0.15, every variant:", "",
                 frontier_table(doc, ratios=[0.15]), ""]
@@ -319,6 +437,9 @@ def quality_markdown(copied: list[tuple[Path, dict]], best: str, entries: dict, 
             ids = ", ".join(f"#{x['sample_id'].rsplit('/', 1)[-1]}" for x in held_out(doc))
             out += [f"Held-out check (samples {ids}: measured after the default was picked, on "
                     f"{', '.join(sorted({x.get('hardware', '?') for x in held_out(doc)}))}):", "", table, ""]
+        ptable = promotion_table(doc)
+        if ptable:
+            out += [f"Promotion recovery ({Q3_KEY}; kvblend/quality/promotion.py):", "", ptable]
         main = [v for v in (BASELINE, "prefix", best) if v in doc["variants"]]
         out += ["Whole frontier of " + ", ".join(dict.fromkeys(main)) + ":", "",
                 frontier_table(doc, variants=list(dict.fromkeys(main))), ""]
