@@ -11,6 +11,11 @@ The graph reads and writes a static KV buffer owned by the model's GraphCache; a
 allocates its KV state *in* that buffer (`graph_state`) and hands back a private copy at the end
 (`copy_state`), so results never alias each other. The padded path runs eagerly on CPU in the tests
 (padded == plain); the GPU compatibility check compares graph == plain on CUDA.
+
+Attention (model/attention.py) uses the kernel of `kernel` / $KVBLEND_ATTENTION (auto: FlexAttention on
+CUDA, SDPA on CPU). The padded path's mask is built from static inputs: SDPA reads a dense [r_pad, n_pad]
+mask filled before each run; flex builds its block mask inside the run (captured with the graph) from the
+static mask positions (0 for pad rows: key 0 only; the real positions after) and key-validity rows.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
+from kvblend.model.attention import AttnMask, build_mask, resolve_kernel
 from kvblend.model.hf import DecoderModel
-from kvblend.model.runner import KVState, attend_mlp, causal_mask, qkv, write_kv
+from kvblend.model.runner import KVState, attend_mlp, attn_mask, causal_mask, qkv, write_kv
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +52,14 @@ def graphs_enabled(device: torch.device) -> bool:
 
 
 def run_layers_plain(model: DecoderModel, state: KVState, h: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor,
-                     sin: torch.Tensor, first: int, num_keys: int, causal_prefix: bool = False) -> torch.Tensor:
+                     sin: torch.Tensor, first: int, num_keys: int, causal_prefix: bool = False,
+                     kernel: str | None = None) -> torch.Tensor:
     """Rows h [r, hidden] at positions pos [r] through layers first..L-1 (K/V written at pos); returns the
-    last row's output [1, hidden]. causal_prefix: pos is exactly 0..num_keys-1 with no holes."""
+    last row's output [1, hidden]. causal_prefix: pos is exactly 0..num_keys-1 with no holes.
+    kernel: the attention kernel of the masked layers (None: $KVBLEND_ATTENTION, see model/attention.py)."""
     num_layers = model.shape.num_layers
-    mask = None if causal_prefix else causal_mask(pos, num_keys, state)
-    mask_last = None if mask is None else mask[-1:]
+    mask = None if causal_prefix else attn_mask(pos, num_keys, state, kernel)
+    mask_last = None if mask is None else mask.last_row()
     where = slice(0, num_keys) if causal_prefix else pos
     for layer in range(first, num_layers):
         q, k, v = qkv(model, layer, h, cos, sin)
@@ -66,25 +74,44 @@ def run_layers_plain(model: DecoderModel, state: KVState, h: torch.Tensor, pos: 
 
 @dataclass(slots=True)
 class PaddedInputs:
-    """Static inputs of one bucket: pad rows first, real rows last."""
+    """Static inputs of one bucket: pad rows first, real rows last. The mask inputs depend on the kernel:
+    sdpa: `mask`; flex: `mask_pos` and `kv_valid` (the block mask is built from them inside the run)."""
 
     h: torch.Tensor  # [r_pad, hidden]
     pos: torch.Tensor  # [r_pad] long: scratch rows for pads, real positions after
     cos: torch.Tensor  # [r_pad, D]
     sin: torch.Tensor
-    mask: torch.Tensor  # [r_pad, n_pad] bool
+    mask: torch.Tensor | None  # [r_pad, n_pad] bool (sdpa)
     out: torch.Tensor  # [1, hidden]
+    kernel: str = "sdpa"
+    mask_pos: torch.Tensor | None = None  # [r_pad] long (flex): 0 for pad rows (key 0 only), real positions after
+    kv_valid: torch.Tensor | None = None  # [n_pad] bool (flex): key row attendable
 
     @staticmethod
-    def empty(model: DecoderModel, r_pad: int, n_pad: int) -> "PaddedInputs":
+    def empty(model: DecoderModel, r_pad: int, n_pad: int, kernel: str | None = None) -> "PaddedInputs":
         dev, dt, s = model.device, model.dtype, model.shape
+        kernel = resolve_kernel(dev, kernel)
+        flex = kernel == "flex"
         return PaddedInputs(
             h=torch.zeros(r_pad, s.hidden_size, device=dev, dtype=dt),
             pos=torch.zeros(r_pad, dtype=torch.long, device=dev),
             cos=torch.ones(r_pad, s.head_dim, device=dev, dtype=dt),
             sin=torch.zeros(r_pad, s.head_dim, device=dev, dtype=dt),
-            mask=torch.zeros(r_pad, n_pad, dtype=torch.bool, device=dev),
-            out=torch.zeros(1, s.hidden_size, device=dev, dtype=dt))
+            mask=None if flex else torch.zeros(r_pad, n_pad, dtype=torch.bool, device=dev),
+            out=torch.zeros(1, s.hidden_size, device=dev, dtype=dt),
+            kernel=kernel,
+            mask_pos=torch.zeros(r_pad, dtype=torch.long, device=dev) if flex else None,
+            kv_valid=torch.ones(n_pad, dtype=torch.bool, device=dev) if flex else None)
+
+    @property
+    def n_pad(self) -> int:
+        return self.mask.shape[1] if self.mask is not None else self.kv_valid.shape[0]
+
+    def attn_mask(self) -> AttnMask:
+        """The mask of the padded rows over n_pad keys, from the static inputs (device ops only)."""
+        if self.mask is not None:
+            return AttnMask(self.pos, self.n_pad, None, "sdpa", dense=self.mask)
+        return build_mask(self.mask_pos, self.n_pad, self.kv_valid, "flex")
 
     def fill(self, state: KVState, h: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
              num_keys: int, scratch_start: int) -> None:
@@ -99,24 +126,34 @@ class PaddedInputs:
         self.sin[:p].zero_()
         self.cos[p:].copy_(cos)
         self.sin[p:].copy_(sin)
-        self.mask.zero_()
-        self.mask[:p, 0] = True  # pad rows attend to key 0 only (a row with no key would be NaN)
-        self.mask[p:, :num_keys].copy_(causal_mask(pos, num_keys, state))
+        if self.mask is not None:
+            self.mask.zero_()
+            self.mask[:p, 0] = True  # pad rows attend to key 0 only (a row with no key would be NaN)
+            self.mask[p:, :num_keys].copy_(causal_mask(pos, num_keys, state))
+        else:
+            self.mask_pos[:p].zero_()  # pad rows: key 0 only (when valid; else no key, and flex gives 0)
+            self.mask_pos[p:].copy_(pos)
+            if state.has_holes():
+                self.kv_valid.copy_(state.valid[: self.n_pad])
+            else:
+                self.kv_valid.fill_(True)
+            self.kv_valid[num_keys:] = False
 
 
 def run_layers_padded(model: DecoderModel, state: KVState, inp: PaddedInputs, first: int) -> None:
     """The padded recompute layers over static inputs; writes inp.out. Captured as a CUDA graph."""
     num_layers = model.shape.num_layers
-    n_pad = inp.mask.shape[1]
+    n_pad = inp.n_pad
+    mask = inp.attn_mask()
     h = inp.h
     for layer in range(first, num_layers):
         q, k, v = qkv(model, layer, h, inp.cos, inp.sin)
         write_kv(state, layer, inp.pos, k, v)
         if layer == num_layers - 1:
             h = attend_mlp(model, layer, h[-1:], q[:, -1:], inp.pos[-1:], state, n_pad, causal_prefix=False,
-                           mask=inp.mask[-1:])
+                           mask=mask.last_row())
         else:
-            h = attend_mlp(model, layer, h, q, inp.pos, state, n_pad, causal_prefix=False, mask=inp.mask)
+            h = attend_mlp(model, layer, h, q, inp.pos, state, n_pad, causal_prefix=False, mask=mask)
     inp.out.copy_(h[-1:])
 
 
@@ -128,12 +165,13 @@ def padded_geometry(num_keys: int, capacity: int) -> tuple[int, int]:
 
 
 def run_layers_padded_eager(model: DecoderModel, state: KVState, h: torch.Tensor, pos: torch.Tensor,
-                            cos: torch.Tensor, sin: torch.Tensor, first: int, num_keys: int) -> torch.Tensor:
+                            cos: torch.Tensor, sin: torch.Tensor, first: int, num_keys: int,
+                            kernel: str | None = None) -> torch.Tensor:
     """The padded computation, eagerly, on a state with MAX_PAD scratch rows past its real capacity
     (see padded_state). Used by the tests to check padded == plain on any device."""
     alloc = state.capacity - MAX_PAD
     _, n_pad = padded_geometry(num_keys, alloc)
-    inp = PaddedInputs.empty(model, row_bucket(pos.shape[0]), n_pad)
+    inp = PaddedInputs.empty(model, row_bucket(pos.shape[0]), n_pad, kernel)
     inp.fill(state, h, pos, cos, sin, num_keys, scratch_start=alloc)
     run_layers_padded(model, state, inp, first)
     return inp.out.clone()
@@ -174,13 +212,13 @@ class GraphCache:
         return KVState(k=self.k, v=self.v)
 
     def run(self, state: KVState, h: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-            first: int, num_keys: int) -> torch.Tensor:
+            first: int, num_keys: int, kernel: str | None = None) -> torch.Tensor:
         """Replay (capturing first if needed) the graph for this bucket; returns the last row [1, hidden]."""
         assert state.k is self.k, "the state must live in this cache's static buffer (GraphCache.state)"
         _, n_pad = padded_geometry(num_keys, self.alloc)
-        key = (row_bucket(pos.shape[0]), n_pad, first)
+        key = (row_bucket(pos.shape[0]), n_pad, first, resolve_kernel(self.model.device, kernel))
         if self.failed is not None:  # capture does not work here: the same padded computation, eagerly
-            inp = PaddedInputs.empty(self.model, key[0], n_pad)
+            inp = PaddedInputs.empty(self.model, key[0], n_pad, key[3])
             inp.fill(state, h, pos, cos, sin, num_keys, scratch_start=self.alloc)
             run_layers_padded(self.model, state, inp, first)
             return inp.out
@@ -191,7 +229,7 @@ class GraphCache:
             except RuntimeError as exc:
                 self.failed = f"{type(exc).__name__}: {exc}"
                 log.warning("CUDA graph capture failed (%s); running the recompute layers eagerly", self.failed)
-                return self.run(state, h, pos, cos, sin, first, num_keys)
+                return self.run(state, h, pos, cos, sin, first, num_keys, kernel)
             self.graphs[key] = g
             while len(self.graphs) > MAX_GRAPHS:
                 self.graphs.popitem(last=False)
@@ -201,12 +239,15 @@ class GraphCache:
         return g.inputs.out.clone()
 
     def _capture(self, state: KVState, key: tuple) -> _Graph:
-        r_pad, n_pad, first = key
-        inp = PaddedInputs.empty(self.model, r_pad, n_pad)
-        # warm-up on a side stream (allocator and library handles), then capture; every run is idempotent
-        # (pad rows write scratch rows only; the real rows would be rewritten with the same values)
+        r_pad, n_pad, first, kernel = key
+        inp = PaddedInputs.empty(self.model, r_pad, n_pad, kernel)
+        # warm-up on a side stream (allocator, library handles, the flex kernel's compilation), then capture;
+        # every run is idempotent (pad rows write scratch rows only; the real rows would be rewritten with
+        # the same values)
         inp.pos.copy_(self.alloc + torch.arange(r_pad, device=inp.pos.device) % MAX_PAD)  # scratch rows only
-        inp.mask[:, 0] = True
+        if inp.mask is not None:
+            inp.mask[:, 0] = True
+        # (flex: mask_pos 0 and every key valid = key 0 only, as built by PaddedInputs.empty)
         side = torch.cuda.Stream(self.model.device)
         side.wait_stream(torch.cuda.current_stream(self.model.device))
         with torch.cuda.stream(side):

@@ -1,7 +1,8 @@
 """The model runner: kvblend's own layer-by-layer forward over a DecoderModel's modules.
 
 Everything that runs tokens through the model lives here: the preallocated KV state of one sequence,
-the per-layer pieces (QKV with RoPE, attention over the state with a per-token causal mask, o_proj + MLP),
+the per-layer pieces (QKV with RoPE, attention over the state with a per-token causal mask: a dense mask for
+SDPA or a block mask for FlexAttention, model/attention.py; o_proj + MLP),
 the LM head, and `forward_tokens` (append tokens and return logits; decoding, verification of speculative
 drafts and chunk building all use it). Blending (fusion/) and generation build on it; it imports neither.
 """
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from kvblend.errors import ModelError
+from kvblend.model.attention import AttnMask, build_mask, masked_attention
 from kvblend.model.hf import DecoderModel
 from kvblend.model.rope import apply_rope, rope_cos_sin
 
@@ -99,6 +101,15 @@ def causal_mask(q_pos: torch.Tensor, num_keys: int, state: KVState | None = None
     return mask
 
 
+def attn_mask(q_pos: torch.Tensor, num_keys: int, state: KVState | None = None,
+              kernel: str | None = None) -> AttnMask:
+    """The per-token causal mask of causal_mask() for the attention kernel (model/attention.py: "sdpa" builds
+    the dense boolean mask, "flex" a BlockMask from the positions; None = $KVBLEND_ATTENTION, default auto:
+    flex on CUDA, sdpa on CPU). Build it once per prefill and pass it to attend_mlp for every layer."""
+    valid = state.valid if state is not None and state.has_holes() else None
+    return build_mask(q_pos, num_keys, valid, kernel)
+
+
 def mlp(model: DecoderModel, layer: int, x: torch.Tensor) -> torch.Tensor:
     """The layer's gated MLP with one fused gate/up matmul: down(act(gate(x)) * up(x))."""
     f = model.fused_layer(layer)
@@ -107,22 +118,29 @@ def mlp(model: DecoderModel, layer: int, x: torch.Tensor) -> torch.Tensor:
 
 
 def attend_mlp(model: DecoderModel, layer: int, h: torch.Tensor, q: torch.Tensor, q_pos: torch.Tensor,
-               state: KVState, num_keys: int, causal_prefix: bool, mask: torch.Tensor | None = None) -> torch.Tensor:
+               state: KVState, num_keys: int, causal_prefix: bool,
+               mask: torch.Tensor | AttnMask | None = None) -> torch.Tensor:
     """Attention of queries q [H, r, D] at positions q_pos [r] over keys [0, num_keys), then o_proj + MLP.
 
     causal_prefix: the queries are exactly positions 0..num_keys-1 (a plain causal prefill).
-    mask: the boolean [r, num_keys] mask of causal_mask(q_pos, num_keys, state), when the caller built it
-    once for several layers; otherwise it is built here.
+    mask: built once by the caller for several layers: either the boolean [r, num_keys] mask of
+    causal_mask(q_pos, num_keys, state) (SDPA), or an AttnMask of attn_mask() (its kernel: SDPA with its
+    dense mask, or FlexAttention with its block mask); None: a dense mask is built here (SDPA).
     """
     s, lm = model.shape, model.layers[layer]
     keys = state.k[layer, :, :num_keys][None]
     vals = state.v[layer, :, :num_keys][None]
-    if mask is None and causal_prefix and not state.has_holes():
+    if isinstance(mask, AttnMask) and mask.kernel == "flex":
+        out = masked_attention(q, state.k[layer], state.v[layer], mask.q_pos, num_keys, mask.valid,
+                               model.attn_scale, mask=mask)[None]
+    elif mask is None and causal_prefix and not state.has_holes():
         out = F.scaled_dot_product_attention(q[None], keys, vals, is_causal=True, scale=model.attn_scale,
                                              enable_gqa=True)
     else:
         if mask is None:
             mask = causal_mask(q_pos, num_keys, state)
+        elif isinstance(mask, AttnMask):
+            mask = mask.dense
         out = F.scaled_dot_product_attention(q[None], keys, vals, attn_mask=mask[None, None],
                                              scale=model.attn_scale, enable_gqa=True)
     r = q.shape[1]
