@@ -51,7 +51,8 @@ class EngineConfig:
     home: str = ""  # KVBLEND_HOME (converted models, chunk store); "" = $KVBLEND_HOME or ~/.cache/kvblend
     # prompt
     chat_template: bool = True  # wrap prefix...query in the tokenizer's chat template when it has one
-    # defaults of the next four: the best variant of docs/QUALITY.md ("prefix_product_narrow"); plain CacheBlend
+    # defaults of the next four: the best variant of docs/QUALITY.md ("prefix_epic_product_narrow": lowest
+    # first-token KL on musique_s and samsum, held-out samples included); plain CacheBlend
     # is chunk_sink auto, score_on k, select_first_tokens 0, select_layers 1
     chunk_sink: str = "prefix"  # what each chunk is prefilled after (rows dropped): auto (BOS if the tokenizer adds one) | none | prefix (the prompt's shared prefix) | text (a fixed short sink text)
     # blending
@@ -59,7 +60,7 @@ class EngineConfig:
     ratio: float = 0.15  # fraction of chunk tokens recomputed in blend mode (LMCache default)
     check_layer: int = 1
     score_on: str = "k_attn_product"  # selection signal: k | v deviation (LMCache | original CacheBlend), attn (query attention), k_attn_rank, k_attn_product
-    select_first_tokens: int = 0  # each chunk's first N tokens always recomputed (EPIC), inside the ratio budget
+    select_first_tokens: int = 8  # each chunk's first N tokens always recomputed (EPIC), inside the ratio budget
     select_layers: int = 3  # progressive narrowing over this many check layers (N x ratio, ..., 1 x ratio)
     # generation
     max_new_tokens: int = 0  # 0 = the dataset's default (32 for QA, 128 for samsum)
