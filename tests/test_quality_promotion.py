@@ -51,41 +51,43 @@ def test_promotion_arms_on_a_tiny_model(variant):
     assert arms["all_resident"]["same"] == (out["tokens"] == ref.tokens)
 
 
-def _promo_sample(i: int, exact: dict) -> dict:
+def _promo_sample(i: int, exact: dict, variant: str = "prefix_product_narrow") -> dict:
     arms = {a: {"answer": "x", "same": exact[a], "exact": exact[a], "fid_rougeL": float(exact[a]),
                 "score": 0.5 * exact[a], "promotions": 1 if a == "promote" else 0,
                 "same_as_all_resident": exact[a] == exact["all_resident"]} for a in ARMS}
     return {"sample_id": f"musique_s/{i}", "runs": {}, "full": {"score": 0.5},
-            "promotion": {promotion_key("prefix_product_narrow", 0.15): {"arms": arms}}}
+            "promotion": {promotion_key(variant, 0.15): {"arms": arms}}}
 
 
 def test_recovery_ratio_and_q3_entry_in_the_report(tmp_path):
     from kvblend.quality.frontier import SCHEMA, aggregate, evaluate_prompt
-    from kvblend.quality.report import Q3_KEY, q3_entry, write_report
+    from kvblend.quality.report import Q3_KEY, default_variant, q3_entry, write_report
+
+    dv = default_variant()  # the report measures Q3 on the EngineConfig default
 
     # 10 samples: all_resident keeps 8, promote 6 of them, static 3
     pattern = [(1, 1, 1)] * 3 + [(1, 1, 0)] * 3 + [(1, 0, 0)] * 2 + [(0, 0, 0)] * 2
-    samples = [_promo_sample(i, dict(zip(ARMS, map(bool, p)))) for i, p in enumerate(pattern)]
-    key = promotion_key("prefix_product_narrow", 0.15)
+    samples = [_promo_sample(i, dict(zip(ARMS, map(bool, p))), dv) for i, p in enumerate(pattern)]
+    key = promotion_key(dv, 0.15)
     r = recovery(samples, key)
     assert r["mean"] == pytest.approx(6 / 8) and r["n"] == 10 and r["ci95"][0] <= 0.75 <= r["ci95"][1]
     assert recovery(samples, key, "static")["mean"] == pytest.approx(3 / 8)
     agg = aggregate_promotion(samples)[key]
     assert agg["promote"]["exact"]["mean"] == pytest.approx(0.6) and agg["recovery"]["static/exact"]["n"] == 10
-    e = q3_entry({"musique_s": ({"samples": samples}, "src.json")}, "prefix_product_narrow")[Q3_KEY]
+    e = q3_entry({"musique_s": ({"samples": samples}, "src.json")}, dv)[Q3_KEY]
     assert e["measured"] == 0.75 and e["target"] == 0.9 and e["better"] == "higher" and not e["met"]
     assert e["per_dataset"]["musique_s"]["without_promotions"]["measured"] == 0.375
 
     # end to end: a --promotion record made by evaluate_prompt lands in summary.json and QUALITY.md
     model = make_tiny("llama", vocab_size=64)
     params = SamplingParams(max_new_tokens=6, temperature=0.0, stop_on_newline=False)
-    variants, ratios = ["plain", "prefix_product_narrow"], [0.15]
+    variants, ratios = ["plain", dv], [0.15]
     for ds in ("musique_s", "samsum"):
         recs = []
         for seed in range(3):
             prompt = random_prompt(64, seed=50 + seed)
             rec = evaluate_prompt(model, prompt, variants, ratios, params, metric="f1", answers=(("1 2",),),
-                                  promotion=("prefix_product_narrow", 0.15, 2), pass_id="p1")
+                                  promotion=(dv, 0.15, 2), pass_id="p1")
             assert rec["runs"]["plain@0.15"]["pass"] == "p1" and key in rec["promotion"]
             recs.append({"sample_id": f"{ds}/{seed}", "pass": "p1", "git_sha": "abc", "command": "c", **rec})
         recs[0]["promotion"][key]["arms"]["all_resident"]["exact"] = True  # a non-zero denominator
