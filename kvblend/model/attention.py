@@ -12,9 +12,9 @@ Two kernels compute the same thing:
          rest are skipped. Usable inside CUDA-graph capture when its inputs are static tensors.
 
 Selection: the `kernel` argument, else the environment variable KVBLEND_ATTENTION = flex | sdpa | auto
-(default auto = sdpa on every device: on the H200, torch 2.11, the compiled flex kernel took 0.3-0.5 ms per
-call against 0.11-0.22 ms for the dense mask build + cuDNN SDPA on the real shapes, 557-576 sparse rows over
-3168-3328 keys; docs/results/bench/attention_kernels_h200.json. flex stays selectable and tested). If flex fails to compile or run, one warning is logged and
+(default auto = sdpa on every device: on the H200, torch 2.11, the compiled flex kernel took 0.23-0.89 ms per
+call against 0.11-0.27 ms for cuDNN SDPA with the dense mask on the real shapes, 464-576 rows over 3168-3328
+keys; docs/results/bench/attention_kernels_h200.json. flex stays selectable and tested). If flex fails to compile or run, one warning is logged and
 sdpa is used for the rest of the process.
 
 How flex is compiled: KVBLEND_FLEX_COMPILE = static | dynamic | auto (default auto: static on CPU, dynamic
