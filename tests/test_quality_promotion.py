@@ -4,13 +4,11 @@ merged results file (the resumed GPU pass that added no sample)."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import make_tiny
+from conftest import make_tiny, make_tiny_folder
 from kvblend.fusion.select import SelectionPolicy
 from kvblend.generation.sampling import SamplingParams
 from kvblend.quality.promotion import ARMS, aggregate_promotion, measure_promotion, promotion_key, recovery
@@ -112,22 +110,8 @@ def test_recovery_ratio_and_q3_entry_in_the_report(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     """A 2-layer random llama with the real SmolLM2 tokenizer (prompts are built from text)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from kvblend.model.registry import NAMED_MODELS, converted_folder
-
-    src = converted_folder(NAMED_MODELS["smollm2-135m-instruct"])
-    out = tmp_path_factory.mktemp("tiny") / "tiny-frontier"
-    out.mkdir()
-    cfg = AutoConfig.for_model("llama", vocab_size=49152, hidden_size=32, intermediate_size=64,
-                               num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                               max_position_embeddings=8192, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (src / name).exists():
-            shutil.copy(src / name, out / name)
-    return out
+    return make_tiny_folder(tmp_path_factory.mktemp("tiny") / "tiny-frontier", hidden_size=32, intermediate_size=64,
+                            num_attention_heads=2, num_key_value_heads=1)
 
 
 def _fake_evaluate(calls: list):

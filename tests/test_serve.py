@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import shutil
 import subprocess
 import sys
 import threading
@@ -14,14 +13,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import conftest
 import openai
 import pytest
-import torch
 
 from kvblend.config import EngineConfig
 from kvblend.engine import Engine
 from kvblend.generation.sampling import SamplingParams
-from kvblend.model.registry import NAMED_MODELS, converted_folder, load_model
+from kvblend.model.registry import load_model
 from kvblend.serve.metrics import parse_prometheus
 from kvblend.serve.process import ServerProcess, free_port
 
@@ -37,20 +36,7 @@ CORPUS = [{"id": "p-tower", "title": "Eiffel Tower",
 
 def make_tiny_folder(out: Path) -> Path:
     """A 2-layer random llama saved as a Hugging Face folder, with the real SmolLM2 tokenizer files."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    src = converted_folder(NAMED_MODELS["smollm2-135m-instruct"])
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = AutoConfig.for_model("llama", vocab_size=49152, hidden_size=64, intermediate_size=128,
-                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                               max_position_embeddings=CONTEXT, bos_token_id=1, eos_token_id=2,
-                               tie_word_embeddings=True)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (src / name).exists():
-            shutil.copy(src / name, out / name)
-    return out
+    return conftest.make_tiny_folder(out, max_position_embeddings=CONTEXT)
 
 
 @pytest.fixture(scope="module")

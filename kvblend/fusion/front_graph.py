@@ -33,7 +33,7 @@ import torch
 
 from kvblend.fusion.select import SelectionPolicy, kv_deviation
 from kvblend.model.hf import DecoderModel
-from kvblend.model.layer_graphs import MAX_PAD, row_bucket
+from kvblend.model.layer_graphs import MAX_PAD, per_model, row_bucket
 from kvblend.model.rope import rope_cos_sin
 from kvblend.model.runner import KVState, attend_mlp, qkv, write_kv
 
@@ -272,8 +272,4 @@ class FrontGraphs:
 
 
 def front_graphs(model: DecoderModel) -> FrontGraphs:
-    cache = getattr(model, "_front_graphs", None)
-    if cache is None:
-        cache = FrontGraphs(model)
-        model._front_graphs = cache
-    return cache
+    return per_model(model, "_front_graphs", FrontGraphs)

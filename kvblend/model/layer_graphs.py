@@ -262,12 +262,18 @@ class GraphCache:
         return _Graph(graph, inp)
 
 
+def per_model(model: DecoderModel, attr: str, make):
+    """The model's object stored under `attr`, made by make(model) on first use (graph caches live as long as
+    their model)."""
+    obj = getattr(model, attr, None)
+    if obj is None:
+        obj = make(model)
+        setattr(model, attr, obj)
+    return obj
+
+
 def graph_cache(model: DecoderModel) -> GraphCache:
-    cache = getattr(model, "_graph_cache", None)
-    if cache is None:
-        cache = GraphCache(model)
-        model._graph_cache = cache
-    return cache
+    return per_model(model, "_graph_cache", GraphCache)
 
 
 def copy_state(state: KVState, capacity: int) -> KVState:
