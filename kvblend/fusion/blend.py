@@ -6,6 +6,9 @@ One engine computes all three modes; they differ only in which tokens are recomp
   blend  layers < check_layer run over every token; at check_layer fresh K (or V) of every chunk token is
          compared with its cached row and the top `ratio` of chunk tokens by deviation join the recompute
          set (prefix + whole query + selected), which alone goes through the remaining layers.
+On CUDA the front of a blend (layers below the check layer, check layers, selection) runs as one CUDA graph
+(fusion/front_graph.py) and the recompute layers as another (model/layer_graphs.py); the eager loop below is
+the reference they are tested against.
 Recomputed tokens write fresh K/V over the cached rows of a KV buffer preallocated for the whole prompt
 (plus room for decoding); cached chunk tensors are never written. Attention of a recomputed token at
 position p sees exactly the keys at positions <= p (a per-token causal mask).

@@ -17,9 +17,13 @@ that every tensor has a size known before the call (a *plan*), and the whole fro
 
 The selection is the one of fusion/select.py (k / v deviation, query attention, their product, first tokens
 forced, narrowing over several check layers); ties between equal scores are broken towards lower positions
-here (torch.topk leaves them unspecified). The rank-sum signal is left to the eager path (integer rank sums
-tie often). `run_front` runs the computation eagerly (the tests compare it with the eager blend on CPU);
-`FrontGraphs` captures and replays it on CUDA.
+here (torch.topk leaves them unspecified). The rank-sum signal (integer rank sums tie often), the frontier-only
+k_tail_product and prompts with placeholders are left to the eager front. `run_front` runs the computation
+eagerly (the tests compare it with the eager blend on CPU); `FrontGraphs` captures and replays it on CUDA.
+
+Graphs are keyed by the prompt's 256-token bucket, the check layer and policy, the 64-row buckets of the sets
+and the 16-token bucket of the query; the first request of a new key pays a capture (two warm-up runs of the
+eager front and the recording), and at most MAX_FRONT_GRAPHS graphs are kept (least recently used dropped).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ log = logging.getLogger(__name__)
 
 TOKEN_BUCKET = 256  # prompt length bucket of the front graph
 MAX_FRONT_GRAPHS = 8
-SIGNALS = ("k", "v", "attn", "k_attn_product")  # k_attn_rank: eager (integer rank sums tie)
+FRONT_SIGNALS = ("k", "v", "attn", "k_attn_product")  # k_attn_rank (integer rank sums tie), k_tail_product: eager
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +82,7 @@ def front_supported(model: DecoderModel, policy: SelectionPolicy, check_layer: i
     if os.environ.get("KVBLEND_FRONT_GRAPH", "1") in ("0", "false", "no"):
         return False
     last = check_layer + policy.layers - 1
-    return not has_holes and policy.signal in SIGNALS and last < model.shape.num_layers - 1
+    return not has_holes and policy.signal in FRONT_SIGNALS and last < model.shape.num_layers - 1
 
 
 def make_plan(n: int, prefix: int, query_start: int, check_layer: int, ratio: float,
