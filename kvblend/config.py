@@ -51,8 +51,8 @@ class EngineConfig:
     home: str = ""  # KVBLEND_HOME (converted models, chunk store); "" = $KVBLEND_HOME or ~/.cache/kvblend
     # prompt
     chat_template: bool = True  # wrap prefix...query in the tokenizer's chat template when it has one
-    # defaults of the next four: the best variant of docs/QUALITY.md ("prefix_epic_product_narrow": lowest
-    # first-token KL on musique_s and samsum, held-out samples included); plain CacheBlend
+    # defaults of the next four: the best variant of docs/QUALITY.md ("prefix_epic_product_narrow5": lowest
+    # first-token KL on samsum, tied on musique_s, held-out samples included); plain CacheBlend
     # is chunk_sink auto, score_on k, select_first_tokens 0, select_layers 1
     chunk_sink: str = "prefix"  # what each chunk is prefilled after (rows dropped): auto (BOS if the tokenizer adds one) | none | prefix (the prompt's shared prefix) | text (a fixed short sink text)
     # blending
@@ -61,7 +61,7 @@ class EngineConfig:
     check_layer: int = 1
     score_on: str = "k_attn_product"  # selection signal: k | v deviation (LMCache | original CacheBlend), attn (query attention), k_attn_rank, k_attn_product
     select_first_tokens: int = 8  # each chunk's first N tokens always recomputed (EPIC), inside the ratio budget
-    select_layers: int = 3  # progressive narrowing over this many check layers (N x ratio, ..., 1 x ratio)
+    select_layers: int = 5  # progressive narrowing over this many check layers (N x ratio, ..., 1 x ratio)
     # generation
     max_new_tokens: int = 0  # 0 = the dataset's default (32 for QA, 128 for samsum)
     temperature: float = 0.0  # 0 = greedy
