@@ -59,7 +59,7 @@ class EngineConfig:
     mode: str = "blend"  # full | reuse | blend
     ratio: float = 0.15  # fraction of chunk tokens recomputed in blend mode (LMCache default)
     check_layer: int = 1
-    score_on: str = "k_attn_product"  # selection signal: k | v deviation (LMCache | original CacheBlend), attn (query attention), k_attn_rank, k_attn_product
+    score_on: str = "k_attn_product"  # selection signal: k | v deviation (LMCache | original CacheBlend), attn (query attention), k_attn_rank, k_attn_product, draft_attn | k_draft_product (a draft model's attention, CacheClip; needs draft_model)
     select_first_tokens: int = 8  # each chunk's first N tokens always recomputed (EPIC), inside the ratio budget
     select_layers: int = 5  # progressive narrowing over this many check layers (N x ratio, ..., 1 x ratio)
     # generation
@@ -122,6 +122,8 @@ class EngineConfig:
         need(isinstance(self.seed, int), f"seed: expected an integer, got {self.seed!r}")
         need(self.drafter in DRAFTERS, f"drafter: expected {_alts(DRAFTERS)}, got {self.drafter!r}")
         need(self.drafter != "model" or bool(self.draft_model), "drafter 'model' needs draft_model (--draft-model)")
+        need(self.score_on not in ("draft_attn", "k_draft_product") or bool(self.draft_model),
+             f"score_on {self.score_on} needs draft_model (--draft-model): the draft's attention is the signal")
         need(self.proxy in PROXIES, f"proxy: expected {_alts(PROXIES)}, got {self.proxy!r}")
         need(self.proxy != "draft_attention" or self.drafter == "model",
              "proxy 'draft_attention' needs drafter 'model' (the draft attends to every chunk)")

@@ -24,7 +24,7 @@ from kvblend.data.prompt import build_prompt, chunk_context_ids
 from kvblend.errors import ChunkCorruptError
 from kvblend.fusion.blend import prefill
 from kvblend.fusion.layout import Placement, place
-from kvblend.fusion.select import SelectionPolicy
+from kvblend.fusion.select import SelectionPolicy, draft_attention_prior
 from kvblend.generation.generate import NewlineDetector, generate
 from kvblend.generation.sampling import SamplingParams
 from kvblend.kvstore.builder import build_chunk_kv, chunk_key, dtype_name
@@ -93,6 +93,22 @@ class Engine:
         self.newline = NewlineDetector(tok) if tok is not None else None
         self.warmed_up = False
         self._prefetcher: ThreadPoolExecutor | None = None  # Engine.prefetch's one worker thread
+        self._draft: DecoderModel | None = None  # config.draft_model, loaded when a draft selection signal asks
+
+    def draft_model(self) -> DecoderModel:
+        """The draft model of config.draft_model (loaded once; same dtype and device settings as the target)."""
+        if self._draft is None:
+            if not self.config.draft_model:
+                raise ValueError(f"score_on {self.config.score_on} needs a draft model (--draft-model)")
+            self._draft = load_model(self.config.draft_model, self.config.dtype, self.config.device)
+        return self._draft
+
+    def _prior(self, prompt: PromptIds, mode: str, draft: DecoderModel | None = None):
+        """The draft model's attention over the prompt when the selection signal uses it (CacheClip), else None.
+        Computed inside the request's clock: it is part of the blend's cost."""
+        if mode != "blend" or not self.selection.needs_draft:
+            return None
+        return draft_attention_prior(draft or self.draft_model(), prompt.flat(), len(prompt.query_ids))
 
     def sampling(self, max_new_tokens: int | None = None) -> SamplingParams:
         c = self.config
@@ -274,7 +290,8 @@ class Engine:
         pinned = keys if fetched is not None else []
         try:
             result = prefill(self.model, prompt, chunks, mode=mode, ratio=ratio, check_layer=c.check_layer,
-                             selection=self.selection, extra_capacity=sampling.max_new_tokens)
+                             selection=self.selection, extra_capacity=sampling.max_new_tokens,
+                             prior=self._prior(prompt, mode))
         finally:
             for key in pinned:
                 self.store.unpin(key)
@@ -317,7 +334,8 @@ class Engine:
                                                   pin=lambda i: resident[i])
             extra = sampling.max_new_tokens + o.k + 2
             result = prefill(self.model, prompt, chunks, mode=mode, ratio=ratio, check_layer=c.check_layer,
-                             selection=self.selection, extra_capacity=extra, resident=resident)
+                             selection=self.selection, extra_capacity=extra, resident=resident,
+                             prior=self._prior(prompt, mode, draft_model))
             if o.drafter == "model":
                 spec = ModelDrafter(draft_model, prompt, extra_capacity=extra)
             else:

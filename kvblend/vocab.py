@@ -14,7 +14,7 @@ BlendMode = Literal["full", "reuse", "blend"]
 MODES: tuple[str, ...] = get_args(BlendMode)
 
 # selection signal of a blended prefill (kvblend/fusion/select.py): K / V deviation, the query's attention, both
-ScoreOn = Literal["k", "v", "attn", "k_attn_rank", "k_attn_product"]
+ScoreOn = Literal["k", "v", "attn", "k_attn_rank", "k_attn_product", "draft_attn", "k_draft_product"]
 SCORE_ON: tuple[str, ...] = get_args(ScoreOn)
 
 DrafterName = Literal["ngram", "model", "none"]

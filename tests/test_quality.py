@@ -13,7 +13,8 @@ import torch
 from conftest import make_tiny
 from kvblend.data.prompt import chunk_context_ids
 from kvblend.fusion.blend import prefill
-from kvblend.fusion.select import (SIGNALS, CheckLayer, SelectionPolicy, kv_deviation, num_to_select,
+from kvblend.fusion.select import (SIGNALS, CheckLayer, SelectionPolicy, draft_attention_prior, kv_deviation,
+                                   num_to_select,
                                    query_attention, select_candidates, token_scores)
 from kvblend.generation.generate import generate
 from kvblend.generation.sampling import SamplingParams
@@ -25,6 +26,11 @@ POLICIES = [SelectionPolicy(sig) for sig in SIGNALS] + [
     SelectionPolicy("k", first_tokens=4), SelectionPolicy("k_attn_product", layers=3),
     SelectionPolicy("attn", first_tokens=3, layers=2), SelectionPolicy("k_tail_product", first_tokens=2, layers=3)]
 TEXT_SINK = (3, 4, 5)  # a 'text' chunk context is a fixed id sequence (its ids come from the tokenizer)
+
+
+def _prior(model, prompt, policy):
+    """A draft signal's prior: the model itself as its own draft (any draft works for these invariants)."""
+    return draft_attention_prior(model, prompt.flat(), len(prompt.query_ids)) if policy.needs_draft else None
 
 
 def _variant_policy(v) -> SelectionPolicy:
@@ -47,11 +53,12 @@ def test_every_policy_ratio_one_is_full_and_ratio_zero_is_reuse(tiny_model, poli
     prompt = random_prompt(tiny_model.shape.vocab_size, seed=11)
     chunks = _chunks(tiny_model, prompt, context)
     full = prefill(tiny_model, prompt, mode="full")
-    one = prefill(tiny_model, prompt, chunks, mode="blend", ratio=1.0, selection=policy)
+    prior = _prior(tiny_model, prompt, policy)
+    one = prefill(tiny_model, prompt, chunks, mode="blend", ratio=1.0, selection=policy, prior=prior)
     torch.testing.assert_close(one.logits, full.logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(one.logits, hf_full_logits(tiny_model, prompt), atol=1e-5, rtol=1e-5)
     reuse = prefill(tiny_model, prompt, chunks, mode="reuse")
-    zero = prefill(tiny_model, prompt, chunks, mode="blend", ratio=0.0, selection=policy)
+    zero = prefill(tiny_model, prompt, chunks, mode="blend", ratio=0.0, selection=policy, prior=prior)
     torch.testing.assert_close(zero.logits, reuse.logits, atol=1e-5, rtol=1e-5)
     assert zero.stats.selected_positions == ()
 
@@ -60,7 +67,8 @@ def test_every_policy_ratio_one_is_full_and_ratio_zero_is_reuse(tiny_model, poli
 def test_every_policy_keeps_exactly_the_ratio_budget(tiny_llama, policy):
     prompt = random_prompt(tiny_llama.shape.vocab_size, seed=12, chunk_lens=(30, 25, 20))
     chunks = _chunks(tiny_llama, prompt, "auto")
-    out = prefill(tiny_llama, prompt, chunks, mode="blend", ratio=0.2, selection=policy)
+    out = prefill(tiny_llama, prompt, chunks, mode="blend", ratio=0.2, selection=policy,
+                  prior=_prior(tiny_llama, prompt, policy))
     assert len(out.stats.selected_positions) == num_to_select(75, 0.2)
     assert out.stats.num_recomputed == len(prompt.prefix_ids) + len(prompt.query_ids) + num_to_select(75, 0.2)
     if policy.first_tokens:
@@ -77,13 +85,14 @@ def test_every_variant_ratio_one_is_full_ratio_zero_is_reuse_and_keeps_the_budge
     prompt = random_prompt(tiny_model.shape.vocab_size, seed=14, chunk_lens=(30, 25, 20))
     chunks = _variant_chunks(tiny_model, prompt, v)
     full = prefill(tiny_model, prompt, mode="full")
-    one = prefill(tiny_model, prompt, chunks, mode="blend", ratio=1.0, selection=policy)
+    prior = _prior(tiny_model, prompt, policy)
+    one = prefill(tiny_model, prompt, chunks, mode="blend", ratio=1.0, selection=policy, prior=prior)
     torch.testing.assert_close(one.logits, full.logits, atol=1e-5, rtol=1e-5)
     reuse = prefill(tiny_model, prompt, chunks, mode="reuse")
-    zero = prefill(tiny_model, prompt, chunks, mode="blend", ratio=0.0, selection=policy)
+    zero = prefill(tiny_model, prompt, chunks, mode="blend", ratio=0.0, selection=policy, prior=prior)
     torch.testing.assert_close(zero.logits, reuse.logits, atol=1e-5, rtol=1e-5)
     assert zero.stats.selected_positions == ()
-    mid = prefill(tiny_model, prompt, chunks, mode="blend", ratio=0.2, selection=policy)
+    mid = prefill(tiny_model, prompt, chunks, mode="blend", ratio=0.2, selection=policy, prior=prior)
     assert len(mid.stats.selected_positions) == num_to_select(75, 0.2)
 
 
@@ -93,6 +102,8 @@ def test_new_candidate_variants_are_registered():
     assert (v.chunk_sink, v.score_on, v.select_first_tokens, v.select_layers) == ("prefix", "k_attn_product", 8, 3)
     assert VARIANTS["prefix_product_narrow5"].select_layers == 5
     assert all(x.score_on in SIGNALS for x in VARIANTS.values())
+    # the draft-signal variant is asked for by name (it needs --draft-model), never by 'all'
+    assert "prefix_draft_product" in VARIANTS and "prefix_draft_product" not in parse_variants("all")
 
 
 def test_tail_signal_counts_only_the_last_query_tokens(monkeypatch):
@@ -263,7 +274,7 @@ def test_evaluate_prompt_and_report(tmp_path):
 
 
 def test_variants_parse_and_cli_is_torch_free_with_one_line_errors():
-    assert parse_variants("prefix")[0] == "plain" and set(parse_variants("all")) == set(VARIANTS)
+    assert parse_variants("prefix")[0] == "plain" and set(parse_variants("all")) == set(VARIANTS) - {"prefix_draft_product"}
     with pytest.raises(ValueError, match="unknown variant"):
         parse_variants("nope")
     code = "import sys, kvblend.quality.cli, kvblend.quality.variants, kvblend.quality.report; " \

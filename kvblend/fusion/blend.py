@@ -179,7 +179,7 @@ def _validate_chunks(chunks: Sequence[ChunkKV], chunk_ids: Sequence[Sequence[int
 def _check_and_select(model: DecoderModel, state: KVState, h: torch.Tensor, rows_pos: torch.Tensor,
                       cos: torch.Tensor, sin: torch.Tensor, always: torch.Tensor, chunk_pos: torch.Tensor,
                       chunk_off: torch.Tensor, query_start: int, n: int, check_layer: int, ratio: float,
-                      policy: SelectionPolicy):
+                      policy: SelectionPolicy, prior: torch.Tensor | None = None):
     """The check layer(s) of a blend: score the candidate chunk tokens, keep the policy's budget, recompute
     prefix + query + kept tokens through the layer; with policy.layers > 1 the survivors are narrowed again
     at each following layer. h: hidden states of rows_pos entering check_layer.
@@ -193,7 +193,7 @@ def _check_and_select(model: DecoderModel, state: KVState, h: torch.Tensor, rows
         q, k, v = qkv(model, layer, h, cos[rows_pos], sin[rows_pos])
         check = CheckLayer(q=q, k=k, v=v, rows_pos=rows_pos, cached_k=state.k[layer], cached_v=state.v[layer],
                            cand_pos=cand, query_pos=query_pos, num_keys=n, scale=model.attn_scale,
-                           valid=state.valid if state.has_holes() else None)
+                           valid=state.valid if state.has_holes() else None, prior=prior)
         budget = policy.budget(step, last - check_layer + 1, ratio, chunk_pos.numel())
         forced = cand_off < policy.first_tokens if policy.first_tokens else None
         keep = select_candidates(policy, check, budget, forced)
@@ -215,12 +215,14 @@ def prefill(model: DecoderModel, prompt: PromptIds, chunks: Sequence[ChunkKV] | 
             mode: str = "blend", ratio: float = 0.15, check_layer: int = 1, score_on: str = "k",
             extra_capacity: int = 0, resident: Sequence[bool] | None = None,
             selection: SelectionPolicy | None = None, recompute: str = "auto",
-            timings: dict | None = None) -> PrefillResult:
+            timings: dict | None = None, prior: torch.Tensor | None = None) -> PrefillResult:
     """Prefill `prompt`, reusing `chunks` (cached KV of prompt.chunk_ids, same order) per `mode`.
 
     resident: per chunk, False makes it a placeholder: its positions are reserved but nothing attends to
     it (its entry in `chunks` may be None) until promote_chunk() fills it. Needs mode reuse or blend.
     selection: which chunk tokens blend recomputes (fusion/select.py); None = SelectionPolicy(score_on).
+    prior: per-position importance [>= prompt tokens] from a draft model (fusion/select.py
+    draft_attention_prior), needed by the draft selection signals and ignored by the others.
     recompute: how the recompute set runs through the layers after the check layer (model/layer_graphs.py):
     "auto" (CUDA graphs on CUDA unless KVBLEND_CUDA_GRAPHS=0, else plain), "plain", "padded" (the graph's
     padded computation, eagerly: for tests), "graph". Host chunks (pinned) are loaded layer-wise on a side
@@ -232,6 +234,9 @@ def prefill(model: DecoderModel, prompt: PromptIds, chunks: Sequence[ChunkKV] | 
     if mode not in MODES:
         raise ValueError(f"unknown mode '{mode}'; use one of {', '.join(MODES)}")
     s = model.shape
+    if mode == "blend" and selection.needs_draft and (prior is None or prior.numel() < prompt.num_tokens):
+        raise ValueError(f"selection signal '{selection.signal}' needs a draft model's attention over the whole "
+                         f"prompt (prior); load a draft model (EngineConfig.draft_model / --draft-model)")
     if mode == "blend" and not 1 <= check_layer < s.num_layers:
         raise ValueError(f"check_layer must be in [1, {s.num_layers - 1}], got {check_layer}")
     resident = [True] * len(prompt.chunk_ids) if resident is None else list(resident)
@@ -344,7 +349,7 @@ def prefill(model: DecoderModel, prompt: PromptIds, chunks: Sequence[ChunkKV] | 
         chunk_off = torch.cat(chunk_off_parts) if chunk_off_parts else chunk_pos
         h, pos, selected, first_partial = _check_and_select(
             model, state, h, active, cos, sin, always, chunk_pos, chunk_off, n - len(prompt.query_ids), n,
-            check_layer, ratio, selection)
+            check_layer, ratio, selection, None if prior is None else prior.to(dev))
 
         stages.mark("check_and_select")
 

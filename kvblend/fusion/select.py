@@ -14,6 +14,10 @@ the top `ratio` of chunk tokens. Signals (kvblend.vocab.SCORE_ON):
                   positions nearest the first answer token; a long query, such as samsum's dialogue, otherwise
                   spreads the mass over its own local reading). Frontier-only until kvblend.vocab.SCORE_ON lists
                   it (EXTRA_SIGNALS below), so EngineConfig cannot select it yet.
+  draft_attn      the attention mass a small draft model's query tokens give each prompt token, summed over its
+                  layers and heads (CacheClip: the draft reads the whole prompt with full attention, cheaply);
+                  computed once per request by `draft_attention_prior` and passed to the prefill as `prior`
+  k_draft_product k deviation x draft_attn
 
 Policy extras: `first_tokens` keeps each chunk's first N tokens always (EPIC's false attention sinks),
 inside the same budget; `layers` > 1 narrows progressively (CacheBlend's gradual filtering): the first check
@@ -35,6 +39,7 @@ from kvblend.vocab import SCORE_ON
 EXTRA_SIGNALS: tuple[str, ...] = ("k_tail_product",)
 SIGNALS: tuple[str, ...] = (*SCORE_ON, *EXTRA_SIGNALS)
 ATTENTION_SIGNALS: tuple[str, ...] = ("attn", "k_attn_rank", "k_attn_product", "k_tail_product")
+DRAFT_SIGNALS: tuple[str, ...] = ("draft_attn", "k_draft_product")  # need a draft model's prior
 TAIL_QUERY_TOKENS = 16  # k_tail_product: the query's last tokens whose attention counts
 
 
@@ -77,6 +82,10 @@ class SelectionPolicy:
     def needs_attention(self) -> bool:
         return self.signal in ATTENTION_SIGNALS
 
+    @property
+    def needs_draft(self) -> bool:
+        return self.signal in DRAFT_SIGNALS
+
     def budget(self, step: int, num_steps: int, ratio: float, num_chunk_tokens: int) -> int:
         """Chunk tokens kept after check step `step` of `num_steps`: (num_steps - step) x ratio of them, so
         the last step keeps exactly ceil(ratio x chunk tokens) and a ratio of 0 or 1 is kept at every step."""
@@ -106,6 +115,7 @@ class CheckLayer:
     num_keys: int
     scale: float
     valid: torch.Tensor | None = None
+    prior: torch.Tensor | None = None  # [>= num_keys] per-position importance from a draft model (draft signals)
 
     def rows_of(self, pos: torch.Tensor) -> torch.Tensor:
         lut = torch.full((self.num_keys,), -1, dtype=torch.long, device=pos.device)
@@ -144,7 +154,12 @@ def _ranks(x: torch.Tensor) -> torch.Tensor:
 def token_scores(signal: str, layer: CheckLayer) -> torch.Tensor:
     """Importance of each candidate [T_cand] (higher = recompute first)."""
     rows = layer.rows_of(layer.cand_pos)
-    if signal in ("k", "v", "k_attn_rank", "k_attn_product", "k_tail_product"):
+    if signal in DRAFT_SIGNALS and layer.prior is None:
+        raise ValueError(f"selection signal '{signal}' needs a draft model's attention over the prompt "
+                         f"(EngineConfig.draft_model / --draft-model)")
+    if signal == "draft_attn":
+        return layer.prior[layer.cand_pos].to(torch.float32)
+    if signal in ("k", "v", "k_attn_rank", "k_attn_product", "k_tail_product", "k_draft_product"):
         on_v = signal == "v"
         fresh = (layer.v if on_v else layer.k)[:, rows]
         cached = (layer.cached_v if on_v else layer.cached_k)[:, layer.cand_pos]
@@ -153,6 +168,8 @@ def token_scores(signal: str, layer: CheckLayer) -> torch.Tensor:
             return dev
         if signal == "k_tail_product":
             return dev * query_attention(layer, last=TAIL_QUERY_TOKENS)
+        if signal == "k_draft_product":
+            return dev * layer.prior[layer.cand_pos].to(torch.float32)
     attn = query_attention(layer)
     if signal == "attn":
         return attn
@@ -181,3 +198,35 @@ def select_candidates(policy: SelectionPolicy, layer: CheckLayer, budget: int,
         # forced tokens outrank every other: shift them above the maximum
         scores = torch.where(forced, scores + (scores.abs().max() + 1.0) * 2.0, scores)
     return torch.topk(scores, budget, sorted=False).indices.sort().values
+
+
+@torch.inference_mode()
+def draft_attention_prior(draft, token_ids, query_len: int) -> torch.Tensor:
+    """CacheClip's signal: a draft model (same tokenizer as the target) prefills the whole prompt with full
+    attention, and each position's importance is the attention mass the last `query_len` tokens (the query)
+    give it, summed over the draft's layers, heads and query tokens. Returns fp32 [len(token_ids)] on the
+    draft's device (each query token contributes layers x heads in total)."""
+    from kvblend.model.runner import allocate_state, forward_tokens
+
+    n = len(token_ids)
+    if not 0 < query_len <= n:
+        raise ValueError(f"query_len must be in [1, {n}], got {query_len}")
+    if token_ids and max(token_ids) >= draft.shape.vocab_size:
+        raise ValueError(f"the draft model {draft.name} has {draft.shape.vocab_size} token ids, the prompt uses "
+                         f"id {max(token_ids)}: draft and target must share a tokenizer")
+    state = allocate_state(draft, n)
+    queries: list[torch.Tensor] = []
+    forward_tokens(draft, state, token_ids, num_logits=0, queries_out=queries)
+    dev = state.k.device
+    q_pos = torch.arange(n - query_len, n, device=dev)
+    see = torch.arange(n, device=dev)[None, :] <= q_pos[:, None]
+    total = torch.zeros(n, dtype=torch.float32, device=dev)
+    for layer, q in enumerate(queries):
+        keys = state.k[layer, :, :n].to(torch.float32)
+        qq = q[:, n - query_len:].to(torch.float32)  # [H, Tq, D]
+        group = qq.shape[0] // keys.shape[0]
+        if group > 1:
+            keys = keys.repeat_interleave(group, dim=0)
+        logits = torch.matmul(qq, keys.transpose(1, 2)) * draft.attn_scale
+        total += logits.masked_fill(~see[None], float("-inf")).softmax(dim=-1).sum(dim=(0, 1))
+    return total

@@ -65,6 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="blend ratio of the --promotion measurement (default 0.15)")
     p.add_argument("--gpu-chunks", dest="gpu_chunks", type=non_negative_int, default=2,
                    help="chunks resident at the start in the --promotion measurement (default 2)")
+    p.add_argument("--draft-model", dest="draft_model", default="",
+                   help="named model or folder (same tokenizer) whose attention the draft-signal variants use "
+                        "(CacheClip); the --model itself gives the signal's ceiling")
     p.add_argument("--shard", default="0/1", help=argparse.SUPPRESS)  # i/k, set by --jobs for its workers
 
 
@@ -114,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
                          variants=args.variants, ratios=args.ratios, limit=args.limit, offset=args.offset,
                          chunks=args.chunks, max_new_tokens=args.max_new_tokens, out_dir=args.out_dir,
                          progress=not args.quiet and args.jobs <= 1, shard=(i, k),
-                         deadline=started + args.deadline_s if args.deadline_s > 0 else 0.0, promotion=promotion)
+                         deadline=started + args.deadline_s if args.deadline_s > 0 else 0.0, promotion=promotion,
+                         draft_model=args.draft_model)
     if args.jobs > 1:
         path, doc = _run_jobs(args, s, started)
     else:

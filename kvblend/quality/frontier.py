@@ -35,7 +35,7 @@ import torch
 from kvblend.data.prompt import build_prompt, chunk_context_ids
 from kvblend.eval.metrics import first_line, normalize_answer, rouge_l, score_answer
 from kvblend.fusion.blend import prefill
-from kvblend.fusion.select import SelectionPolicy
+from kvblend.fusion.select import DRAFT_SIGNALS, SelectionPolicy, draft_attention_prior
 from kvblend.generation.generate import NewlineDetector, Stopper
 from kvblend.generation.sampling import SamplingParams
 from kvblend.io import atomic_write_json
@@ -45,7 +45,7 @@ from kvblend.model.runner import KVState, forward_tokens
 from kvblend.quality.provenance import (PROVENANCE, merge_passes, merge_record, new_pass, sha_counts,
                                         with_provenance)
 from kvblend.quality.stats import mean_ci
-from kvblend.quality.variants import VARIANTS
+from kvblend.quality.variants import VARIANTS, without_draft
 from kvblend.types import PromptIds
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class FrontierSettings:
     model: str = "smollm2-135m-instruct"
     dtype: str = "float32"
     device: str = "auto"
-    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    variants: list[str] = field(default_factory=lambda: without_draft(list(VARIANTS)))
     ratios: list[float] = field(default_factory=lambda: list(DEFAULT_RATIOS))
     limit: int = 0  # 0 = every sample
     offset: int = 0  # skip the first `offset` samples (held-out checks)
@@ -73,6 +73,7 @@ class FrontierSettings:
     shard: tuple[int, int] = (0, 1)  # (i, k): this process takes samples i, i+k, i+2k, ... (kvblend frontier --jobs)
     deadline: float = 0.0  # time.time() after which no new sample is started (0 = none); the file stays resumable
     promotion: tuple[str, float, int] | None = None  # Q3 (variant, ratio, gpu_chunks): quality/promotion.py
+    draft_model: str = ""  # named model or folder whose attention the draft signals use (CacheClip)
 
 
 def run_key(variant: str, ratio: float) -> str:
@@ -137,12 +138,12 @@ def reference(model: DecoderModel, prompt: PromptIds, params: SamplingParams,
 
 def compare(model: DecoderModel, prompt: PromptIds, ref: Reference, chunks, mode: str, ratio: float,
             policy: SelectionPolicy, params: SamplingParams, newline: NewlineDetector | None,
-            check_layer: int = 1) -> dict[str, Any]:
+            check_layer: int = 1, prior: torch.Tensor | None = None) -> dict[str, Any]:
     """One blended prefill against the reference: KLs, its greedy answer ids, recompute fraction, time."""
     n = prompt.num_tokens
     res = prefill(model, prompt, chunks if mode != "full" else None, mode=mode, ratio=ratio,
                   check_layer=check_layer, selection=policy, extra_capacity=params.max_new_tokens + 1,
-                  recompute="plain")  # eager layers: the same arithmetic on CPU and CUDA, no graph captures
+                  recompute="plain", prior=prior)  # eager layers: the same arithmetic on CPU and CUDA, no graph captures
     logp = _forced_logp(model, res.state, res.logits, ref.target)
     kl = (ref.logp.exp() * (ref.logp - logp)).sum(dim=-1).clamp_min(0.0)
     target = torch.tensor(ref.target, device=logp.device)
@@ -181,7 +182,8 @@ def evaluate_prompt(model: DecoderModel, prompt: PromptIds, variants: Sequence[s
                     params: SamplingParams, *, first_line_only: bool = True, metric: str | None = None,
                     answers: Any = None, done: dict | None = None, check_layer: int = 1,
                     newline: NewlineDetector | None = None, promotion: tuple[str, float, int] | None = None,
-                    done_promotion: dict | None = None, pass_id: str = "") -> dict[str, Any]:
+                    done_promotion: dict | None = None, pass_id: str = "",
+                    draft: DecoderModel | None = None) -> dict[str, Any]:
     """Every variant x ratio on one prompt. done: runs already measured (kept). promotion: (variant, ratio,
     gpu_chunks) of the Q3 measurement (quality/promotion.py), added under record["promotion"][key] unless
     done_promotion has it. pass_id: recorded in every run (and promotion record) computed now. Returns the
@@ -200,6 +202,9 @@ def evaluate_prompt(model: DecoderModel, prompt: PromptIds, variants: Sequence[s
     }
     caches: dict[str, list] = {}
     shared: dict[tuple[str, float], dict] = {}  # (context, 0 or 1) -> result: selection plays no part there
+    prior = None  # the draft model's attention over the prompt, for the draft signals (computed once)
+    if draft is not None and any(VARIANTS[name].score_on in DRAFT_SIGNALS for name, _ in todo):
+        prior = draft_attention_prior(draft, prompt.flat(), len(prompt.query_ids))
     for name, ratio in todo:
         v = VARIANTS[name]
         if v.chunk_sink not in caches:
@@ -211,8 +216,10 @@ def evaluate_prompt(model: DecoderModel, prompt: PromptIds, variants: Sequence[s
             out = dict(shared[key])
         else:
             policy = SelectionPolicy(v.score_on, v.select_first_tokens, v.select_layers)
+            if policy.needs_draft and prior is None:
+                raise ValueError(f"variant {name} needs a draft model (kvblend frontier --draft-model)")
             out = compare(model, prompt, ref, caches[v.chunk_sink], mode, ratio, policy, params, newline,
-                          check_layer)
+                          check_layer, prior=prior)
             if mode != "blend":
                 shared[key] = out
         answer = _answer_text(model, out["tokens"], first_line_only)
@@ -225,6 +232,7 @@ def evaluate_prompt(model: DecoderModel, prompt: PromptIds, variants: Sequence[s
             "score": score_answer(metric, answer, answers) if metric and answers else None,
             "recompute": out["recompute"], "prefill_ms": out["prefill_ms"],
             **({"pass": pass_id} if pass_id else {}),
+            **({"draft_model": draft.name} if VARIANTS[name].score_on in DRAFT_SIGNALS and draft is not None else {}),
         }
     record["runs"] = runs
     if promotion is not None or done_promotion:
@@ -372,6 +380,12 @@ def run_frontier(s: FrontierSettings) -> tuple[Path, dict]:
         raise ValueError("offset and limit must be >= 0 and chunks >= 1")
     data = load_dataset(s.dataset)
     model = load_model(s.model, s.dtype, s.device)
+    needs_draft = [v for v in s.variants if VARIANTS[v].score_on in DRAFT_SIGNALS]
+    if needs_draft and not s.draft_model:
+        raise ValueError(f"variant(s) {', '.join(needs_draft)} need a draft model: pass --draft-model")
+    draft = None
+    if needs_draft:  # the target as its own draft: the signal's ceiling (the draft reads the prompt in full)
+        draft = model if s.draft_model == s.model else load_model(s.draft_model, s.dtype, s.device)
     if model.tokenizer is None:
         raise ValueError(f"{s.model} has no tokenizer; the frontier needs one to build prompts")
     dtype_label = dtype_name(model.dtype)
@@ -441,7 +455,8 @@ def run_frontier(s: FrontierSettings) -> tuple[Path, dict]:
                               first_line_only=data.template.first_line_only, metric=data.metric,
                               answers=sample.answers, done=rec["runs"] if rec else None,
                               check_layer=s.check_layer, newline=newline, promotion=s.promotion,
-                              done_promotion=rec.get("promotion") if rec else None, pass_id=this_pass["id"])
+                              done_promotion=rec.get("promotion") if rec else None, pass_id=this_pass["id"],
+                              draft=draft)
         if rec and rec.get("hardware", hw_here) != hw_here:
             out["hardware_new_runs"] = hw_here
         created = {k: rec[k] for k in PROVENANCE if k in rec} if rec else \

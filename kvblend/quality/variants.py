@@ -54,6 +54,10 @@ _ALL = (
     Variant("prefix_epic_product_narrow5", "prefix", "k_attn_product", 8, 5,
             what="prefix context, first 8 tokens of each chunk always + K deviation x query attention narrowed "
                  "over layers 1-5 (5r, ..., r)"),
+    # CacheClip: a draft model's attention over the whole prompt instead of the check layer's (needs
+    # kvblend frontier --draft-model; with the target itself as the draft, the signal's ceiling)
+    Variant("prefix_draft_product", "prefix", "k_draft_product", 0, 1,
+            what="prefix context, K deviation x the draft model's query attention over the whole prompt (CacheClip)"),
     Variant("prefix_tail_product_narrow", "prefix", "k_tail_product", 0, 3,
             what="prefix context, K deviation x attention from the query's last 16 tokens, narrowed over "
                  "layers 1-3 (samsum's long dialogue query spreads whole-query attention)"),
@@ -69,11 +73,17 @@ def main_variants() -> list[str]:
     return list(dict.fromkeys([BASELINE, "prefix", variant_of_config(EngineConfig()) or BASELINE]))
 
 
+def without_draft(names: list[str]) -> list[str]:
+    """The names whose selection needs no draft model (the draft-signal variants are asked for by name, with
+    kvblend frontier --draft-model)."""
+    return [n for n in names if VARIANTS[n].score_on not in ("draft_attn", "k_draft_product")]
+
+
 def parse_variants(text: str) -> list[str]:
-    """'all', 'main' (main_variants) or a comma-separated list of names -> names (baseline first, no
-    duplicates); ValueError if unknown."""
+    """'all' (every variant that needs no draft model), 'main' (main_variants) or a comma-separated list of
+    names -> names (baseline first, no duplicates); ValueError if unknown."""
     text = text.strip()
-    names = list(VARIANTS) if text == "all" else main_variants() if text == "main" else \
+    names = without_draft(list(VARIANTS)) if text == "all" else main_variants() if text == "main" else \
         [t.strip() for t in text.split(",") if t.strip()]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
