@@ -339,6 +339,9 @@ def _variant_rows() -> list[str]:
             extra.append("chunk build prefills the prefix too (once per chunk, offline)")
         if v.chunk_sink == "text":
             extra.append("chunk build prefills a 3-token sink (offline)")
+        if v.score_on in ("draft_attn", "k_draft_product"):
+            extra.append("a draft model prefills the whole prompt (its |query| x N attention maps, every layer) "
+                         "per request, before the blend")
         if v.score_on == "k_tail_product":
             extra.append("one (last 16 query tokens) x all-keys attention map per check layer (16 x N x heads)")
         elif v.score_on in ("attn", "k_attn_rank", "k_attn_product"):
