@@ -105,7 +105,7 @@ def attn_mask(q_pos: torch.Tensor, num_keys: int, state: KVState | None = None,
               kernel: str | None = None) -> AttnMask:
     """The per-token causal mask of causal_mask() for the attention kernel (model/attention.py: "sdpa" builds
     the dense boolean mask, "flex" a BlockMask from the positions; None = $KVBLEND_ATTENTION, default auto:
-    flex on CUDA, sdpa on CPU). Build it once per prefill and pass it to attend_mlp for every layer."""
+    sdpa on every device, measured faster). Build it once per prefill and pass it to attend_mlp for every layer."""
     valid = state.valid if state is not None and state.has_holes() else None
     return build_mask(q_pos, num_keys, valid, kernel)
 
