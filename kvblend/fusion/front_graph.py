@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvblend.fusion.select import SelectionPolicy, kv_deviation
+from kvblend.fusion.select import SelectionPolicy, kv_deviation, query_attention_mass
 from kvblend.model.hf import DecoderModel
 from kvblend.model.layer_graphs import MAX_PAD, per_model, row_bucket
 from kvblend.model.rope import rope_cos_sin
@@ -195,16 +195,11 @@ def _scores(model: DecoderModel, state: KVState, layer: int, signal: str, q, k, 
     slot = torch.arange(plan.query_pad, device=dev)
     q_valid = slot < query_len
     q_rows = torch.where(q_valid, num_real - query_len + slot, torch.zeros_like(slot))
-    qq = q[:, q_rows].to(torch.float32)  # [H, Qp, D]
-    group = qq.shape[0] // keys.shape[0]
-    if group > 1:
-        keys = keys.repeat_interleave(group, dim=0)
-    logits = torch.matmul(qq, keys.transpose(1, 2)) * model.attn_scale  # [H, Qp, n_pad + 1]
     key_idx = torch.arange(n_pad + 1, device=dev)
     q_pos = rope_pos[q_rows]
     see = torch.where(q_valid[:, None], key_idx[None, :] <= q_pos[:, None], key_idx[None, :] == 0)
-    probs = logits.masked_fill(~see[None], float("-inf")).softmax(dim=-1) * q_valid[None, :, None]
-    attn = probs.sum(dim=(0, 1))[rope_pos]
+    attn = query_attention_mass(q[:, q_rows].to(torch.float32), keys, see, model.attn_scale,
+                                row_weight=q_valid)[rope_pos]
     if signal == "attn":
         return attn
     return deviation * attn

@@ -115,12 +115,28 @@ class CheckLayer:
     num_keys: int
     scale: float
     valid: torch.Tensor | None = None
-    prior: torch.Tensor | None = None  # [>= num_keys] per-position importance from a draft model (draft signals)
+    prior: torch.Tensor | None = None  # [>= num_keys] per-position importance from a draft model (the draft
+    # signals need it; fusion/blend.py prefill refuses a draft signal without it)
 
     def rows_of(self, pos: torch.Tensor) -> torch.Tensor:
         lut = torch.full((self.num_keys,), -1, dtype=torch.long, device=pos.device)
         lut[self.rows_pos] = torch.arange(self.rows_pos.numel(), device=pos.device)
         return lut[pos]
+
+
+def query_attention_mass(q: torch.Tensor, keys: torch.Tensor, see: torch.Tensor, scale: float,
+                         row_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention mass of queries q [H, Tq, D] over keys [H_kv, N, D] (both fp32; GQA by repeating the
+    key heads), summed over heads and queries -> [N]. see [Tq, N] bool: the keys each query attends to;
+    row_weight [Tq]: a per-query weight (0 drops a query, e.g. a pad row)."""
+    group = q.shape[0] // keys.shape[0]
+    if group > 1:
+        keys = keys.repeat_interleave(group, dim=0)
+    scores = torch.matmul(q, keys.transpose(1, 2)) * scale  # [H, Tq, N]
+    probs = scores.masked_fill(~see[None], float("-inf")).softmax(dim=-1)
+    if row_weight is not None:
+        probs = probs * row_weight[None, :, None]
+    return probs.sum(dim=(0, 1))
 
 
 def query_attention(layer: CheckLayer, last: int = 0) -> torch.Tensor:
@@ -133,15 +149,10 @@ def query_attention(layer: CheckLayer, last: int = 0) -> torch.Tensor:
     keys[:, layer.rows_pos] = layer.k.to(torch.float32)
     query_pos = layer.query_pos[-last:] if last > 0 else layer.query_pos
     q = layer.q[:, layer.rows_of(query_pos)].to(torch.float32)  # [H, Tq, D]
-    group = q.shape[0] // keys.shape[0]
-    if group > 1:
-        keys = keys.repeat_interleave(group, dim=0)
-    scores = torch.matmul(q, keys.transpose(1, 2)) * layer.scale  # [H, Tq, n]
     mask = torch.arange(n, device=q.device)[None, :] <= query_pos[:, None]
     if layer.valid is not None:
         mask = mask & layer.valid[None, :n]
-    probs = scores.masked_fill(~mask[None], float("-inf")).softmax(dim=-1)
-    return probs.sum(dim=(0, 1))[layer.cand_pos]
+    return query_attention_mass(q, keys, mask, layer.scale)[layer.cand_pos]
 
 
 def _ranks(x: torch.Tensor) -> torch.Tensor:
@@ -154,9 +165,6 @@ def _ranks(x: torch.Tensor) -> torch.Tensor:
 def token_scores(signal: str, layer: CheckLayer) -> torch.Tensor:
     """Importance of each candidate [T_cand] (higher = recompute first)."""
     rows = layer.rows_of(layer.cand_pos)
-    if signal in DRAFT_SIGNALS and layer.prior is None:
-        raise ValueError(f"selection signal '{signal}' needs a draft model's attention over the prompt "
-                         f"(EngineConfig.draft_model / --draft-model)")
     if signal == "draft_attn":
         return layer.prior[layer.cand_pos].to(torch.float32)
     if signal in ("k", "v", "k_attn_rank", "k_attn_product", "k_tail_product", "k_draft_product"):
@@ -222,11 +230,6 @@ def draft_attention_prior(draft, token_ids, query_len: int) -> torch.Tensor:
     see = torch.arange(n, device=dev)[None, :] <= q_pos[:, None]
     total = torch.zeros(n, dtype=torch.float32, device=dev)
     for layer, q in enumerate(queries):
-        keys = state.k[layer, :, :n].to(torch.float32)
-        qq = q[:, n - query_len:].to(torch.float32)  # [H, Tq, D]
-        group = qq.shape[0] // keys.shape[0]
-        if group > 1:
-            keys = keys.repeat_interleave(group, dim=0)
-        logits = torch.matmul(qq, keys.transpose(1, 2)) * draft.attn_scale
-        total += logits.masked_fill(~see[None], float("-inf")).softmax(dim=-1).sum(dim=(0, 1))
+        total += query_attention_mass(q[:, n - query_len:].to(torch.float32),
+                                      state.k[layer, :, :n].to(torch.float32), see, draft.attn_scale)
     return total

@@ -12,8 +12,8 @@ allocates its KV state *in* that buffer (`graph_state`) and hands back a private
 (`copy_state`), so results never alias each other. The padded path runs eagerly on CPU in the tests
 (padded == plain); the GPU compatibility check compares graph == plain on CUDA.
 
-Attention (model/attention.py) uses the kernel of `kernel` / $KVBLEND_ATTENTION (auto: FlexAttention on
-CUDA, SDPA on CPU). The padded path's mask is built from static inputs: SDPA reads a dense [r_pad, n_pad]
+Attention (model/attention.py) uses the kernel of `kernel` / $KVBLEND_ATTENTION (auto: SDPA on every device;
+FlexAttention when asked for). The padded path's mask is built from static inputs: SDPA reads a dense [r_pad, n_pad]
 mask filled before each run; flex builds its block mask inside the run (captured with the graph) from the
 static mask positions (0 for pad rows: key 0 only; the real positions after) and key-validity rows.
 """

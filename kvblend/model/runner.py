@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from kvblend.errors import ModelError
-from kvblend.model.attention import AttnMask, build_mask, masked_attention
+from kvblend.model.attention import AttnMask, build_mask, dense_mask, masked_attention
 from kvblend.model.hf import DecoderModel
 from kvblend.model.rope import apply_rope, rope_cos_sin
 
@@ -95,10 +95,7 @@ def write_kv(state: KVState, layer: int, pos: torch.Tensor | slice, k: torch.Ten
 def causal_mask(q_pos: torch.Tensor, num_keys: int, state: KVState | None = None) -> torch.Tensor:
     """Boolean [r, num_keys]: key position <= query position (and the key row is valid in `state`).
     Build it once per prefill and pass it to attend_mlp for every layer that has the same queries."""
-    mask = torch.arange(num_keys, device=q_pos.device)[None, :] <= q_pos[:, None]
-    if state is not None and state.has_holes():
-        mask = mask & state.valid[None, :num_keys]
-    return mask
+    return dense_mask(q_pos, num_keys, state.valid if state is not None and state.has_holes() else None)
 
 
 def attn_mask(q_pos: torch.Tensor, num_keys: int, state: KVState | None = None,
