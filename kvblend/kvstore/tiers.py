@@ -38,6 +38,9 @@ from kvblend.kvstore.key import ChunkKey
 
 log = logging.getLogger(__name__)
 
+# what a damaged or truncated chunk file raises while it is read and checked
+_READ_ERRORS = (OSError, ValueError, KeyError, TypeError, struct.error)
+
 FORMAT_VERSION = 1
 LOAD_THREADS = max(1, min(8, os.cpu_count() or 1))  # parallel chunk reads + checks (prefetch)
 
@@ -243,7 +246,7 @@ class DiskTier:
         pending = self._pending.pop(digest, None)
         try:
             kv, meta = pending.result() if pending is not None else self._read_checked(key)
-        except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+        except _READ_ERRORS as exc:
             self.remove(digest)
             raise ChunkCorruptError(f"{tensor_path}: corrupt chunk file ({exc}); removed, it will be rebuilt") from None
         self._atime[digest] = time.time()
@@ -254,7 +257,7 @@ class DiskTier:
         the file does not check out, which is left in place for load() to find and remove."""
         try:
             kv, meta = self._read_checked(key)
-        except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+        except _READ_ERRORS as exc:
             raise ChunkCorruptError(f"{self.paths(key.digest)[0]}: unreadable or corrupt chunk file ({exc})") from None
         return self._chunk(key, kv, meta)
 
