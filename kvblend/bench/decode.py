@@ -29,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from kvblend.bench.summary import git_sha
 from kvblend.model.shape import PRESETS
 
 log = logging.getLogger(__name__)
@@ -310,7 +311,7 @@ def measure(args) -> dict:
 
     result = {
         "benchmark": "decode", "device": _device_name(device), "torch": torch.__version__,
-        "transformers": transformers.__version__, "git_sha": _git_sha(), "model": model.name,
+        "transformers": transformers.__version__, "git_sha": git_sha("unknown"), "model": model.name,
         "weights": args.real or "random", "dtype": str(dtype).removeprefix("torch."), "samples": samples,
         "chunks": args.chunks, "prompt_tokens": [p.num_tokens for p in prompts], "max_new_tokens": max_new,
         "k_max": k, "repeats": repeats, "target_config": target, "configs": result_configs,
@@ -457,20 +458,6 @@ def _device_name(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def _git_sha() -> str:
-    import os
-    import subprocess
-
-    sha = os.environ.get("KVBLEND_GIT_SHA")
-    if sha:
-        return sha
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 # ------------------------------------------------------------------------------------------- reporting

@@ -29,13 +29,13 @@ import logging
 import math
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+from kvblend.bench.summary import git_sha
 from kvblend.io import atomic_write_json
 from kvblend.model.shape import PRESETS
 
@@ -125,19 +125,6 @@ def pct(xs: list[float], q: float) -> float:
 def summarise(ms: list[float]) -> dict[str, Any]:
     return {"median_ms": pct(ms, 50), "p10_ms": pct(ms, 10), "p90_ms": pct(ms, 90), "min_ms": min(ms),
             "n": len(ms), "all_ms": [round(x, 4) for x in ms]}
-
-
-def git_sha() -> str | None:
-    sha = os.environ.get("KVBLEND_GIT_SHA")
-    if sha:  # the device machine gets a copy of the working tree, not the repository
-        return sha
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return sha
 
 
 def env_info(device) -> dict[str, Any]:

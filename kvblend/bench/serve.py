@@ -273,7 +273,7 @@ def run_modes(args, modes: list[str], workload: dict, log_dir: Path) -> dict:
 
 
 def measure(args) -> dict:
-    from kvblend.bench.decode import _git_sha
+    from kvblend.bench.summary import git_sha
     from kvblend.vocab import MODES
 
     _positive(args, "pool", "docs", "requests", "duration", "concurrency", "rounds", "max_tokens")
@@ -293,7 +293,7 @@ def measure(args) -> dict:
     import platform
 
     return {
-        "benchmark": "serve", "git_sha": _git_sha(), "model": args.model, "dtype": args.dtype,
+        "benchmark": "serve", "git_sha": git_sha("unknown"), "model": args.model, "dtype": args.dtype,
         "device": args.device, "host": f"{platform.machine()} ({platform.processor() or '?'}), loopback",
         "settings": {k: getattr(args, k) for k in ("modes", "ratio", "dataset", "pool", "docs", "zipf", "requests",
                                                   "duration", "concurrency", "rounds", "max_tokens", "seed")},

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,23 @@ log = logging.getLogger(__name__)
 
 BENCH_SUMMARY = Path("docs/results/bench/summary.json")
 QUALITY_SUMMARY = Path("docs/results/quality/summary.json")
+
+
+def git_sha(default: str | None = None) -> str | None:
+    """The commit results are made from, recorded in every results file: $KVBLEND_GIT_SHA when set (the GPU
+    machine gets a copy of the working tree, not the repository), else the checkout's HEAD, else the
+    variable's placeholder value ("unknown") or `default`."""
+    env = os.environ.get("KVBLEND_GIT_SHA", "")
+    if env and env != "unknown":
+        return env
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return env or default
 
 
 def entry(measured: float, target: float, better: str, source: str | Path, device: str = "", **extra: Any) -> dict:

@@ -38,6 +38,7 @@ from kvblend.fusion.blend import prefill
 from kvblend.fusion.select import DRAFT_SIGNALS, SelectionPolicy, draft_attention_prior
 from kvblend.generation.generate import NewlineDetector, Stopper
 from kvblend.generation.sampling import SamplingParams
+from kvblend.bench.summary import git_sha
 from kvblend.io import atomic_write_json
 from kvblend.kvstore.builder import build_chunk_kv
 from kvblend.model.hf import DecoderModel
@@ -295,20 +296,6 @@ def _clean_json(obj: Any) -> Any:
     return obj
 
 
-def git_sha() -> str:
-    """KVBLEND_GIT_SHA (the GPU box has no .git), else the checkout's HEAD, else ''."""
-    import subprocess
-
-    sha = os.environ.get("KVBLEND_GIT_SHA", "")
-    if sha and sha != "unknown":
-        return sha
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                              cwd=Path(__file__).resolve().parent).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
 def hardware(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -418,7 +405,7 @@ def run_frontier(s: FrontierSettings) -> tuple[Path, dict]:
     command = os.environ.get("KVBLEND_FRONTIER_COMMAND", "")
     here = f"{command} [{hw_here}]"
     started = float(os.environ.get("KVBLEND_FRONTIER_STARTED") or time.time())
-    this_pass = new_pass(command, git_sha(), hw_here, started)
+    this_pass = new_pass(command, git_sha(""), hw_here, started)
     passes = merge_passes(*(d["passes"] for d in bases), [this_pass])
     commands = list(dict.fromkeys([*(c for d in bases for c in (d.get("commands") or
                                                              [f"{d.get('command', '')} [{d.get('hardware', '?')}]"])),
