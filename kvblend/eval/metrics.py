@@ -145,3 +145,14 @@ def fidelity(answer: str, full_answer: str) -> dict[str, bool | float]:
     """How close an answer is to the full-prefill answer: exact (equal after strip) and Rouge-L F."""
     exact = answer.strip() == full_answer.strip()
     return {"exact": exact, "rougeL": 1.0 if exact else rouge_l(answer, full_answer)}
+
+
+def compare_to_full(tokens, full_tokens, answer: str, full_answer: str, metric: str | None = None,
+                    answers=None) -> dict:
+    """An answer against the full-prefill reference, as the quality frontier records it: `same` token ids,
+    `exact` (the same ids, or equal after SQuAD normalisation), `fid_rougeL` (Rouge-L to the full answer) and
+    the task `score` (None without a metric and gold answers)."""
+    same = list(tokens) == list(full_tokens)
+    return {"same": same, "exact": same or normalize_answer(answer) == normalize_answer(full_answer),
+            "fid_rougeL": fidelity(answer, full_answer)["rougeL"],
+            "score": score_answer(metric, answer, answers) if metric and answers else None}

@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import torch
 
 from kvblend.data.prompt import build_prompt, chunk_context_ids
-from kvblend.eval.metrics import first_line, normalize_answer, rouge_l, score_answer
+from kvblend.eval.metrics import compare_to_full, first_line, score_answer
 from kvblend.fusion.blend import prefill
 from kvblend.fusion.select import DRAFT_SIGNALS, SelectionPolicy, draft_attention_prior
 from kvblend.generation.generate import NewlineDetector, Stopper
@@ -224,14 +224,10 @@ def evaluate_prompt(model: DecoderModel, prompt: PromptIds, variants: Sequence[s
             if mode != "blend":
                 shared[key] = out
         answer = _answer_text(model, out["tokens"], first_line_only)
-        same = out["tokens"] == ref.tokens
-        exact = same or normalize_answer(answer) == normalize_answer(full_answer)
         runs[run_key(name, ratio)] = {
-            "kl_first": out["kl_first"], "kl_mean": out["kl_mean"], "answer": answer, "same": same,
-            "exact": exact, "diverge_at": out["diverge_at"],
-            "fid_rougeL": 1.0 if answer.strip() == full_answer.strip() else rouge_l(answer, full_answer),
-            "score": score_answer(metric, answer, answers) if metric and answers else None,
-            "recompute": out["recompute"], "prefill_ms": out["prefill_ms"],
+            "kl_first": out["kl_first"], "kl_mean": out["kl_mean"], "answer": answer,
+            **compare_to_full(out["tokens"], ref.tokens, answer, full_answer, metric, answers),
+            "diverge_at": out["diverge_at"], "recompute": out["recompute"], "prefill_ms": out["prefill_ms"],
             **({"pass": pass_id} if pass_id else {}),
             **({"draft_model": draft.name} if VARIANTS[name].score_on in DRAFT_SIGNALS and draft is not None else {}),
         }

@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from kvblend.eval.metrics import normalize_answer, rouge_l, score_answer
+from kvblend.eval.metrics import compare_to_full
 from kvblend.quality.stats import mean_ci, paired_ci, ratio_of_means
 from kvblend.quality.variants import VARIANTS
 
@@ -79,12 +79,8 @@ def measure_promotion(model, prompt, ref_tokens: Sequence[int], full_answer: str
             tokens = list(out.token_ids)
             tokens_of[name] = tokens
             answer = answer_text(tokens)
-            same = tokens == list(ref_tokens)
             arms[name] = {
-                "answer": answer, "same": same,
-                "exact": same or normalize_answer(answer) == normalize_answer(full_answer),
-                "fid_rougeL": 1.0 if answer.strip() == full_answer.strip() else rouge_l(answer, full_answer),
-                "score": score_answer(metric, answer, answers) if metric and answers else None,
+                "answer": answer, **compare_to_full(tokens, ref_tokens, answer, full_answer, metric, answers),
                 "resident": [s.index for s in placement.resident],
                 "promotions": sum(len(t.promoted) for t in trace),
                 "promoted": [c for t in trace for c in t.promoted],
