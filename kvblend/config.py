@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import asdict, dataclass, fields
 
 from kvblend.errors import ConfigError
-from kvblend.vocab import (CHUNK_SINKS, DEFAULT_MODEL, DRAFTERS, DTYPES, MODES, PROXIES, RETRIEVAL_MODES,
-                            RETRIEVAL_SCOPES, SCORE_ON, TIERS)
+from kvblend.vocab import (ATTENTION_KERNELS, CHUNK_SINKS, DEFAULT_MODEL, DEFAULT_RATIO, DRAFTERS, DTYPES,
+                            FLEX_COMPILE_MODES, MODES, PROXIES, RETRIEVAL_MODES, RETRIEVAL_SCOPES, SCORE_ON,
+                            SELECTION_SIGNALS, TIERS)
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -42,6 +44,88 @@ def format_bytes(n: float) -> str:
     raise AssertionError
 
 
+@dataclass(frozen=True, slots=True)
+class SelectionPolicy:
+    """How a blended prefill picks the chunk tokens it recomputes (kvblend/fusion/select.py): the signal,
+    each chunk's first tokens always kept (EPIC), and progressive narrowing over `layers` check layers.
+    The field defaults are plain CacheBlend (LMCache's K deviation); kvblend's default variant is
+    DEFAULT_SELECTION (what BlendOptions and EngineConfig start from)."""
+
+    signal: str = "k"
+    first_tokens: int = 0
+    layers: int = 1
+
+    def __post_init__(self) -> None:
+        if self.signal not in SELECTION_SIGNALS:
+            raise ValueError(f"unknown selection signal '{self.signal}'; use one of {', '.join(SELECTION_SIGNALS)}")
+        if not isinstance(self.first_tokens, int) or self.first_tokens < 0:
+            raise ValueError(f"first_tokens must be an integer >= 0, got {self.first_tokens!r}")
+        if not isinstance(self.layers, int) or self.layers < 1:
+            raise ValueError(f"layers must be an integer >= 1, got {self.layers!r}")
+
+    @property
+    def needs_attention(self) -> bool:
+        return self.signal in ("attn", "k_attn_rank", "k_attn_product", "k_tail_product")
+
+    @property
+    def needs_draft(self) -> bool:
+        return self.signal in ("draft_attn", "k_draft_product")
+
+    def budget(self, step: int, num_steps: int, ratio: float, num_chunk_tokens: int) -> int:
+        """Chunk tokens kept after check step `step` of `num_steps`: (num_steps - step) x ratio of them, so
+        the last step keeps exactly ceil(ratio x chunk tokens) and a ratio of 0 or 1 is kept at every step."""
+        frac = 1.0 if ratio >= 1.0 else min(1.0, ratio * (num_steps - step))
+        return num_to_select(num_chunk_tokens, frac)
+
+
+def num_to_select(num_tokens: int, ratio: float) -> int:
+    """ceil(ratio * num_tokens), so ratio 1.0 selects every token and ratio 0 none."""
+    return min(num_tokens, max(0, math.ceil(ratio * num_tokens - 1e-9)))
+
+
+# the default variant ("prefix_epic_product_narrow5" of docs/QUALITY.md: first 8 tokens of each chunk + K
+# deviation x query attention, narrowed over 5 check layers); the one spelling of the default selection
+DEFAULT_SELECTION = SelectionPolicy(signal="k_attn_product", first_tokens=8, layers=5)
+
+
+@dataclass(frozen=True, slots=True)
+class BlendOptions:
+    """How one prefill reuses cached chunks: mode (full | reuse | blend), the recomputed fraction, the first
+    check layer and the selection policy. Defaults = EngineConfig's."""
+
+    mode: str = "blend"
+    ratio: float = DEFAULT_RATIO
+    check_layer: int = 1
+    selection: SelectionPolicy = DEFAULT_SELECTION
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode '{self.mode}'; use one of {', '.join(MODES)}")
+        if not (isinstance(self.ratio, (int, float)) and 0.0 <= self.ratio <= 1.0):
+            raise ValueError(f"ratio must be a number in [0, 1], got {self.ratio!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeOptions:
+    """How the model runner executes (handed to kvblend.model.runner.ModelRunner when it is built; the
+    environment is read only by load_config: KVBLEND_CUDA_GRAPHS, KVBLEND_FRONT_GRAPH, KVBLEND_ATTENTION,
+    KVBLEND_FLEX_COMPILE). Results are identical whatever the choice; only speed differs."""
+
+    cuda_graphs: bool = True  # on CUDA: the blend front, the recompute layers and decode steps as CUDA graphs
+    front_graph: bool = True  # the blend front in static shapes (one graph); False: the eager front
+    attention: str = "auto"  # masked-attention kernel: auto (= sdpa) | sdpa | flex (model/attention.py)
+    flex_compile: str = "auto"  # flex only: auto (static on CPU, dynamic on CUDA) | static | dynamic
+    max_graphs: int = 24  # captured graphs kept per runner (least recently used dropped), one memory pool
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_KERNELS:
+            raise ValueError(f"attention: expected {_alts(ATTENTION_KERNELS)}, got {self.attention!r}")
+        if self.flex_compile not in FLEX_COMPILE_MODES:
+            raise ValueError(f"flex_compile: expected {_alts(FLEX_COMPILE_MODES)}, got {self.flex_compile!r}")
+        if not isinstance(self.max_graphs, int) or self.max_graphs < 1:
+            raise ValueError(f"max_graphs: expected an integer >= 1, got {self.max_graphs!r}")
+
+
 @dataclass(slots=True)
 class EngineConfig:
     # model
@@ -57,11 +141,11 @@ class EngineConfig:
     chunk_sink: str = "prefix"  # what each chunk is prefilled after (rows dropped): auto (BOS if the tokenizer adds one) | none | prefix (the prompt's shared prefix) | text (a fixed short sink text)
     # blending
     mode: str = "blend"  # full | reuse | blend
-    ratio: float = 0.15  # fraction of chunk tokens recomputed in blend mode (LMCache default)
+    ratio: float = DEFAULT_RATIO  # fraction of chunk tokens recomputed in blend mode (LMCache default)
     check_layer: int = 1
-    score_on: str = "k_attn_product"  # selection signal: k | v deviation (LMCache | original CacheBlend), attn (query attention), k_attn_rank, k_attn_product, draft_attn | k_draft_product (a draft model's attention, CacheClip; needs draft_model)
-    select_first_tokens: int = 8  # each chunk's first N tokens always recomputed (EPIC), inside the ratio budget
-    select_layers: int = 5  # progressive narrowing over this many check layers (N x ratio, ..., 1 x ratio)
+    score_on: str = DEFAULT_SELECTION.signal  # selection signal: k | v deviation (LMCache | original CacheBlend), attn (query attention), k_attn_rank, k_attn_product, draft_attn | k_draft_product (a draft model's attention, CacheClip; needs draft_model)
+    select_first_tokens: int = DEFAULT_SELECTION.first_tokens  # each chunk's first N tokens always recomputed (EPIC), inside the ratio budget
+    select_layers: int = DEFAULT_SELECTION.layers  # progressive narrowing over this many check layers (N x ratio, ..., 1 x ratio)
     # generation
     max_new_tokens: int = 0  # 0 = the dataset's default (32 for QA, 128 for samsum)
     temperature: float = 0.0  # 0 = greedy
@@ -90,6 +174,11 @@ class EngineConfig:
     top_k: int = 5  # retrieved chunks per question
     max_context_tokens: int = 0  # cap on chunk tokens (middle chunks dropped); 0 = dataset default (samsum 3400)
     results_dir: str = "results"
+    # runtime (RuntimeOptions: speed only, never results)
+    cuda_graphs: bool = True  # CUDA graphs for the blend front, recompute layers and decode steps (CUDA only)
+    front_graph: bool = True  # the blend front in static shapes (one CUDA graph); false: the eager front
+    attention: str = "auto"  # masked-attention kernel: auto (sdpa) | sdpa | flex
+    flex_compile: str = "auto"  # FlexAttention compile mode: auto | static | dynamic
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -140,6 +229,23 @@ class EngineConfig:
              f"retrieval_scope: expected {_alts(RETRIEVAL_SCOPES)}, got {self.retrieval_scope!r}")
         for name in ("gpu_budget", "cpu_budget", "disk_budget"):
             parse_bytes(getattr(self, name), name)
+        try:
+            self.runtime
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    @property
+    def selection(self) -> SelectionPolicy:
+        return SelectionPolicy(self.score_on, self.select_first_tokens, self.select_layers)
+
+    @property
+    def blend(self) -> BlendOptions:
+        return BlendOptions(self.mode, self.ratio, self.check_layer, self.selection)
+
+    @property
+    def runtime(self) -> RuntimeOptions:
+        return RuntimeOptions(cuda_graphs=self.cuda_graphs, front_graph=self.front_graph,
+                              attention=self.attention, flex_compile=self.flex_compile)
 
     def budget_bytes(self, tier: str) -> int:
         return parse_bytes(getattr(self, f"{tier}_budget"), f"{tier}_budget")

@@ -24,7 +24,7 @@ from kvblend.data.prompt import build_prompt, chunk_context_ids
 from kvblend.errors import ChunkCorruptError
 from kvblend.fusion.blend import prefill
 from kvblend.fusion.layout import Placement, place
-from kvblend.fusion.select import SelectionPolicy, draft_attention_prior
+from kvblend.fusion.select import draft_attention_prior
 from kvblend.generation.generate import NewlineDetector, generate
 from kvblend.generation.sampling import SamplingParams
 from kvblend.kvstore.builder import build_chunk_kv, chunk_key, dtype_name
@@ -33,7 +33,7 @@ from kvblend.kvstore.key import ChunkKey
 from kvblend.kvstore.store import ChunkKVStore, Fetched
 from kvblend.model.hf import DecoderModel
 from kvblend.model.registry import kvblend_home, load_model
-from kvblend.model.runner import elapsed_ms
+from kvblend.model.runner import attach_runner, elapsed_ms
 from kvblend.types import GenOutput, PromptIds
 from kvblend.vocab import DRAFTERS, MODES, PROXIES, TIERS
 
@@ -77,6 +77,7 @@ class Engine:
     def __init__(self, config: EngineConfig, model: DecoderModel | None = None):
         self.config = config
         self.model = model if model is not None else load_model(config.model, config.dtype, config.device)
+        self.runner = attach_runner(self.model, config.runtime)  # the runtime settings, handed over once
         home = Path(config.home).expanduser() if config.home else kvblend_home()
         safe = re.sub(r"[^A-Za-z0-9._@-]", "_", self.model.fingerprint)
         self.store = ChunkKVStore(
@@ -89,7 +90,7 @@ class Engine:
         tok = self.model.tokenizer
         # the fixed chunk context (chunk_sink auto / none / text); prefix contexts come with each prompt
         self.sink_ids = () if config.chunk_sink == "prefix" else chunk_context_ids(tok, config.chunk_sink)
-        self.selection = SelectionPolicy(config.score_on, config.select_first_tokens, config.select_layers)
+        self.selection = config.selection
         self.newline = NewlineDetector(tok) if tok is not None else None
         self.warmed_up = False
         self._prefetcher: ThreadPoolExecutor | None = None  # Engine.prefetch's one worker thread
@@ -101,6 +102,7 @@ class Engine:
             if not self.config.draft_model:
                 raise ValueError(f"score_on {self.config.score_on} needs a draft model (--draft-model)")
             self._draft = load_model(self.config.draft_model, self.config.dtype, self.config.device)
+            attach_runner(self._draft, self.config.runtime)
         return self._draft
 
     def _prior(self, prompt: PromptIds, mode: str, draft: DecoderModel | None = None):
@@ -289,7 +291,7 @@ class Engine:
                                               pin=lambda i: True)
         pinned = keys if fetched is not None else []
         try:
-            result = prefill(self.model, prompt, chunks, mode=mode, ratio=ratio, check_layer=c.check_layer,
+            result = prefill(self.runner, prompt, chunks, mode=mode, ratio=ratio, check_layer=c.check_layer,
                              selection=self.selection, extra_capacity=sampling.max_new_tokens,
                              prior=self._prior(prompt, mode))
         finally:
@@ -333,7 +335,7 @@ class Engine:
                                                   tier_of=lambda i: "gpu" if resident[i] else "cpu",
                                                   pin=lambda i: resident[i])
             extra = sampling.max_new_tokens + o.k + 2
-            result = prefill(self.model, prompt, chunks, mode=mode, ratio=ratio, check_layer=c.check_layer,
+            result = prefill(self.runner, prompt, chunks, mode=mode, ratio=ratio, check_layer=c.check_layer,
                              selection=self.selection, extra_capacity=extra, resident=resident,
                              prior=self._prior(prompt, mode, draft_model))
             if o.drafter == "model":

@@ -79,6 +79,16 @@ class BlendStats:
 
 
 @dataclass(slots=True)
+class PrefillResult:
+    """A prefilled request: its KV state (the buffer decoding continues in), the fp32 logits [V] at the last
+    prompt position, and what the prefill did."""
+
+    state: "KVState"  # kvblend.model.kv.KVState
+    logits: "torch.Tensor"
+    stats: BlendStats
+
+
+@dataclass(slots=True)
 class GenOutput:
     """Result of answering one prompt."""
 

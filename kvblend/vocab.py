@@ -17,6 +17,18 @@ MODES: tuple[str, ...] = get_args(BlendMode)
 ScoreOn = Literal["k", "v", "attn", "k_attn_rank", "k_attn_product", "draft_attn", "k_draft_product"]
 SCORE_ON: tuple[str, ...] = get_args(ScoreOn)
 
+# selection signals beyond SCORE_ON that the selection understands (quality-frontier candidates; a signal moves
+# to SCORE_ON, and so becomes an EngineConfig / CLI choice, once it wins)
+EXTRA_SIGNALS: tuple[str, ...] = ("k_tail_product",)
+SELECTION_SIGNALS: tuple[str, ...] = (*SCORE_ON, *EXTRA_SIGNALS)
+
+DEFAULT_RATIO = 0.15  # fraction of chunk tokens a blend recomputes (LMCache's default); the one spelling
+
+AttentionKernel = Literal["auto", "sdpa", "flex"]
+ATTENTION_KERNELS: tuple[str, ...] = get_args(AttentionKernel)
+FlexCompile = Literal["auto", "static", "dynamic"]
+FLEX_COMPILE_MODES: tuple[str, ...] = get_args(FlexCompile)
+
 DrafterName = Literal["ngram", "model", "none"]
 DRAFTERS: tuple[str, ...] = get_args(DrafterName)
 

@@ -135,19 +135,22 @@ def test_a_block_with_no_valid_key_is_skipped():
     assert full[0, 1] and partial[0, 2]
 
 
-def test_kernel_selection(monkeypatch):
-    monkeypatch.delenv(A.ENV, raising=False)
+def test_kernel_selection():
+    from kvblend.config import ConfigError, load_config
+
     assert A.resolve_kernel("cpu") == "sdpa"  # auto: sdpa on CPU
     assert A.resolve_kernel("cpu", "sdpa") == "sdpa"
-    monkeypatch.setenv(A.ENV, "sdpa")
-    assert A.resolve_kernel("cuda") == "sdpa"
-    monkeypatch.setenv(A.ENV, "bogus")
+    assert A.resolve_kernel("cuda", "auto") == "sdpa"
     with pytest.raises(ValueError, match="bogus"):
-        A.resolve_kernel("cpu")
-    monkeypatch.setenv(A.ENV, "flex")
+        A.resolve_kernel("cpu", "bogus")
     if A.flex_available():
-        assert A.resolve_kernel("cpu") == "flex"
-        assert A.build_mask(torch.arange(3), 3).block is not None
+        assert A.resolve_kernel("cpu", "flex") == "flex"
+        assert A.build_mask(torch.arange(3), 3, kernel="flex").block is not None
+    # the environment is read by load_config only, into RuntimeOptions
+    assert load_config(environ={"KVBLEND_ATTENTION": "flex"}).runtime.attention == "flex"
+    assert load_config(environ={"KVBLEND_CUDA_GRAPHS": "0", "KVBLEND_FRONT_GRAPH": "false"}).runtime.cuda_graphs is False
+    with pytest.raises(ConfigError, match="attention"):
+        load_config(environ={"KVBLEND_ATTENTION": "bogus"})
 
 
 def test_flex_failure_falls_back_to_sdpa_with_one_warning(monkeypatch, caplog):
@@ -177,7 +180,14 @@ def chunks_of(tiny_llama):
     return make
 
 
-def test_prefill_with_flex_equals_sdpa(flex, tiny_llama, chunks_of, monkeypatch):
+def _runner(model, kernel):
+    from kvblend.config import RuntimeOptions
+    from kvblend.model.runner import ModelRunner
+
+    return ModelRunner(model, RuntimeOptions(attention=kernel))
+
+
+def test_prefill_with_flex_equals_sdpa(flex, tiny_llama, chunks_of):
     m = tiny_llama
     prompt, chunks = chunks_of(21, (60, 45, 70, 30))  # 217 tokens: recompute sets from 12 to 217 rows
     for mode, ratio, recompute, resident in [("blend", 0.15, "plain", None), ("blend", 0.5, "padded", None),
@@ -185,10 +195,8 @@ def test_prefill_with_flex_equals_sdpa(flex, tiny_llama, chunks_of, monkeypatch)
                                              ("blend", 0.3, "plain", [True, False, True, True]),
                                              ("blend", 0.3, "padded", [True, False, True, True])]:
         kw = dict(mode=mode, ratio=ratio, recompute=recompute, resident=resident, extra_capacity=3)
-        monkeypatch.setenv(A.ENV, "sdpa")
-        a = prefill(m, prompt, chunks, **kw)
-        monkeypatch.setenv(A.ENV, "flex")
-        b = prefill(m, prompt, chunks, **kw)
+        a = prefill(_runner(m, "sdpa"), prompt, chunks, **kw)
+        b = prefill(_runner(m, "flex"), prompt, chunks, **kw)
         assert A._flex_broken is None, A._flex_broken
         where = f"{mode}@{ratio} {recompute} resident={resident}"
         torch.testing.assert_close(b.logits, a.logits, atol=1e-5, rtol=1e-5, msg=where)
@@ -197,21 +205,19 @@ def test_prefill_with_flex_equals_sdpa(flex, tiny_llama, chunks_of, monkeypatch)
         assert a.stats.selected_positions == b.stats.selected_positions
 
 
-def test_blend_ratio_one_with_flex_equals_full_prefill(flex, tiny_llama, chunks_of, monkeypatch):
-    monkeypatch.setenv(A.ENV, "flex")
+def test_blend_ratio_one_with_flex_equals_full_prefill(flex, tiny_llama, chunks_of):
+    runner = _runner(tiny_llama, "flex")
     prompt, chunks = chunks_of(22, (60, 45, 70, 30))
-    full = prefill(tiny_llama, prompt, mode="full", extra_capacity=2)
+    full = prefill(runner, prompt, mode="full", extra_capacity=2)
     for recompute in ("plain", "padded"):
-        blend = prefill(tiny_llama, prompt, chunks, mode="blend", ratio=1.0, recompute=recompute, extra_capacity=2)
+        blend = prefill(runner, prompt, chunks, mode="blend", ratio=1.0, recompute=recompute, extra_capacity=2)
         torch.testing.assert_close(blend.logits, full.logits, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(blend.state.k, full.state.k[:, :, : blend.state.capacity], atol=1e-4, rtol=1e-4)
 
 
 def test_run_layers_with_flex_equal_sdpa_in_plain_and_padded_paths(flex, tiny_llama):
-    """The recompute layers themselves (the flex mask is what layer_graphs captures on CUDA)."""
-    from kvblend.model.layer_graphs import MAX_PAD, run_layers_padded_eager, run_layers_plain
+    """The recompute layers themselves (the flex mask is what the recompute graphs capture on CUDA)."""
     from kvblend.model.rope import rope_cos_sin
-    from kvblend.model.runner import allocate_state
 
     m = tiny_llama
     n = 250  # 110 rows over 250 keys: the same padded flex shape as the prefill tests (one compilation)
@@ -220,18 +226,19 @@ def test_run_layers_with_flex_equal_sdpa_in_plain_and_padded_paths(flex, tiny_ll
                      torch.arange(235, n)])
     h = torch.randn(pos.shape[0], m.shape.hidden_size, generator=g)
     cos, sin = rope_cos_sin(m.inv_freq, pos, m.dtype)
-    base = torch.randn(m.shape.num_layers, m.shape.num_kv_heads, 512 + MAX_PAD, m.shape.head_dim, generator=g)
+    base = torch.randn(m.shape.num_layers, m.shape.num_kv_heads, 512, m.shape.head_dim, generator=g)
     outs = {}
     with torch.inference_mode():
         for path in ("plain", "padded"):
             for kernel in ("sdpa", "flex"):
-                st = allocate_state(m, 512 + MAX_PAD)
+                runner = _runner(m, kernel)
+                st = runner.new_state(512, static=True)
                 st.k.copy_(base)
                 st.v.copy_(base.flip(2))
                 st.length = n
                 st.set_valid(100, 140, False)
-                run = run_layers_plain if path == "plain" else run_layers_padded_eager
-                outs[path, kernel] = (run(m, st, h, pos, cos, sin, 1, n, kernel=kernel), st.k[:, :, :n].clone())
+                out = runner.run_layers(st, h, pos, cos, sin, 1, n, path=path)
+                outs[path, kernel] = (out, st.k[:, :, :n].clone())
     ref_out, ref_k = outs["plain", "sdpa"]
     for key, (out, k) in outs.items():
         torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5, msg=str(key))

@@ -8,7 +8,7 @@ from conftest import make_tiny
 from kvblend.fusion.blend import prefill
 from kvblend.model.runner import forward_tokens
 from kvblend.model.rope import rerotate
-from kvblend.fusion.select import num_to_select, select_top
+from kvblend.fusion.select import SelectionPolicy, num_to_select, select_top
 from kvblend.kvstore.builder import build_chunk_kv
 from kvblend.model.hf import hf_cache_from_kv, kv_from_hf_cache
 from kvblend.types import PromptIds

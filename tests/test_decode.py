@@ -15,8 +15,7 @@ from kvblend.generation.drafters import NgramDrafter
 from kvblend.generation.generate import generate
 from kvblend.generation.sampling import SamplingParams, make_generator, sample
 from kvblend.generation.speculative import DraftLength, accept_greedy, speculative_generate
-from kvblend.model.decode_graph import StepRunner, decode_runner
-from kvblend.model.runner import forward_tokens
+from kvblend.model.runner import ModelRunner, forward_tokens, runner_of
 from kvblend.types import PromptIds
 
 
@@ -53,14 +52,14 @@ def test_step_runner_cpu_equals_forward_tokens(tiny_llama):
     prompt = _prompt(tiny_llama.shape.vocab_size, seed=1)
     a = prefill(tiny_llama, prompt, mode="full", extra_capacity=8)
     b = prefill(tiny_llama, prompt, mode="full", extra_capacity=8)
-    with decode_runner(tiny_llama, b.state) as runner:
-        assert not runner.graphs
-        got = runner.logits([3, 4, 5])
-        ref = forward_tokens(tiny_llama, a.state, [3, 4, 5])
-        assert torch.equal(got, ref) and a.state.length == b.state.length
-        assert runner.argmax([7]) == forward_tokens(tiny_llama, a.state, [7]).argmax(-1).tolist()
+    runner = runner_of(tiny_llama).decoder(b.state)
+    assert not runner.graphs
+    got = runner.logits([3, 4, 5])
+    ref = forward_tokens(tiny_llama, a.state, [3, 4, 5])
+    assert torch.equal(got, ref) and a.state.length == b.state.length
+    assert runner.argmax([7]) == forward_tokens(tiny_llama, a.state, [7]).argmax(-1).tolist()
     with pytest.raises(ValueError, match="CUDA"):
-        StepRunner(tiny_llama, a.state, graphs=True)
+        runner_of(tiny_llama).decoder(a.state, graphs=True)
 
 
 @pytest.mark.parametrize("holes", [False, True])
@@ -74,7 +73,8 @@ def test_padded_step_equals_forward_tokens(tiny_model, holes):
         lo = len(prompt.prefix_ids) + len(prompt.chunk_ids[0])
         for st in (a.state, b.state):
             st.set_valid(lo, lo + len(prompt.chunk_ids[1]), False)
-    runner = StepRunner(tiny_model, b.state, graphs=False, padded=True)
+    runner = runner_of(tiny_model).decoder(b.state, graphs=False, padded=True)
+    assert b.state.buffer is not None  # the private state was moved into a static buffer once
     for ids in ([3], [4, 5, 6, 7], [8]):
         qa, qb = [], []
         ref = forward_tokens(tiny_model, a.state, ids, queries_out=qa)
@@ -182,11 +182,8 @@ def test_static_buffer_path_equals_plain(tiny_model, monkeypatch):
     """The CUDA path's bookkeeping, run eagerly on CPU (padded): a request's state is copied into the model's
     static buffer of its bucket and re-pointed at views of it; greedy generate, speculation and a promotion
     mid-answer give the plain loop's tokens; a later request reuses the buffer, a concurrent one gets its own."""
-    import functools
 
     from kvblend.fusion.blend import promote_chunk
-    from kvblend.generation import generate as gen_mod
-    from kvblend.generation import speculative as spec_mod
     from kvblend.kvstore.builder import build_chunk_kv
 
     prompt = _prompt(tiny_model.shape.vocab_size, seed=8)
@@ -209,14 +206,21 @@ def test_static_buffer_path_equals_plain(tiny_model, monkeypatch):
         return plain.token_ids, spec.token_ids
 
     ref = run_all()
-    padded = functools.partial(decode_runner, padded=True)
-    monkeypatch.setattr(gen_mod, "decode_runner", padded)
-    monkeypatch.setattr(spec_mod, "decode_runner", padded)
+    static = ModelRunner(tiny_model, static_eager=True)  # every request in a static buffer, as on CUDA
+    monkeypatch.setattr(tiny_model, "_runner", static)
     assert run_all() == ref
-    assert run_all() == ref  # the same buffers again, adopted by new requests
+    made = static.arena.allocated
+    assert run_all() == ref  # the same buffers again, leased by new requests
+    assert static.arena.allocated == made
     a = prefill(tiny_model, prompt, mode="full", extra_capacity=4)
     b = prefill(tiny_model, prompt, mode="full", extra_capacity=4)
-    with padded(tiny_model, a.state) as r1, padded(tiny_model, b.state) as r2:
-        assert r1.state is not r2.state  # in use: the second request gets a buffer of its own
-        assert a.state.k.data_ptr() == r1.state.k.data_ptr() and a.state.capacity == prompt.num_tokens + 4
-        assert r1.argmax([5]) == r2.argmax([5])
+    assert a.state.buffer is not None and a.state.buffer is not b.state.buffer  # one lease per live request
+    r1, r2 = static.decoder(a.state), static.decoder(b.state)
+    assert r1.padded and a.state.capacity == prompt.num_tokens + 4
+    assert r1.argmax([5]) == r2.argmax([5])
+    buf = a.state.buffer
+    del a, r1
+    import gc
+
+    gc.collect()
+    assert not buf.in_use  # a collected state gives its buffer back

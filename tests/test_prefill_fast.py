@@ -15,12 +15,14 @@ from conftest import make_tiny
 from test_blend import random_prompt
 
 from kvblend.errors import ChunkCorruptError
-from kvblend.fusion.blend import _place_chunks, prefill
+from kvblend.fusion.blend import prefill
+from kvblend.fusion.placement import place_chunks
 from kvblend.kvstore.builder import build_chunk_kv
 from kvblend.kvstore.tiers import DiskTier
-from kvblend.model.layer_graphs import row_bucket
 from kvblend.model.rope import apply_rope, rerotate, rope_cos_sin
-from kvblend.model.runner import allocate_state, mlp, qkv
+from kvblend.model.kv import allocate_state
+from kvblend.model.layers import mlp, qkv
+from kvblend.model.runner import row_bucket
 
 
 def test_fused_projections_equal_the_modules(tiny_model):
@@ -98,10 +100,10 @@ def test_batched_and_layer_grouped_placement_equal_per_chunk_rerotation(tiny_lla
         ref.k[:, :, st:st + c.num_tokens] = rerotate(c.k, st - c.rope_offset, m.inv_freq)
         ref.v[:, :, st:st + c.num_tokens] = c.v
     at_once = allocate_state(m, n)
-    _place_chunks(at_once, placed, m)
+    place_chunks(at_once, placed, m)
     grouped = allocate_state(m, n)
     for a, b in ((0, 1), (1, 3), (3, m.shape.num_layers)):  # what the pipelined H2D load does per layer group
-        _place_chunks(grouped, placed, m, slice(a, b))
+        place_chunks(grouped, placed, m, slice(a, b))
     for got in (at_once, grouped):
         assert torch.equal(got.k, ref.k) and torch.equal(got.v, ref.v)
     assert all(torch.equal(c.kv, b) for c, b in zip(chunks, before))

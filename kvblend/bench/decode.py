@@ -157,10 +157,10 @@ def _prompts(model, args, n: int):
 
 
 def _spec(model, prompt, drafter, params, k, graphs, adaptive=True, on_step=None):
-    from kvblend.fusion.blend import prefill
     from kvblend.generation.speculative import speculative_generate
+    from kvblend.model.runner import runner_of
 
-    pre = prefill(model, prompt, mode="full", extra_capacity=params.max_new_tokens + k + 2)
+    pre = runner_of(model).full_prefill(prompt, params.max_new_tokens + k + 2)
     _sync(model.device)
     out, steps = speculative_generate(model, pre, drafter, params, time.perf_counter(), prompt_ids=prompt, k=k,
                                       graphs=graphs, adaptive_k=adaptive, on_step=on_step)
@@ -168,10 +168,10 @@ def _spec(model, prompt, drafter, params, k, graphs, adaptive=True, on_step=None
 
 
 def _plain(model, prompt, params, graphs):
-    from kvblend.fusion.blend import prefill
     from kvblend.generation.generate import generate
+    from kvblend.model.runner import runner_of
 
-    pre = prefill(model, prompt, mode="full", extra_capacity=params.max_new_tokens + 2)
+    pre = runner_of(model).full_prefill(prompt, params.max_new_tokens + 2)
     _sync(model.device)
     return generate(model, pre, params, time.perf_counter(), graphs=graphs), []
 
@@ -332,12 +332,12 @@ def graph_replay_times(model, prompt, max_new: int, k: int) -> dict:
     host-visible time of the same step (launch + reading the argmax), for T = 1 .. k+1: where a pass's time goes."""
     import torch
 
-    from kvblend.fusion.blend import prefill
-    from kvblend.model.decode_graph import decode_runner
+    from kvblend.model.runner import runner_of
 
-    pre = prefill(model, prompt, mode="full", extra_capacity=max_new + k + 2)
+    pre = runner_of(model).full_prefill(prompt, max_new + k + 2)
     out = {}
-    with torch.inference_mode(), decode_runner(model, pre.state, graphs=True) as runner:
+    runner = runner_of(model).decoder(pre.state, graphs=True)
+    with torch.inference_mode():
         base = pre.state.length
         for t in sorted({1, 2, 3, 5, k + 1}):
             ids = list(prompt.query_ids[:1]) * t

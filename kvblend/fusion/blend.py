@@ -1,17 +1,19 @@
-"""Blended prefill (CacheBlend), driven layer by layer over the model's own modules.
+"""Blended prefill (CacheBlend), in four stages over the model runner (kvblend/model/runner.py):
 
-One engine computes all three modes; they differ only in which tokens are recomputed:
-  full   every token, every layer (plain prefill; the baseline);
-  reuse  prefix + whole query; chunk tokens keep their cached KV (re-rotated to their new positions);
-  blend  layers < check_layer run over every token; at check_layer fresh K (or V) of every chunk token is
-         compared with its cached row and the top `ratio` of chunk tokens by deviation join the recompute
-         set (prefix + whole query + selected), which alone goes through the remaining layers.
-On CUDA the front of a blend (layers below the check layer, check layers, selection) runs as one CUDA graph
-(fusion/front_graph.py) and the recompute layers as another (model/layer_graphs.py); the eager loop below is
-the reference they are tested against.
-Recomputed tokens write fresh K/V over the cached rows of a KV buffer preallocated for the whole prompt
-(plus room for decoding); cached chunk tensors are never written. Attention of a recomputed token at
-position p sees exactly the keys at positions <= p (a per-token causal mask).
+  plan       pure: validate the request and decide sizes, the recompute path and which chunks are placed;
+  place      copy cached chunk KV to its global positions, keys re-rotated (fusion/placement.py); host
+             chunks are loaded layer-wise on a side stream, overlapped with the first layers;
+  front      blend only: the layers below the check layer over every token, then the check layer(s), which
+             score each chunk token's fresh K/V against its cached row and keep the policy's budget
+             (fusion/select.py); in static shapes as one CUDA graph (fusion/front_graph.py) where it applies;
+  recompute  the recompute set (prefix + query + kept chunk tokens) through the remaining layers: plain, or
+             padded / a CUDA graph (ModelRunner.run_layers), then the LM head at the last position.
+
+Modes differ only in which tokens are recomputed: full (every token; this is ModelRunner.forward), reuse
+(prefix + query), blend (+ the selected chunk tokens). Recomputed tokens write fresh K/V over the cached
+rows of the request's KV state, which is the buffer decoding reads (a static-buffer lease when the runner
+uses graphs: never copied afterwards); cached chunk tensors are never written. Attention of a recomputed
+token at position p sees exactly the keys at positions <= p (a per-token causal mask).
 """
 
 from __future__ import annotations
@@ -23,116 +25,49 @@ from typing import Sequence
 
 import torch
 
-from kvblend.fusion.front_graph import front_graphs, front_supported, make_plan
-from kvblend.fusion.select import CheckLayer, SelectionPolicy, select_candidates
+from kvblend.config import BlendOptions, SelectionPolicy
+from kvblend.fusion.front_graph import front_supported, make_plan, run_static_front
+from kvblend.fusion.placement import place_chunks, place_pipelined, promote_chunk, wait
+from kvblend.fusion.select import CheckLayer, select_candidates
 from kvblend.kvstore.chunk_kv import ChunkKV
 from kvblend.model.hf import DecoderModel
-from kvblend.model.layer_graphs import (KEY_BUCKET, MAX_PAD, copy_state, graph_cache, graphs_enabled,
-                                        run_layers_padded_eager, run_layers_plain)
-from kvblend.model.rope import rope_cos_sin, rotate_half
-from kvblend.model.runner import (KVState, allocate_state, attend_mlp, causal_mask, check_length, elapsed_ms,
-                                   lm_logits, qkv, write_kv)
-from kvblend.types import BlendStats, PromptIds
-from kvblend.vocab import MODES
+from kvblend.model.kv import KVState
+from kvblend.model.layers import causal_mask, embed, layer_out, lm_logits, qkv, run_layers
+from kvblend.model.rope import rope_cos_sin
+from kvblend.model.runner import ModelRunner, check_length, elapsed_ms, runner_of
+from kvblend.types import BlendStats, PrefillResult, PromptIds
 
 log = logging.getLogger(__name__)
 
+__all__ = ["PrefillResult", "PrefillPlan", "plan_prefill", "prefill", "promote_chunk"]
 
 
-@dataclass(slots=True)
-class PrefillResult:
-    state: KVState
-    logits: torch.Tensor  # [V] at the last prompt position (fp32)
-    stats: BlendStats
+@dataclass(frozen=True, slots=True)
+class PrefillPlan:
+    """Everything a prefill decides before touching the device."""
 
+    blend: BlendOptions
+    n: int  # prompt tokens
+    prefix_len: int
+    query_start: int
+    capacity: int  # KV rows: prompt + room for decoding
+    spans: tuple[tuple[int, int, bool], ...]  # per chunk (start, end, resident)
+    path: str  # recompute path: plain | padded | graph
+    use_front: bool  # the static front (fusion/front_graph.py)
 
-RECOMPUTE_PATHS = ("auto", "plain", "padded", "graph")
-H2D_GROUPS = 8  # layer groups of a pipelined host->device chunk load (one event each)
+    @property
+    def mode(self) -> str:
+        return self.blend.mode
 
+    @property
+    def placed(self) -> tuple[int, ...]:
+        """Indices of the chunks whose cached KV is placed (resident, mode reuse or blend)."""
+        return () if self.mode == "full" else tuple(i for i, (_, _, r) in enumerate(self.spans) if r)
 
-def _rotation_tables(placed: Sequence[tuple[ChunkKV, int]], row_start: int, row_end: int,
-                     model: DecoderModel) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 cos/sin [rows, D] that move each placed chunk's keys from their cached positions to rows
-    start.. (rows of no placed chunk get delta 0, the identity). The angle is formed in float64, as
-    rope.rerotate does, so a batched re-rotation equals the per-chunk one."""
-    delta = torch.zeros(row_end - row_start, dtype=torch.float64)
-    for chunk, start in placed:
-        delta[start - row_start:start - row_start + chunk.num_tokens] = float(start - chunk.rope_offset)
-    delta = delta.to(model.device, non_blocking=True)
-    angle = delta[:, None] * model.inv_freq.to(device=model.device, dtype=torch.float64)[None, :]
-    emb = torch.cat((angle, angle), dim=-1)
-    return emb.cos().to(torch.float32), emb.sin().to(torch.float32)
-
-
-def _place_chunks(state: KVState, placed: Sequence[tuple[ChunkKV, int]], model: DecoderModel,
-                  layers: slice = slice(None), tables: tuple[torch.Tensor, torch.Tensor, int, int] | None = None) -> None:
-    """Copy cached chunks (chunk, first row) into the buffer for `layers`, then re-rotate all their keys
-    in one step. Host chunks in pinned memory are copied asynchronously (ordered on the current stream)."""
-    if not placed:
-        return
-    for chunk, start in placed:
-        end = start + chunk.num_tokens
-        pinned = chunk.kv.device.type == "cpu" and chunk.kv.is_pinned()
-        state.k[layers, :, start:end].copy_(chunk.kv[0, layers], non_blocking=pinned)
-        state.v[layers, :, start:end].copy_(chunk.kv[1, layers], non_blocking=pinned)
-    if tables is None:
-        a = min(start for _, start in placed)
-        b = max(start + chunk.num_tokens for chunk, start in placed)
-        cos, sin = _rotation_tables(placed, a, b, model)
-    else:
-        cos, sin, a, b = tables
-    kf = state.k[layers, :, a:b].to(torch.float32)
-    state.k[layers, :, a:b] = (kf * cos + rotate_half(kf) * sin).to(state.k.dtype)
-
-
-def _place_chunk(state: KVState, chunk: ChunkKV, start: int, model: DecoderModel) -> None:
-    """Copy a cached chunk into rows start.. of the buffer, keys re-rotated to those positions."""
-    _place_chunks(state, [(chunk, start)], model)
-
-
-def _place_pipelined(state: KVState, placed: Sequence[tuple[ChunkKV, int]], model: DecoderModel,
-                     order: Sequence[int], num_groups: int = H2D_GROUPS) -> tuple[list, torch.cuda.Event]:
-    """Host chunks -> GPU on a side stream, layer group by layer group in `order` (the layers the compute
-    needs first go first), each group re-rotated on arrival. Returns per layer the event to wait for before
-    reading that layer's rows (None: not copied) and the event of the last group."""
-    dev = model.device
-    num_layers = model.shape.num_layers
-    side = _side_stream(dev)
-    side.wait_stream(torch.cuda.current_stream(dev))  # the buffer was allocated / zeroed there
-    a = min(start for _, start in placed)
-    b = max(start + chunk.num_tokens for chunk, start in placed)
-    size = max(1, -(-len(order) // num_groups))
-    groups, run = [], []
-    for layer in order:  # consecutive layers of `order` form a group while they are contiguous
-        if run and (layer != run[-1] + 1 or len(run) == size):
-            groups.append(run)
-            run = []
-        run.append(layer)
-    if run:
-        groups.append(run)
-    events: list = [None] * num_layers
-    last = None
-    with torch.cuda.stream(side):
-        cos, sin = _rotation_tables(placed, a, b, model)
-        for group in groups:
-            _place_chunks(state, placed, model, slice(group[0], group[-1] + 1), (cos, sin, a, b))
-            last = torch.cuda.Event(enable_timing=True)
-            last.record(side)
-            for layer in group:
-                events[layer] = last
-    return events, last
-
-
-_SIDE_STREAMS: dict = {}
-
-
-def _side_stream(device: torch.device):
-    """One copy stream per device for the whole process: a new stream per call would also give the caching
-    allocator a new pool per call (fresh cudaMallocs on the critical path)."""
-    key = device.index if device.index is not None else torch.cuda.current_device()
-    if key not in _SIDE_STREAMS:
-        _SIDE_STREAMS[key] = torch.cuda.Stream(device)
-    return _SIDE_STREAMS[key]
+    @property
+    def first_cached_layer(self) -> int:
+        """Blend recomputes every layer below the check layer for every token: their cached rows are unused."""
+        return self.blend.check_layer if self.mode == "blend" else 0
 
 
 class _Stages:
@@ -144,10 +79,10 @@ class _Stages:
         self.marks: list[tuple[str, object]] = []
         self.mark("start")
 
-    def mark(self, name: str, stream=None) -> object:
+    def mark(self, name: str) -> object:
         if self.cuda:
             ev = torch.cuda.Event(enable_timing=True)
-            ev.record(stream) if stream is not None else ev.record()
+            ev.record()
         else:
             ev = time.perf_counter()
         self.marks.append((name, ev))
@@ -159,10 +94,8 @@ class _Stages:
 
     def durations_ms(self) -> dict[str, float]:
         """Consecutive marks -> milliseconds (call after the device has finished)."""
-        out = {}
-        for (_, a), (name, b) in zip(self.marks, self.marks[1:]):
-            out[name] = a.elapsed_time(b) if self.cuda else (b - a) * 1e3
-        return out
+        return {name: (a.elapsed_time(b) if self.cuda else (b - a) * 1e3)
+                for (_, a), (name, b) in zip(self.marks, self.marks[1:])}
 
 
 def _validate_chunks(chunks: Sequence[ChunkKV], chunk_ids: Sequence[Sequence[int]], model: DecoderModel) -> None:
@@ -176,70 +109,15 @@ def _validate_chunks(chunks: Sequence[ChunkKV], chunk_ids: Sequence[Sequence[int
             raise ValueError(f"chunk {i}: cached KV shape {tuple(ck.k.shape)} does not fit model {model.name}")
 
 
-def _check_and_select(model: DecoderModel, state: KVState, h: torch.Tensor, rows_pos: torch.Tensor,
-                      cos: torch.Tensor, sin: torch.Tensor, always: torch.Tensor, chunk_pos: torch.Tensor,
-                      chunk_off: torch.Tensor, query_start: int, n: int, check_layer: int, ratio: float,
-                      policy: SelectionPolicy, prior: torch.Tensor | None = None):
-    """The check layer(s) of a blend: score the candidate chunk tokens, keep the policy's budget, recompute
-    prefix + query + kept tokens through the layer; with policy.layers > 1 the survivors are narrowed again
-    at each following layer. h: hidden states of rows_pos entering check_layer.
-    Returns (h of the recompute set, its positions, the selected chunk positions, the first layer after)."""
-    num_layers = model.shape.num_layers
-    last = min(check_layer + policy.layers, num_layers) - 1
-    cand, cand_off = chunk_pos, chunk_off
-    query_pos = torch.arange(query_start, n, device=h.device)
-    pos = rows_pos
-    for step, layer in enumerate(range(check_layer, last + 1)):
-        q, k, v = qkv(model, layer, h, cos[rows_pos], sin[rows_pos])
-        check = CheckLayer(q=q, k=k, v=v, rows_pos=rows_pos, cached_k=state.k[layer], cached_v=state.v[layer],
-                           cand_pos=cand, query_pos=query_pos, num_keys=n, scale=model.attn_scale,
-                           valid=state.valid if state.has_holes() else None, prior=prior)
-        budget = policy.budget(step, last - check_layer + 1, ratio, chunk_pos.numel())
-        forced = cand_off < policy.first_tokens if policy.first_tokens else None
-        keep = select_candidates(policy, check, budget, forced)
-        cand, cand_off = cand[keep], cand_off[keep]
-        pos = torch.cat([always, cand]).sort().values
-        rows = check.rows_of(pos)
-        write_kv(state, layer, pos, k[:, rows], v[:, rows])
-        if layer == num_layers - 1:
-            rows, pos_out = rows[-1:], pos[-1:]
-        else:
-            pos_out = pos
-        h = attend_mlp(model, layer, h[rows], q[:, rows], pos_out, state, n, causal_prefix=False)
-        rows_pos = pos
-    return h, pos, cand, last + 1
-
-
-@torch.inference_mode()
-def prefill(model: DecoderModel, prompt: PromptIds, chunks: Sequence[ChunkKV] | None = None,
-            mode: str = "blend", ratio: float = 0.15, check_layer: int = 1, score_on: str = "k",
-            extra_capacity: int = 0, resident: Sequence[bool] | None = None,
-            selection: SelectionPolicy | None = None, recompute: str = "auto",
-            timings: dict | None = None, prior: torch.Tensor | None = None) -> PrefillResult:
-    """Prefill `prompt`, reusing `chunks` (cached KV of prompt.chunk_ids, same order) per `mode`.
-
-    resident: per chunk, False makes it a placeholder: its positions are reserved but nothing attends to
-    it (its entry in `chunks` may be None) until promote_chunk() fills it. Needs mode reuse or blend.
-    selection: which chunk tokens blend recomputes (fusion/select.py); None = SelectionPolicy(score_on).
-    prior: per-position importance [>= prompt tokens] from a draft model (fusion/select.py
-    draft_attention_prior), needed by the draft selection signals and ignored by the others.
-    recompute: how the recompute set runs through the layers after the check layer (model/layer_graphs.py):
-    "auto" (CUDA graphs on CUDA unless KVBLEND_CUDA_GRAPHS=0, else plain), "plain", "padded" (the graph's
-    padded computation, eagerly: for tests), "graph". Host chunks (pinned) are loaded layer-wise on a side
-    stream, overlapped with the first layers. timings: if a dict, receives per-stage milliseconds.
-    Returns the KV state (buffers sized for the prompt + extra_capacity decode tokens) and the last
-    position's logits.
-    """
-    selection = selection if selection is not None else SelectionPolicy(signal=score_on)
-    if mode not in MODES:
-        raise ValueError(f"unknown mode '{mode}'; use one of {', '.join(MODES)}")
-    s = model.shape
-    if mode == "blend" and selection.needs_draft and (prior is None or prior.numel() < prompt.num_tokens):
-        raise ValueError(f"selection signal '{selection.signal}' needs a draft model's attention over the whole "
-                         f"prompt (prior); load a draft model (EngineConfig.draft_model / --draft-model)")
-    if mode == "blend" and not 1 <= check_layer < s.num_layers:
-        raise ValueError(f"check_layer must be in [1, {s.num_layers - 1}], got {check_layer}")
-    resident = [True] * len(prompt.chunk_ids) if resident is None else list(resident)
+def _check_request(runner: ModelRunner, prompt: PromptIds, chunks, blend: BlendOptions, resident: list,
+                   prior) -> None:
+    s, model = runner.model.shape, runner.model
+    mode = blend.mode
+    if mode == "blend" and blend.selection.needs_draft and (prior is None or prior.numel() < prompt.num_tokens):
+        raise ValueError(f"selection signal '{blend.selection.signal}' needs a draft model's attention over the "
+                         f"whole prompt (prior); load a draft model (EngineConfig.draft_model / --draft-model)")
+    if mode == "blend" and not 1 <= blend.check_layer < s.num_layers:
+        raise ValueError(f"check_layer must be in [1, {s.num_layers - 1}], got {blend.check_layer}")
     if len(resident) != len(prompt.chunk_ids):
         raise ValueError(f"{len(resident)} resident flags for {len(prompt.chunk_ids)} chunks")
     if mode == "full" and not all(resident):
@@ -253,155 +131,188 @@ def prefill(model: DecoderModel, prompt: PromptIds, chunks: Sequence[ChunkKV] | 
                          [ids for ids, r in zip(prompt.chunk_ids, resident) if r], model)
     if not prompt.query_ids:
         raise ValueError("the query is empty; the last prompt token must belong to the query")
-    n = prompt.num_tokens
-    check_length(model, n + extra_capacity)
-    if recompute not in RECOMPUTE_PATHS:
-        raise ValueError(f"unknown recompute path '{recompute}'; use one of {', '.join(RECOMPUTE_PATHS)}")
-    dev = model.device
-    if recompute == "auto":
-        recompute = "graph" if graphs_enabled(dev) else "plain"
-    if recompute == "graph" and dev.type != "cuda":
-        raise ValueError("recompute path 'graph' needs CUDA")
-    if mode == "full":
-        recompute = "plain"  # every token: compute-bound, plain causal attention
-    t_start = time.perf_counter()
-    stages = _Stages(dev)
-    capacity = n + extra_capacity
-    if recompute == "graph":
-        state = graph_cache(model).state(capacity)  # in the graphs' static buffer; copied out at the end
-    elif recompute == "padded":
-        state = allocate_state(model, -(-capacity // KEY_BUCKET) * KEY_BUCKET + MAX_PAD)
-    else:
-        state = allocate_state(model, capacity)
-    state.length = n
 
-    # place cached chunk KV at its global positions (copies; the cache is read only)
-    chunk_pos_parts: list[torch.Tensor] = []
-    chunk_off_parts: list[torch.Tensor] = []  # each chunk token's offset inside its chunk
-    placed: list[tuple[ChunkKV, int]] = []
-    start = len(prompt.prefix_ids)
-    for i, ids in enumerate(prompt.chunk_ids):
-        end = start + len(ids)
-        if not resident[i]:
+
+def plan_prefill(runner: ModelRunner, prompt: PromptIds, chunks: Sequence[ChunkKV | None] | None,
+                 blend: BlendOptions, resident: Sequence[bool] | None = None, extra_capacity: int = 0,
+                 recompute: str = "auto", prior: torch.Tensor | None = None) -> PrefillPlan:
+    """Validate a request and decide what its prefill does (no device work)."""
+    resident = [True] * len(prompt.chunk_ids) if resident is None else list(resident)
+    _check_request(runner, prompt, chunks, blend, resident, prior)
+    n = prompt.num_tokens
+    check_length(runner.model, n + extra_capacity)
+    path = runner.recompute_path(recompute)
+    spans, start = [], len(prompt.prefix_ids)
+    for ids, res in zip(prompt.chunk_ids, resident):
+        spans.append((start, start + len(ids), bool(res)))
+        start += len(ids)
+    use_front = (blend.mode == "blend" and path in ("graph", "padded")
+                 and front_supported(runner.model, blend.selection, blend.check_layer, not all(resident),
+                                     runner.runtime.front_graph))
+    return PrefillPlan(blend=blend, n=n, prefix_len=len(prompt.prefix_ids), query_start=n - len(prompt.query_ids),
+                       capacity=n + extra_capacity, spans=tuple(spans), path=path, use_front=use_front)
+
+
+def _place(runner: ModelRunner, state: KVState, plan: PrefillPlan, chunks, stages: _Stages):
+    """Placeholders marked, cached chunks placed. Returns (per-layer events to wait for, the event or mark
+    at which placement is done, whether host chunks were loaded layer-wise)."""
+    model, dev = runner.model, runner.model.device
+    for start, end, res in plan.spans:
+        if not res:
             state.set_valid(start, end, False)
-        elif mode != "full":
-            placed.append((chunks[i], start))
-        if resident[i]:
-            chunk_pos_parts.append(torch.arange(start, end, device=dev))
-            chunk_off_parts.append(torch.arange(end - start, device=dev))
-        start = end
-    # blend recomputes every layer below the check layer for every token: their cached rows are not needed
-    first_cached = check_layer if mode == "blend" else 0
-    cached_layers = list(range(first_cached, s.num_layers))
-    layer_ready: list = [None] * s.num_layers
+    placed = [(chunks[i], plan.spans[i][0]) for i in plan.placed]
+    cached_layers = list(range(plan.first_cached_layer, model.shape.num_layers))
     on_host = dev.type == "cuda" and any(c.kv.device.type == "cpu" for c, _ in placed)
     if on_host:  # layer-wise pipelined: copies of later layers overlap the compute of earlier ones
-        layer_ready, place_done = _place_pipelined(state, placed, model, cached_layers)
-    elif dev.type == "cuda" and placed and first_cached > 0:
+        events, done = place_pipelined(state, placed, model, cached_layers)
+    elif dev.type == "cuda" and placed and plan.first_cached_layer > 0:
         # chunks already on the GPU: one side-stream step, overlapped with the layers below the check layer
-        layer_ready, place_done = _place_pipelined(state, placed, model, cached_layers, num_groups=1)
+        events, done = place_pipelined(state, placed, model, cached_layers, num_groups=1)
     else:
-        _place_chunks(state, placed, model, slice(first_cached, None))
-        place_done = stages.mark("place")
-    chunk_pos = torch.cat(chunk_pos_parts) if chunk_pos_parts else torch.empty(0, dtype=torch.long, device=dev)
-    always = torch.cat([torch.arange(len(prompt.prefix_ids), device=dev), torch.arange(start, n, device=dev)])
-
-    ids = torch.tensor(prompt.flat(), dtype=torch.long, device=dev)
-    cos, sin = rope_cos_sin(model.inv_freq, torch.arange(n, device=dev), model.dtype)
-    use_front = (mode == "blend" and recompute in ("graph", "padded")
-                 and front_supported(model, selection, check_layer, state.has_holes()))
-    h = None if use_front else model.embed_tokens(ids)  # [N, hidden]
-
-    # active: every position that is computed at all (placeholders are not); pos: the recompute set
-    active = None if use_front else torch.cat([always, chunk_pos]).sort().values
-    selected = torch.empty(0, dtype=torch.long, device=dev)
-    first_partial = 0
-    if mode == "full":
-        pos = active
-    elif mode == "reuse":
-        pos = always
-    elif use_front:
-        # the front (layers below the check layer + check layers + selection) in static shapes: one CUDA
-        # graph replay (fusion/front_graph.py); "padded" runs the same computation eagerly (tests)
-        plan = make_plan(n, len(prompt.prefix_ids), n - len(prompt.query_ids), check_layer, ratio, selection)
-        for layer in range(check_layer, check_layer + selection.layers):
-            _wait(layer_ready[layer], dev)
-        offsets = torch.zeros(n, dtype=torch.long, device=dev)
-        if selection.first_tokens and chunk_pos.numel():
-            offsets.index_copy_(0, chunk_pos, torch.cat(chunk_off_parts))
-        scratch = state.capacity - MAX_PAD
-        h, pos = front_graphs(model).run(state, plan, ids, offsets, scratch, capture=recompute == "graph")
-        selected = pos[plan.prefix:plan.prefix + plan.budgets[-1]]
-        first_partial = check_layer + selection.layers
-        stages.mark("check_and_select")
-    else:
-        h = h[active]
-        cos_a, sin_a = cos[active], sin[active]
-        dense = active.numel() == n
-        mask_active = None if dense else causal_mask(active, n, state)
-        for layer in range(check_layer):
-            q, k, v = qkv(model, layer, h, cos_a, sin_a)
-            write_kv(state, layer, slice(0, n) if dense else active, k, v)
-            h = attend_mlp(model, layer, h, q, active, state, n, causal_prefix=dense, mask=mask_active)
-        stages.mark("layers_before_check")
-        for layer in range(check_layer, min(check_layer + selection.layers, s.num_layers)):
-            _wait(layer_ready[layer], dev)
-        chunk_off = torch.cat(chunk_off_parts) if chunk_off_parts else chunk_pos
-        h, pos, selected, first_partial = _check_and_select(
-            model, state, h, active, cos, sin, always, chunk_pos, chunk_off, n - len(prompt.query_ids), n,
-            check_layer, ratio, selection, None if prior is None else prior.to(dev))
-
-        stages.mark("check_and_select")
-
-    if mode != "blend":
-        h = h[pos]
-    for ev in layer_ready:
-        _wait(ev, dev)
-    if first_partial < s.num_layers:
-        cos_r, sin_r = cos[pos], sin[pos]
-        is_all = pos.numel() == n and not state.has_holes()
-        if recompute == "plain" or is_all:
-            h = run_layers_plain(model, state, h, pos, cos_r, sin_r, first_partial, n, causal_prefix=is_all)
-        elif recompute == "padded":
-            h = run_layers_padded_eager(model, state, h, pos, cos_r, sin_r, first_partial, n)
-        else:
-            h = graph_cache(model).run(state, h, pos, cos_r, sin_r, first_partial, n)
-        stages.mark("recompute_layers")
-    logits = lm_logits(model, h[-1])
-    stages.mark("lm_head")
-    if recompute != "plain":
-        state = copy_state(state, capacity)
-        stages.mark("copy_out")
-    prefill_ms = elapsed_ms(t_start, dev)
-    stage_ms = stages.durations_ms()
-    place_ms = stages.since_start_ms(place_done)
-    stats = BlendStats(
-        mode=mode, num_tokens=n, num_chunk_tokens=int(chunk_pos.numel()),
-        num_recomputed=int(pos.numel()), selected_positions=tuple(selected.tolist()),
-        prefill_ms=prefill_ms, place_ms=place_ms,
-    )
-    if timings is not None:
-        timings.update(stage_ms)
-        timings["place_done"] = place_ms
-        timings["recompute_path"] = recompute
-        timings["pipelined_h2d"] = on_host
-    return PrefillResult(state=state, logits=logits, stats=stats)
+        place_chunks(state, placed, model, slice(plan.first_cached_layer, None))
+        events, done = [None] * model.shape.num_layers, stages.mark("place")
+    return events, done, on_host
 
 
-def _wait(event, device: torch.device) -> None:
-    """Make the compute stream wait for a side-stream event (a pipelined chunk copy); None: nothing to wait."""
-    if event is not None:
-        torch.cuda.current_stream(device).wait_event(event)
+def _chunk_positions(plan: PrefillPlan, dev) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(chunk_pos, chunk_off, always): resident chunk tokens' positions and offsets in their chunk, and the
+    always-recomputed positions (prefix + query)."""
+    parts = [(torch.arange(a, b, device=dev), torch.arange(b - a, device=dev)) for a, b, r in plan.spans if r]
+    empty = torch.empty(0, dtype=torch.long, device=dev)
+    chunk_pos = torch.cat([p for p, _ in parts]) if parts else empty
+    chunk_off = torch.cat([o for _, o in parts]) if parts else empty
+    always = torch.cat([torch.arange(plan.prefix_len, device=dev), torch.arange(plan.query_start, plan.n, device=dev)])
+    return chunk_pos, chunk_off, always
+
+
+def _check_and_select(model: DecoderModel, state: KVState, h: torch.Tensor, rows_pos: torch.Tensor, cos, sin,
+                      always: torch.Tensor, chunk_pos: torch.Tensor, chunk_off: torch.Tensor, plan: PrefillPlan,
+                      prior: torch.Tensor | None):
+    """The check layer(s) of an eager blend: score the candidates, keep the policy's budget, run prefix +
+    query + kept tokens through the layer; with several check layers the survivors are narrowed again at
+    each. h: hidden states of rows_pos entering the check layer. Returns (h, positions, selected, next layer)."""
+    policy, c, n = plan.blend.selection, plan.blend.check_layer, plan.n
+    num_layers = model.shape.num_layers
+    last = min(c + policy.layers, num_layers) - 1
+    cand, cand_off = chunk_pos, chunk_off
+    query_pos = torch.arange(plan.query_start, n, device=h.device)
+    pos = rows_pos
+    for step, layer in enumerate(range(c, last + 1)):
+        q, k, v = qkv(model, layer, h, cos[rows_pos], sin[rows_pos])
+        check = CheckLayer(q=q, k=k, v=v, rows_pos=rows_pos, cached_k=state.k[layer], cached_v=state.v[layer],
+                           cand_pos=cand, query_pos=query_pos, num_keys=n, scale=model.attn_scale,
+                           valid=state.valid if state.has_holes() else None, prior=prior)
+        budget = policy.budget(step, last - c + 1, plan.blend.ratio, chunk_pos.numel())
+        forced = cand_off < policy.first_tokens if policy.first_tokens else None
+        keep = select_candidates(policy, check, budget, forced)
+        cand, cand_off = cand[keep], cand_off[keep]
+        pos = torch.cat([always, cand]).sort().values
+        rows = check.rows_of(pos)
+        h = layer_out(model, layer, state, h[rows], q[:, rows], k[:, rows], v[:, rows], pos, pos, n,
+                      last_only=layer == num_layers - 1)
+        rows_pos = pos
+    return h, pos, cand, last + 1
+
+
+def _eager_front(model: DecoderModel, state: KVState, plan: PrefillPlan, ids, cos, sin, events, prior,
+                 stages: _Stages):
+    """Layers below the check layer over every computed token (placeholders are not), then the check layers."""
+    dev = model.device
+    chunk_pos, chunk_off, always = _chunk_positions(plan, dev)
+    active = torch.cat([always, chunk_pos]).sort().values
+    dense = active.numel() == plan.n
+    c, n = plan.blend.check_layer, plan.n
+    h = run_layers(model, state, embed(model, ids)[active], cos[active], sin[active], range(c),
+                   slice(0, n) if dense else active, active, n, causal_prefix=dense,
+                   mask=None if dense else causal_mask(active, n, state))
+    stages.mark("layers_before_check")
+    for layer in range(c, min(c + plan.blend.selection.layers, model.shape.num_layers)):
+        wait(events[layer], dev)
+    return _check_and_select(model, state, h, active, cos, sin, always, chunk_pos, chunk_off, plan,
+                             None if prior is None else prior.to(dev))
+
+
+def _front(runner: ModelRunner, state: KVState, plan: PrefillPlan, ids, cos, sin, events, prior,
+           stages: _Stages):
+    """(h of the recompute set, its positions, the selected chunk positions, the first layer after)."""
+    model, dev = runner.model, runner.model.device
+    if plan.mode != "blend":
+        chunk_pos, _, always = _chunk_positions(plan, dev)
+        pos = torch.cat([always, chunk_pos]).sort().values if plan.mode == "full" else always
+        return embed(model, ids)[pos], pos, torch.empty(0, dtype=torch.long, device=dev), 0
+    if not plan.use_front:
+        return _eager_front(model, state, plan, ids, cos, sin, events, prior, stages)
+    c, policy = plan.blend.check_layer, plan.blend.selection
+    fplan = make_plan(plan.n, plan.prefix_len, plan.query_start, c, plan.blend.ratio, policy)
+    for layer in range(c, c + policy.layers):
+        wait(events[layer], dev)
+    chunk_pos, chunk_off, _ = _chunk_positions(plan, dev)
+    offsets = torch.zeros(plan.n, dtype=torch.long, device=dev)
+    if policy.first_tokens and chunk_pos.numel():
+        offsets.index_copy_(0, chunk_pos, chunk_off)
+    h, pos = run_static_front(runner, state, fplan, ids, offsets, capture=plan.path == "graph")
+    return h, pos, pos[fplan.prefix:fplan.prefix + fplan.budgets[-1]], c + policy.layers
+
+
+def _recompute(runner: ModelRunner, state: KVState, plan: PrefillPlan, h, pos, cos, sin, first: int):
+    """The recompute set through layers first..L-1; returns the last position's hidden state [1, hidden]."""
+    if first >= runner.model.shape.num_layers:
+        return h[-1:]
+    is_all = pos.numel() == plan.n and not state.has_holes()
+    path = "plain" if is_all else plan.path
+    return runner.run_layers(state, h, pos, cos[pos], sin[pos], first, plan.n, path=path, causal_prefix=is_all)
 
 
 @torch.inference_mode()
-def promote_chunk(model: DecoderModel, state: KVState, chunk: ChunkKV, start: int) -> None:
-    """Fill a placeholder's reserved rows with its cached KV (re-rotated) and make them attendable.
+def prefill(model: DecoderModel | ModelRunner, prompt: PromptIds, chunks: Sequence[ChunkKV | None] | None = None,
+            mode: str | None = None, ratio: float | None = None, check_layer: int | None = None,
+            selection: SelectionPolicy | None = None, *, blend: BlendOptions | None = None,
+            extra_capacity: int = 0, resident: Sequence[bool] | None = None, recompute: str = "auto",
+            timings: dict | None = None, prior: torch.Tensor | None = None) -> PrefillResult:
+    """Prefill `prompt`, reusing `chunks` (cached KV of prompt.chunk_ids, same order) per the blend options:
+    `blend` (default BlendOptions(): kvblend's default variant), with mode / ratio / check_layer / selection
+    overriding its fields. resident: per chunk, False makes it a placeholder (positions reserved, nothing
+    attends to it, its `chunks` entry may be None) until promote_chunk() fills it; needs reuse or blend.
+    prior: a draft model's per-position importance (select.draft_attention_prior) for the draft signals.
+    recompute: auto (graphs when the runner uses them) | plain | padded (the graph's computation, eagerly)
+    | graph. timings: if a dict, receives per-stage milliseconds. Returns the KV state (prompt +
+    extra_capacity rows; the buffer decoding uses) and the last position's logits."""
+    runner = runner_of(model)
+    blend = _options(blend, mode, ratio, check_layer, selection)
+    t_start = time.perf_counter()
+    plan = plan_prefill(runner, prompt, chunks, blend, resident, extra_capacity, recompute, prior)
+    if plan.mode == "full":
+        return runner.full_prefill(prompt, plan.capacity - plan.n)
+    dev = runner.model.device
+    stages = _Stages(dev)
+    state = runner.new_state(plan.capacity, static=plan.path != "plain")
+    state.length = plan.n
+    events, place_done, on_host = _place(runner, state, plan, chunks, stages)
+    ids = torch.tensor(prompt.flat(), dtype=torch.long, device=dev)
+    cos, sin = rope_cos_sin(runner.model.inv_freq, torch.arange(plan.n, device=dev), runner.model.dtype)
+    h, pos, selected, first = _front(runner, state, plan, ids, cos, sin, events, prior, stages)
+    stages.mark("check_and_select" if plan.mode == "blend" else "embed")
+    for ev in events:
+        wait(ev, dev)
+    h = _recompute(runner, state, plan, h, pos, cos, sin, first)
+    stages.mark("recompute_layers")
+    logits = lm_logits(runner.model, h[-1])
+    stages.mark("lm_head")
+    stats = BlendStats(mode=plan.mode, num_tokens=plan.n, num_chunk_tokens=sum(b - a for a, b, r in plan.spans if r),
+                       num_recomputed=int(pos.numel()), selected_positions=tuple(selected.tolist()),
+                       prefill_ms=elapsed_ms(t_start, dev), place_ms=stages.since_start_ms(place_done))
+    if timings is not None:
+        timings.update(stages.durations_ms(), place_done=stats.place_ms, recompute_path=plan.path,
+                       pipelined_h2d=on_host)
+    return PrefillResult(state=state, logits=logits, stats=stats)
 
-    Tokens decoded after the placeholder did not attend to it; from the next forward on they do.
-    """
-    end = start + chunk.num_tokens
-    if state.valid is None or bool(state.valid[start:end].any()):
-        raise ValueError(f"rows {start}..{end} are not a placeholder of this state")
-    _place_chunk(state, chunk, start, model)
-    state.set_valid(start, end, True)
+
+def _options(blend: BlendOptions | None, mode, ratio, check_layer, selection) -> BlendOptions:
+    b = blend if blend is not None else BlendOptions()
+    over = {k: v for k, v in (("mode", mode), ("ratio", ratio), ("check_layer", check_layer),
+                              ("selection", selection)) if v is not None}
+    if not over:
+        return b
+    from dataclasses import replace
+
+    return replace(b, **over)

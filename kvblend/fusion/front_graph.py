@@ -15,36 +15,36 @@ that every tensor has a size known before the call (a *plan*), and the whole fro
     that puts members first; it is cut to a bucketed row count whose tail rows are pads that write scratch
     rows past every real row and attend to key 0 only (as in model/layer_graphs.py).
 
-The selection is the one of fusion/select.py (k / v deviation, query attention, their product, first tokens
-forced, narrowing over several check layers); ties between equal scores are broken towards lower positions
-here (torch.topk leaves them unspecified). The rank-sum signal (integer rank sums tie often), the frontier-only
+The selection is fusion/select.py's keep_top, the same function the eager front calls (k / v deviation,
+query attention, their product, first tokens forced, narrowing over several check layers; ties go to lower
+positions). The rank-sum signal (integer rank sums tie often), the frontier-only
 k_tail_product and prompts with placeholders are left to the eager front. `run_front` runs the computation
-eagerly (the tests compare it with the eager blend on CPU); `FrontGraphs` captures and replays it on CUDA.
+eagerly (the tests compare it with the eager blend on CPU); `run_static_front` replays it as a CUDA graph of
+the model runner's graph cache (model/graphs.py) on CUDA.
 
 Graphs are keyed by the prompt's 256-token bucket, the check layer and policy, the 64-row buckets of the sets
 and the 16-token bucket of the query; the first request of a new key pays a capture (two warm-up runs of the
-eager front and the recording), and at most MAX_FRONT_GRAPHS graphs are kept (least recently used dropped).
+eager front and the recording); the runner's cache keeps the most recently used graphs of every kind.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
-from kvblend.fusion.select import SelectionPolicy, kv_deviation, query_attention_mass
+from kvblend.config import SelectionPolicy
+from kvblend.fusion.select import keep_top, kv_deviation, query_attention_mass
 from kvblend.model.hf import DecoderModel
-from kvblend.model.layer_graphs import MAX_PAD, per_model, row_bucket
+from kvblend.model.kv import MAX_PAD, KVState
+from kvblend.model.layers import embed, layer_out, qkv, run_layers
 from kvblend.model.rope import rope_cos_sin
-from kvblend.model.runner import KVState, attend_mlp, qkv, write_kv
+from kvblend.model.runner import ModelRunner, row_bucket
 
 log = logging.getLogger(__name__)
 
 TOKEN_BUCKET = 256  # prompt length bucket of the front graph
-MAX_FRONT_GRAPHS = 8
 FRONT_SIGNALS = ("k", "v", "attn", "k_attn_product")  # k_attn_rank (integer rank sums tie), k_tail_product: eager
 
 
@@ -76,10 +76,11 @@ class FrontPlan:
         return self.num_always + self.budgets[-1]
 
 
-def front_supported(model: DecoderModel, policy: SelectionPolicy, check_layer: int, has_holes: bool) -> bool:
+def front_supported(model: DecoderModel, policy: SelectionPolicy, check_layer: int, has_holes: bool,
+                    enabled: bool = True) -> bool:
     """Whether the static front applies: no placeholders, a signal it implements, a recompute layer after,
-    and not switched off with KVBLEND_FRONT_GRAPH=0 (the eager front then runs: for A/B measurements)."""
-    if os.environ.get("KVBLEND_FRONT_GRAPH", "1") in ("0", "false", "no"):
+    and `enabled` (RuntimeOptions.front_graph; False runs the eager front: for A/B measurements)."""
+    if not enabled:
         return False
     last = check_layer + policy.layers - 1
     return not has_holes and policy.signal in FRONT_SIGNALS and last < model.shape.num_layers - 1
@@ -136,14 +137,11 @@ def run_front(model: DecoderModel, state: KVState, plan: FrontPlan, inp: FrontIn
     dev = inp.ids.device
     n_pad, c, policy = plan.n_pad, plan.check_layer, plan.policy
     n_t, prefix_t, qstart_t, first_t = inp.scalars[0], inp.scalars[1], inp.scalars[2], inp.scalars[3]
-    h = model.embed_tokens(inp.ids)
     keys_idx = torch.arange(n_pad, device=dev)
     # pad tokens write scratch rows: the rows past the prompt belong to decoding and stay untouched
     rows_below = torch.where(keys_idx < n_t, keys_idx, scratch_start + (keys_idx - n_t).clamp(min=0) % MAX_PAD)
-    for layer in range(c):
-        q, k, v = qkv(model, layer, h, inp.cos, inp.sin)
-        write_kv(state, layer, rows_below, k, v)
-        h = attend_mlp(model, layer, h, q, None, state, n_pad, causal_prefix=True)
+    h = run_layers(model, state, embed(model, inp.ids), inp.cos, inp.sin, range(c), rows_below, None, n_pad,
+                   causal_prefix=True)
     pos = rows_below  # state rows of the current set: real positions first (ascending), then pad rows
     rope_pos = keys_idx  # their positions (0 for pad rows)
     real = keys_idx < n_t
@@ -153,16 +151,9 @@ def run_front(model: DecoderModel, state: KVState, plan: FrontPlan, inp: FrontIn
         q, k, v = qkv(model, layer, h, inp.cos[rope_pos], inp.sin[rope_pos])
         cand = real & (rope_pos >= prefix_t) & (rope_pos < qstart_t)
         score = _scores(model, state, layer, policy.signal, q, k, v, pos, rope_pos, real, num_real, plan,
-                        n_t - qstart_t).to(torch.float32)
-        score = torch.where(cand, score, torch.full_like(score, float("-inf")))
-        if policy.first_tokens:  # forced tokens outrank every other (select.select_candidates)
-            forced = cand & (inp.offsets[rope_pos] < first_t)
-            lift = (torch.where(cand, score.abs(), torch.zeros_like(score)).max() + 1.0) * 2.0
-            score = torch.where(forced, score + lift, score)
-        order = torch.sort(score, descending=True, stable=True).indices
-        rank = torch.empty_like(order)
-        rank[order] = torch.arange(order.numel(), device=dev)
-        keep = cand & (rank < inp.scalars[4 + step])
+                        n_t - qstart_t)
+        forced = (inp.offsets[rope_pos] < first_t) if policy.first_tokens else None
+        keep = keep_top(score, cand, inp.scalars[4 + step], forced)
         member = keep | (real & ~cand)
         member_key = torch.where(member, rope_pos, n_pad + torch.arange(pos.numel(), device=dev))
         rows = torch.sort(member_key, stable=True).indices[:plan.set_rows[step]]
@@ -171,9 +162,9 @@ def run_front(model: DecoderModel, state: KVState, plan: FrontPlan, inp: FrontIn
         real = slot < num_real
         new_rope = torch.where(real, rope_pos[rows], torch.zeros_like(rows))
         new_pos = torch.where(real, pos[rows], scratch_start + (slot - num_real).clamp(min=0) % MAX_PAD)
-        write_kv(state, layer, new_pos, k[:, rows], v[:, rows])
         mask = torch.where(real[:, None], keys_idx[None, :] <= new_rope[:, None], keys_idx[None, :] == 0)
-        h = attend_mlp(model, layer, h[rows], q[:, rows], None, state, n_pad, causal_prefix=False, mask=mask)
+        h = layer_out(model, layer, state, h[rows], q[:, rows], k[:, rows], v[:, rows], new_pos, None, n_pad,
+                      mask=mask)
         pos, rope_pos = new_pos, new_rope
     inp.h_out.copy_(h)
     inp.pos_out.copy_(pos)
@@ -205,70 +196,31 @@ def _scores(model: DecoderModel, state: KVState, layer: int, signal: str, q, k, 
     return deviation * attn
 
 
-@dataclass(slots=True)
-class _Graph:
-    graph: object
-    inputs: FrontInputs
-    buffer_ptr: int
+def run_static_front(runner: ModelRunner, state: KVState, plan: FrontPlan, ids: torch.Tensor,
+                     offsets: torch.Tensor, capture: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, positions) of the set leaving the front: plan.rows_out real rows (views of static outputs, valid
+    until the next call). `state` lives in a static buffer (ModelRunner.new_state(static=True)); capture:
+    replay a CUDA graph of the runner's cache (False, off CUDA or once capture failed: the same computation,
+    eagerly)."""
+    buf = state.buffer
+    if buf is None:
+        raise ValueError("the static front needs a state in a static buffer (ModelRunner.new_state)")
+    model = runner.model
 
+    def make() -> FrontInputs:
+        return FrontInputs.empty(model, plan)
 
-class FrontGraphs:
-    """Per model: captured fronts, keyed by FrontPlan.key, replayed over the GraphCache's static KV buffer."""
+    def body(inp: FrontInputs) -> None:
+        run_front(model, buf.full, plan, inp, buf.scratch_start)
 
-    def __init__(self, model: DecoderModel):
-        self.model = model
-        self.graphs: OrderedDict[tuple, _Graph] = OrderedDict()
-        self.captures = 0
-        self.failed: str | None = None
-
-    def run(self, state: KVState, plan: FrontPlan, ids: torch.Tensor, offsets: torch.Tensor,
-            scratch_start: int, capture: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """(h, positions) of the set leaving the front: plan.rows_out real rows (views of static outputs,
-        valid until the next call). capture=False runs the same computation eagerly."""
-        if not capture or self.failed is not None:
-            inp = FrontInputs.empty(self.model, plan)
-            inp.fill(plan, ids, offsets, plan.policy.first_tokens)
-            run_front(self.model, state, plan, inp, scratch_start)
-            return inp.h_out[:plan.rows_out], inp.pos_out[:plan.rows_out]
-        g = self.graphs.get(plan.key)
-        if g is not None and g.buffer_ptr != state.k.data_ptr():
-            self.graphs.clear()  # the static KV buffer was reallocated: every graph points at the old one
-            g = None
-        if g is None:
-            try:
-                g = self._capture(state, plan, scratch_start)
-            except RuntimeError as exc:
-                self.failed = f"{type(exc).__name__}: {exc}"
-                log.warning("CUDA graph capture of the blend front failed (%s); running it eagerly", self.failed)
-                return self.run(state, plan, ids, offsets, scratch_start, capture=False)
-            self.graphs[plan.key] = g
-            while len(self.graphs) > MAX_FRONT_GRAPHS:
-                self.graphs.popitem(last=False)
-        self.graphs.move_to_end(plan.key)
-        g.inputs.fill(plan, ids, offsets, plan.policy.first_tokens)
-        g.graph.replay()
-        return g.inputs.h_out[:plan.rows_out], g.inputs.pos_out[:plan.rows_out]
-
-    def _capture(self, state: KVState, plan: FrontPlan, scratch_start: int) -> _Graph:
-        dev = self.model.device
-        inp = FrontInputs.empty(self.model, plan)
-        # warm-up and capture with n = 0: no real row, so the check layers write scratch rows only and the
-        # cached chunk rows already placed in the buffer stay intact (layers below the check layer are
-        # recomputed by every call anyway)
-        inp.scalars.zero_()
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                run_front(self.model, state, plan, inp, scratch_start)
-        torch.cuda.current_stream(dev).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            run_front(self.model, state, plan, inp, scratch_start)
-        self.captures += 1
-        log.info("captured a CUDA graph of the blend front (%d tokens, sets %s)", plan.n_pad, plan.set_rows)
-        return _Graph(graph, inp, state.k.data_ptr())
-
-
-def front_graphs(model: DecoderModel) -> FrontGraphs:
-    return per_model(model, "_front_graphs", FrontGraphs)
+    # warm-up and capture with n = 0: no real row, so the check layers write scratch rows only and the
+    # cached chunk rows already placed in the buffer stay intact
+    g = runner.graphs.get(("front", buf.id, plan.key), make, body, lambda inp: inp.scalars.zero_()) \
+        if capture else None
+    inp = g.io if g is not None else make()
+    inp.fill(plan, ids, offsets, plan.policy.first_tokens)
+    if g is not None:
+        g.replay()
+    else:
+        body(inp)
+    return inp.h_out[:plan.rows_out], inp.pos_out[:plan.rows_out]

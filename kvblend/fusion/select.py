@@ -27,17 +27,13 @@ Ratio 0 selects nothing (= reuse) and ratio 1 everything (= full prefill), whate
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from kvblend.vocab import SCORE_ON
+from kvblend.config import SelectionPolicy, num_to_select
+from kvblend.vocab import EXTRA_SIGNALS, SELECTION_SIGNALS as SIGNALS
 
-# signals the selection understands beyond kvblend.vocab.SCORE_ON (quality-frontier candidates; a signal moves
-# to SCORE_ON, and so becomes an EngineConfig / CLI choice, once it wins)
-EXTRA_SIGNALS: tuple[str, ...] = ("k_tail_product",)
-SIGNALS: tuple[str, ...] = (*SCORE_ON, *EXTRA_SIGNALS)
 ATTENTION_SIGNALS: tuple[str, ...] = ("attn", "k_attn_rank", "k_attn_product", "k_tail_product")
 DRAFT_SIGNALS: tuple[str, ...] = ("draft_attn", "k_draft_product")  # need a draft model's prior
 TAIL_QUERY_TOKENS = 16  # k_tail_product: the query's last tokens whose attention counts
@@ -49,48 +45,28 @@ def kv_deviation(fresh: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
     return diff.square().sum(dim=(0, 2))
 
 
-def num_to_select(num_tokens: int, ratio: float) -> int:
-    """ceil(ratio * num_tokens), so ratio 1.0 selects every token and ratio 0 none."""
-    return min(num_tokens, max(0, math.ceil(ratio * num_tokens - 1e-9)))
-
-
 def select_top(deviation: torch.Tensor, ratio: float) -> torch.Tensor:
     """Indices (sorted ascending) of the top `ratio` fraction of tokens by deviation."""
     n = num_to_select(deviation.numel(), ratio)
-    if n == 0:
-        return torch.empty(0, dtype=torch.long, device=deviation.device)
-    return torch.topk(deviation, n, sorted=False).indices.sort().values
+    keep = keep_top(deviation, torch.ones_like(deviation, dtype=torch.bool), n)
+    return keep.nonzero().squeeze(1)
 
 
-@dataclass(frozen=True, slots=True)
-class SelectionPolicy:
-    """How a blended prefill picks the chunk tokens it recomputes (see the module docstring)."""
+def keep_top(score: torch.Tensor, cand: torch.Tensor, budget, forced: torch.Tensor | None = None) -> torch.Tensor:
+    """The selection, written once in static shapes: bool [N], the `budget` best candidates by score.
 
-    signal: str = "k"
-    first_tokens: int = 0
-    layers: int = 1
-
-    def __post_init__(self) -> None:
-        if self.signal not in SIGNALS:
-            raise ValueError(f"unknown selection signal '{self.signal}'; use one of {', '.join(SIGNALS)}")
-        if not isinstance(self.first_tokens, int) or self.first_tokens < 0:
-            raise ValueError(f"first_tokens must be an integer >= 0, got {self.first_tokens!r}")
-        if not isinstance(self.layers, int) or self.layers < 1:
-            raise ValueError(f"layers must be an integer >= 1, got {self.layers!r}")
-
-    @property
-    def needs_attention(self) -> bool:
-        return self.signal in ATTENTION_SIGNALS
-
-    @property
-    def needs_draft(self) -> bool:
-        return self.signal in DRAFT_SIGNALS
-
-    def budget(self, step: int, num_steps: int, ratio: float, num_chunk_tokens: int) -> int:
-        """Chunk tokens kept after check step `step` of `num_steps`: (num_steps - step) x ratio of them, so
-        the last step keeps exactly ceil(ratio x chunk tokens) and a ratio of 0 or 1 is kept at every step."""
-        frac = 1.0 if ratio >= 1.0 else min(1.0, ratio * (num_steps - step))
-        return num_to_select(num_chunk_tokens, frac)
+    score [N]; cand bool [N] (non-candidates are never kept); budget an int or a 0-d device tensor (so one
+    CUDA graph serves every budget); forced bool [N]: candidates that outrank every other (each chunk's
+    first tokens), ranked among themselves by score. Ties go to the lower index (a stable sort). The eager
+    path calls it over exactly its candidates (cand all true); the static front over padded rows."""
+    score = torch.where(cand, score.to(torch.float32), torch.full_like(score, float("-inf"), dtype=torch.float32))
+    if forced is not None:
+        lift = (torch.where(cand, score.abs(), torch.zeros_like(score)).max() + 1.0) * 2.0
+        score = torch.where(forced & cand, score + lift, score)
+    order = torch.sort(score, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device)
+    return cand & (rank < budget)
 
 
 @dataclass(slots=True)
@@ -190,10 +166,8 @@ def token_scores(signal: str, layer: CheckLayer) -> torch.Tensor:
 
 def select_candidates(policy: SelectionPolicy, layer: CheckLayer, budget: int,
                       forced: torch.Tensor | None = None) -> torch.Tensor:
-    """Indices into layer.cand_pos (ascending) of the `budget` candidates kept at this check layer.
-
-    forced (bool [T_cand]): candidates kept first (each chunk's first tokens), ranked by score if they alone
-    exceed the budget; the rest of the budget goes to the best-scoring others."""
+    """Indices into layer.cand_pos (ascending) of the `budget` candidates kept at this check layer
+    (keep_top over the candidates; forced: bool [T_cand], each chunk's first tokens)."""
     num = layer.cand_pos.numel()
     budget = min(budget, num)
     dev = layer.cand_pos.device
@@ -201,11 +175,9 @@ def select_candidates(policy: SelectionPolicy, layer: CheckLayer, budget: int,
         return torch.empty(0, dtype=torch.long, device=dev)
     if budget == num:
         return torch.arange(num, device=dev)
-    scores = token_scores(policy.signal, layer).to(torch.float32)
-    if forced is not None and bool(forced.any()):
-        # forced tokens outrank every other: shift them above the maximum
-        scores = torch.where(forced, scores + (scores.abs().max() + 1.0) * 2.0, scores)
-    return torch.topk(scores, budget, sorted=False).indices.sort().values
+    scores = token_scores(policy.signal, layer)
+    cand = torch.ones(num, dtype=torch.bool, device=dev)
+    return keep_top(scores, cand, budget, forced).nonzero().squeeze(1)
 
 
 @torch.inference_mode()
@@ -214,7 +186,8 @@ def draft_attention_prior(draft, token_ids, query_len: int) -> torch.Tensor:
     attention, and each position's importance is the attention mass the last `query_len` tokens (the query)
     give it, summed over the draft's layers, heads and query tokens. Returns fp32 [len(token_ids)] on the
     draft's device (each query token contributes layers x heads in total)."""
-    from kvblend.model.runner import allocate_state, forward_tokens
+    from kvblend.model.runner import forward_tokens
+    from kvblend.model.kv import allocate_state
 
     n = len(token_ids)
     if not 0 < query_len <= n:

@@ -16,8 +16,7 @@ from typing import Protocol, Sequence
 import numpy as np
 import torch
 
-from kvblend.fusion.blend import prefill
-from kvblend.model.runner import forward_tokens
+from kvblend.model.runner import forward_tokens, runner_of
 from kvblend.generation.sampling import logits_to_probs
 from kvblend.model.hf import DecoderModel
 from kvblend.types import PromptIds
@@ -153,9 +152,8 @@ class ModelDrafter:
         self.temperature, self.top_p, self.oov_id = temperature, top_p, oov_id
         self.generator = torch.Generator().manual_seed(seed)
         self._prompt_ids = prompt.flat()
-        pre = prefill(draft_model, self._embeddable(prompt), mode="full", extra_capacity=extra_capacity)
-        self.state = pre.state
-        self._prompt_logits = pre.logits
+        self.state, self._prompt_logits = runner_of(draft_model).forward(self._embeddable(prompt).flat(),
+                                                                         extra_capacity)
         self.last_source_chunk: int | None = None
         self.last_q: torch.Tensor | None = None
         self.reset()

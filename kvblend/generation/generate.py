@@ -7,11 +7,10 @@ from typing import Any, Callable
 
 import torch
 
-from kvblend.fusion.blend import PrefillResult
 from kvblend.generation.sampling import SamplingParams, make_generator, sample
-from kvblend.model.decode_graph import decode_runner
 from kvblend.model.hf import DecoderModel
-from kvblend.types import GenOutput
+from kvblend.model.runner import runner_of
+from kvblend.types import GenOutput, PrefillResult
 
 
 def first_line(text: str) -> str:
@@ -69,25 +68,25 @@ def generate(model: DecoderModel, prefilled: PrefillResult, params: SamplingPara
     """Decode up to params.max_new_tokens tokens; t_start is the request's start (perf_counter) for TTFT.
     on_token (streaming; None = no effect): called with each answer token before the next one is computed
     (the final token arrives only in the result); returning True stops decoding there (stop_reason "callback").
-    graphs: replay CUDA-graph-captured decode steps (None = on CUDA; model/decode_graph.py). Greedy output is
+    graphs: replay CUDA-graph-captured decode steps (None = the runner's setting: on CUDA; model/steps.py). Greedy output is
     the same either way; with graphs, sampling draws on the device (a device generator: its own stream)."""
     state = prefilled.state
-    with decode_runner(model, state, graphs) as runner:
-        gen = make_generator(params.seed, model.device if runner.graphs else "cpu")
-        token = sample(prefilled.logits, params, gen)
-        ttft_ms = (time.perf_counter() - t_start) * 1e3
-        stop = Stopper(model, params, model.eos_token_ids(), state.capacity, newline)
-        token_ms: list[float] = []
-        while not stop.push(token, state.length):
-            if on_token is not None and on_token(token):
-                stop.reason = "callback"
-                break
-            t0 = time.perf_counter()
-            if params.temperature <= 0:
-                token = runner.argmax([token])[-1]
-            else:
-                token = sample(runner.logits([token])[-1], params, gen)
-            token_ms.append((time.perf_counter() - t0) * 1e3)
+    runner = runner_of(model).decoder(state, graphs)
+    gen = make_generator(params.seed, model.device if runner.graphs else "cpu")
+    token = sample(prefilled.logits, params, gen)
+    ttft_ms = (time.perf_counter() - t_start) * 1e3
+    stop = Stopper(model, params, model.eos_token_ids(), state.capacity, newline)
+    token_ms: list[float] = []
+    while not stop.push(token, state.length):
+        if on_token is not None and on_token(token):
+            stop.reason = "callback"
+            break
+        t0 = time.perf_counter()
+        if params.temperature <= 0:
+            token = runner.argmax([token])[-1]
+        else:
+            token = sample(runner.logits([token])[-1], params, gen)
+        token_ms.append((time.perf_counter() - t0) * 1e3)
     tokens = stop.tokens
     text = model.tokenizer.decode(tokens, skip_special_tokens=True) if model.tokenizer is not None else ""
     return GenOutput(token_ids=tokens, text=text, ttft_ms=ttft_ms, token_ms=token_ms, stop_reason=stop.reason,

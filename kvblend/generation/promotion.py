@@ -24,8 +24,9 @@ from typing import Sequence
 
 import torch
 
-from kvblend.fusion.blend import promote_chunk
-from kvblend.model.runner import KVState, forward_tokens
+from kvblend.fusion.placement import promote_chunk
+from kvblend.model.kv import KVState
+from kvblend.model.runner import forward_tokens
 from kvblend.model.rope import rerotate
 from kvblend.kvstore.chunk_kv import ChunkKV
 from kvblend.fusion.layout import ChunkSlot

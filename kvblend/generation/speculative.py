@@ -17,14 +17,13 @@ from typing import Callable, Sequence
 
 import torch
 
-from kvblend.fusion.blend import PrefillResult
-from kvblend.model.decode_graph import decode_runner
-from kvblend.model.runner import KVState
+from kvblend.model.kv import KVState
+from kvblend.model.runner import runner_of
 from kvblend.generation.drafters import Drafter
 from kvblend.generation.generate import NewlineDetector, Stopper
 from kvblend.generation.sampling import SamplingParams, logits_to_probs, sample
 from kvblend.model.hf import DecoderModel
-from kvblend.types import GenOutput, PromptIds
+from kvblend.types import GenOutput, PrefillResult, PromptIds
 
 log = logging.getLogger(__name__)
 
@@ -180,45 +179,45 @@ def speculative_generate(target: DecoderModel, prefilled: PrefillResult, drafter
     length = DraftLength(k, adaptive=adaptive_k)
     split = on_step is not None and hasattr(on_step, "before_pass") and hasattr(on_step, "during_pass")
     done = stop.push(token, state.length)
-    with decode_runner(target, state, graphs) as runner:
-        while not done:
-            t0 = time.perf_counter()
-            base = state.length  # cache: prompt + emitted tokens but the last (`token`)
-            room = min(length.k, params.max_new_tokens - len(stop.tokens) - 1, state.capacity - base - 1)
-            drafts = [int(t) for t in drafter.propose(context + stop.tokens, room)][:room] if room > 0 else []
-            if any(not 0 <= t < vocab_size for t in drafts):
-                raise ValueError(f"drafter proposed ids outside the target vocabulary of {vocab_size}: {drafts}")
-            source = getattr(drafter, "last_source_chunk", None) if drafts else None
-            if on_step is not None:
-                (on_step.before_pass if split else on_step)(len(steps), state)
-                assert state.length == base, f"on_step changed the state length ({base} -> {state.length})"
-            if probe is not None:
-                probe.clear()
-            pending = runner.launch([token] + drafts, queries_out=probe)  # [len(drafts)+1] positions
-            if split:
-                on_step.during_pass(len(steps), state)  # host work while the device verifies
-            if params.temperature <= 0:
-                out, num_accepted = accept_greedy(pending.argmax(), drafts)
-            else:
-                p = logits_to_probs(pending.logits(), params.temperature, params.top_p)
-                out = verify_sampling(p, _draft_q(drafter, drafts, vocab_size), drafts, gen)
-                num_accepted = len(out) - 1
-            length.update(len(drafts), num_accepted)
-            accept = getattr(drafter, "accept", None)
-            if accept is not None and room > 0:  # the drafter was asked this step
-                accept(num_accepted, out)
-            emitted_before = len(stop.tokens)
-            used = len(out)
-            for i, t in enumerate(out):  # out[i] sits after token, d1..di: cache length base + 1 + i
-                if stop.push(t, base + 1 + i):
-                    done, used = True, i + 1
-                    break
-            state.truncate(base + used)  # keep token and the drafts that precede the last used output
-            step_ms = (time.perf_counter() - t0) * 1e3
-            token_ms.extend([step_ms / len(out)] * used)
-            steps.append(StepRecord(drafted_ids=drafts, num_accepted=num_accepted,
-                                    emitted_ids=stop.tokens[emitted_before:], step_ms=step_ms, source_chunk=source))
-            token = out[-1]
+    runner = runner_of(target).decoder(state, graphs)
+    while not done:
+        t0 = time.perf_counter()
+        base = state.length  # cache: prompt + emitted tokens but the last (`token`)
+        room = min(length.k, params.max_new_tokens - len(stop.tokens) - 1, state.capacity - base - 1)
+        drafts = [int(t) for t in drafter.propose(context + stop.tokens, room)][:room] if room > 0 else []
+        if any(not 0 <= t < vocab_size for t in drafts):
+            raise ValueError(f"drafter proposed ids outside the target vocabulary of {vocab_size}: {drafts}")
+        source = getattr(drafter, "last_source_chunk", None) if drafts else None
+        if on_step is not None:
+            (on_step.before_pass if split else on_step)(len(steps), state)
+            assert state.length == base, f"on_step changed the state length ({base} -> {state.length})"
+        if probe is not None:
+            probe.clear()
+        pending = runner.launch([token] + drafts, queries_out=probe)  # [len(drafts)+1] positions
+        if split:
+            on_step.during_pass(len(steps), state)  # host work while the device verifies
+        if params.temperature <= 0:
+            out, num_accepted = accept_greedy(pending.argmax(), drafts)
+        else:
+            p = logits_to_probs(pending.logits(), params.temperature, params.top_p)
+            out = verify_sampling(p, _draft_q(drafter, drafts, vocab_size), drafts, gen)
+            num_accepted = len(out) - 1
+        length.update(len(drafts), num_accepted)
+        accept = getattr(drafter, "accept", None)
+        if accept is not None and room > 0:  # the drafter was asked this step
+            accept(num_accepted, out)
+        emitted_before = len(stop.tokens)
+        used = len(out)
+        for i, t in enumerate(out):  # out[i] sits after token, d1..di: cache length base + 1 + i
+            if stop.push(t, base + 1 + i):
+                done, used = True, i + 1
+                break
+        state.truncate(base + used)  # keep token and the drafts that precede the last used output
+        step_ms = (time.perf_counter() - t0) * 1e3
+        token_ms.extend([step_ms / len(out)] * used)
+        steps.append(StepRecord(drafted_ids=drafts, num_accepted=num_accepted,
+                                emitted_ids=stop.tokens[emitted_before:], step_ms=step_ms, source_chunk=source))
+        token = out[-1]
     tokens = stop.tokens
     text = target.tokenizer.decode(tokens, skip_special_tokens=True) if target.tokenizer is not None else ""
     st = spec_stats(steps)

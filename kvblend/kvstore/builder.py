@@ -6,7 +6,8 @@ from typing import Sequence
 
 import torch
 
-from kvblend.model.runner import allocate_state, forward_tokens
+from kvblend.model.kv import allocate_state
+from kvblend.model.runner import forward_tokens
 from kvblend.kvstore.chunk_kv import ChunkKV
 from kvblend.kvstore.key import ChunkKey, token_hash
 from kvblend.model.hf import DecoderModel

@@ -11,13 +11,13 @@ Two kernels compute the same thing:
          reaching past it or holding invalid rows are *partial* (mask_mod `kv <= q_pos[q] & valid[kv]`), the
          rest are skipped. Usable inside CUDA-graph capture when its inputs are static tensors.
 
-Selection: the `kernel` argument, else the environment variable KVBLEND_ATTENTION = flex | sdpa | auto
-(default auto = sdpa on every device: on the H200, torch 2.11, the compiled flex kernel took 0.23-0.89 ms per
+Selection: the `kernel` argument (RuntimeOptions.attention, from EngineConfig.attention or
+KVBLEND_ATTENTION through load_config) = flex | sdpa | auto (default auto = sdpa on every device: on the H200, torch 2.11, the compiled flex kernel took 0.23-0.89 ms per
 call against 0.11-0.27 ms for cuDNN SDPA with the dense mask on the real shapes, 464-576 rows over 3168-3328
 keys; docs/results/bench/attention_kernels_h200.json. flex stays selectable and tested). If flex fails to compile or run, one warning is logged and
 sdpa is used for the rest of the process.
 
-How flex is compiled: KVBLEND_FLEX_COMPILE = static | dynamic | auto (default auto: static on CPU, dynamic
+How flex is compiled: RuntimeOptions.flex_compile (KVBLEND_FLEX_COMPILE) = static | dynamic | auto (default auto: static on CPU, dynamic
 on CUDA).
   static   torch.compile(dynamic=False), one compilation per shape; queries and keys are padded to whole
            blocks (pad rows / keys are masked) so shapes fall into block multiples. On CPU the dynamic mode
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
 import threading
 from dataclasses import dataclass
 
@@ -43,7 +42,6 @@ log = logging.getLogger(__name__)
 
 KERNELS = ("sdpa", "flex", "auto")
 BLOCK = 128  # FlexAttention's sparse block size (query and key blocks)
-ENV = "KVBLEND_ATTENTION"
 
 try:  # FlexAttention: torch >= 2.5
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -51,7 +49,6 @@ except ImportError:  # pragma: no cover - older torch
     BlockMask = None  # type: ignore[assignment,misc]
     flex_attention = None  # type: ignore[assignment]
 
-COMPILE_ENV = "KVBLEND_FLEX_COMPILE"
 COMPILE_MODES = ("static", "dynamic", "auto")
 RECOMPILE_LIMIT = 64  # static mode compiles per shape: torch's default limit (8) would fall back to eager
 
@@ -67,12 +64,12 @@ def flex_available() -> bool:
 
 
 def resolve_kernel(device: torch.device | str, kernel: str | None = None) -> str:
-    """"sdpa" or "flex": `kernel` if given, else $KVBLEND_ATTENTION (default auto). auto = sdpa everywhere
-    (measured faster on the H200, see the module docstring); an explicit flex falls back to sdpa only once
-    flex is known broken."""
-    k = (kernel or os.environ.get(ENV) or "auto").strip().lower()
+    """"sdpa" or "flex" for `kernel` (None or auto = sdpa everywhere: measured faster on the H200, see the
+    module docstring; RuntimeOptions.attention chooses); an explicit flex falls back to sdpa only once flex
+    is known broken."""
+    k = (kernel or "auto").strip().lower()
     if k not in KERNELS:
-        raise ValueError(f"unknown attention kernel '{k}' ({ENV}); use one of {', '.join(KERNELS)}")
+        raise ValueError(f"unknown attention kernel '{k}'; use one of {', '.join(KERNELS)}")
     if k == "auto":
         k = "sdpa"
     if k == "flex" and not flex_available():
@@ -80,11 +77,20 @@ def resolve_kernel(device: torch.device | str, kernel: str | None = None) -> str
     return k
 
 
+_compile_mode = "auto"  # RuntimeOptions.flex_compile, set by the model runner
+
+
+def set_flex_compile(mode: str) -> None:
+    """The process-wide flex compile mode (static | dynamic | auto), from RuntimeOptions.flex_compile."""
+    global _compile_mode
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"unknown flex compile mode '{mode}'; use one of {', '.join(COMPILE_MODES)}")
+    _compile_mode = mode
+
+
 def compile_mode(device: torch.device | str) -> str:
-    """"static" or "dynamic" (see the module docstring): $KVBLEND_FLEX_COMPILE, auto = static on CPU."""
-    m = (os.environ.get(COMPILE_ENV) or "auto").strip().lower()
-    if m not in COMPILE_MODES:
-        raise ValueError(f"unknown flex compile mode '{m}' ({COMPILE_ENV}); use one of {', '.join(COMPILE_MODES)}")
+    """"static" or "dynamic" (see the module docstring): set_flex_compile's mode, auto = static on CPU."""
+    m = _compile_mode
     if m == "auto":
         m = "dynamic" if torch.device(device).type == "cuda" else "static"
     return m

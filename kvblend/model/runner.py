@@ -1,152 +1,51 @@
-"""The model runner: kvblend's own layer-by-layer forward over a DecoderModel's modules.
+"""The model runner: one object per model that owns its static KV storage (model/kv.py) and its captured
+graphs (model/graphs.py), and runs tokens through the layer body of model/layers.py.
 
-Everything that runs tokens through the model lives here: the preallocated KV state of one sequence,
-the per-layer pieces (QKV with RoPE, attention over the state with a per-token causal mask: a dense mask for
-SDPA or a block mask for FlexAttention, model/attention.py; o_proj + MLP),
-the LM head, and `forward_tokens` (append tokens and return logits; decoding, verification of speculative
-drafts and chunk building all use it). Blending (fusion/) and generation build on it; it imports neither.
+Verbs:
+  forward(ids)            full prefill of a prompt into a new state (plain causal attention, every layer)
+  append(state, ids)      append tokens at state.length and return logits (chunk builds, drafters, probes)
+  run_layers(...)         a set of query rows through layers first..L-1 (a blend's recompute set): plain,
+                          padded (the captured computation, eagerly) or a CUDA graph replay
+  decoder(state)          a StepRunner for decode / verification steps (captured per token count on CUDA)
+  new_state(capacity)     a request's KV: on CUDA with graphs a lease of a static buffer, which prefill writes
+                          and decoding's graphs read in place (never copied between them)
+
+`RuntimeOptions` (kvblend/config.py: CUDA graphs, the blend front's graph, the attention kernel) is handed to
+the runner when it is built (`attach_runner`); a model without one gets the defaults on first use
+(`runner_of`). Blending (fusion/) and generation build on this module; it imports neither.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
+from kvblend.config import RuntimeOptions
 from kvblend.errors import ModelError
-from kvblend.model.attention import AttnMask, build_mask, dense_mask, masked_attention
+from kvblend.model.attention import AttnMask, build_mask, resolve_kernel, set_flex_compile
+from kvblend.model.graphs import GraphCache
 from kvblend.model.hf import DecoderModel
-from kvblend.model.rope import apply_rope, rope_cos_sin
+from kvblend.model.kv import MAX_PAD, KVArena, KVState, StaticKV, allocate_state
+from kvblend.model.layers import attn_mask, causal_mask, embed, lm_logits, run_layers
+from kvblend.model.rope import rope_cos_sin
+from kvblend.types import BlendStats, PrefillResult
+
+log = logging.getLogger(__name__)
+
+KEY_BUCKET = 256  # key-count bucket of the padded recompute computation
+RECOMPUTE_PATHS = ("auto", "plain", "padded", "graph")
+MAX_GRAPH_TOKENS = 16  # decode / verification steps of up to this many tokens are captured
 
 
-@dataclass(slots=True)
-class KVState:
-    """KV of one sequence in preallocated buffers. k, v: [L, H_kv, capacity, D]; rows >= length are unused.
-
-    valid [capacity] marks attendable rows: a CPU-staged chunk is a placeholder whose rows own their
-    positions but stay invalid (masked out) until the chunk is promoted into them.
-    """
-
-    k: torch.Tensor
-    v: torch.Tensor
-    length: int = 0
-    valid: torch.Tensor | None = None  # bool [capacity]; None = every row < length is valid
-    # host mirror of `valid` (1 = valid), so has_holes() never waits for the device
-    valid_host: bytearray | None = None
-
-    def has_holes(self) -> bool:
-        return self.valid_host is not None and self.valid_host.find(0, 0, self.length) >= 0
-
-    def set_valid(self, start: int, end: int, value: bool) -> None:
-        if self.valid is None:
-            self.valid = torch.ones(self.capacity, dtype=torch.bool, device=self.k.device)
-            self.valid_host = bytearray(b"\x01") * self.capacity
-        self.valid[start:end] = value
-        self.valid_host[start:end] = (b"\x01" if value else b"\x00") * len(range(self.capacity)[start:end])
-
-    @property
-    def capacity(self) -> int:
-        return self.k.shape[2]
-
-    def truncate(self, length: int) -> None:
-        """Roll back to `length` tokens (rejected speculative drafts); rows past it become unused."""
-        assert 0 <= length <= self.length, (length, self.length)
-        self.length = length
-
-    def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.k[layer, :, : self.length], self.v[layer, :, : self.length]
-
-
-def allocate_state(model: DecoderModel, capacity: int) -> KVState:
-    s = model.shape
-    shape = (s.num_layers, s.num_kv_heads, capacity, s.head_dim)
-    return KVState(
-        k=torch.zeros(shape, dtype=model.dtype, device=model.device),
-        v=torch.zeros(shape, dtype=model.dtype, device=model.device),
-    )
-
-
-def qkv(model: DecoderModel, layer: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """h [T, hidden] -> q [H, T, D], k [H_kv, T, D] (both after RoPE), v [H_kv, T, D].
-
-    One fused QKV matmul (weights fused once at load, model.fused_layer) and one RoPE over q and k together.
-    """
-    s, lm = model.shape, model.layers[layer]
-    f = model.fused_layer(layer)
-    x = lm.input_norm(h)
-    t = h.shape[0]
-    y = F.linear(x, f.qkv_weight, f.qkv_bias).view(t, s.num_heads + 2 * s.num_kv_heads, s.head_dim).transpose(0, 1)
-    qk = apply_rope(y[: s.num_heads + s.num_kv_heads], cos, sin)
-    return qk[: s.num_heads], qk[s.num_heads:], y[s.num_heads + s.num_kv_heads:]
-
-
-def write_kv(state: KVState, layer: int, pos: torch.Tensor | slice, k: torch.Tensor, v: torch.Tensor) -> None:
-    if isinstance(pos, slice):
-        state.k[layer, :, pos] = k
-        state.v[layer, :, pos] = v
-    else:
-        state.k[layer].index_copy_(1, pos, k)
-        state.v[layer].index_copy_(1, pos, v)
-
-
-def causal_mask(q_pos: torch.Tensor, num_keys: int, state: KVState | None = None) -> torch.Tensor:
-    """Boolean [r, num_keys]: key position <= query position (and the key row is valid in `state`).
-    Build it once per prefill and pass it to attend_mlp for every layer that has the same queries."""
-    return dense_mask(q_pos, num_keys, state.valid if state is not None and state.has_holes() else None)
-
-
-def attn_mask(q_pos: torch.Tensor, num_keys: int, state: KVState | None = None,
-              kernel: str | None = None) -> AttnMask:
-    """The per-token causal mask of causal_mask() for the attention kernel (model/attention.py: "sdpa" builds
-    the dense boolean mask, "flex" a BlockMask from the positions; None = $KVBLEND_ATTENTION, default auto:
-    sdpa on every device, measured faster). Build it once per prefill and pass it to attend_mlp for every layer."""
-    valid = state.valid if state is not None and state.has_holes() else None
-    return build_mask(q_pos, num_keys, valid, kernel)
-
-
-def mlp(model: DecoderModel, layer: int, x: torch.Tensor) -> torch.Tensor:
-    """The layer's gated MLP with one fused gate/up matmul: down(act(gate(x)) * up(x))."""
-    f = model.fused_layer(layer)
-    gate, up = F.linear(x, f.gate_up_weight, f.gate_up_bias).chunk(2, dim=-1)
-    return f.down_proj(f.act_fn(gate) * up)
-
-
-def attend_mlp(model: DecoderModel, layer: int, h: torch.Tensor, q: torch.Tensor, q_pos: torch.Tensor,
-               state: KVState, num_keys: int, causal_prefix: bool,
-               mask: torch.Tensor | AttnMask | None = None) -> torch.Tensor:
-    """Attention of queries q [H, r, D] at positions q_pos [r] over keys [0, num_keys), then o_proj + MLP.
-
-    causal_prefix: the queries are exactly positions 0..num_keys-1 (a plain causal prefill).
-    mask: built once by the caller for several layers: either the boolean [r, num_keys] mask of
-    causal_mask(q_pos, num_keys, state) (SDPA), or an AttnMask of attn_mask() (its kernel: SDPA with its
-    dense mask, or FlexAttention with its block mask); None: a dense mask is built here (SDPA).
-    """
-    s, lm = model.shape, model.layers[layer]
-    keys = state.k[layer, :, :num_keys][None]
-    vals = state.v[layer, :, :num_keys][None]
-    if isinstance(mask, AttnMask) and mask.kernel == "flex":
-        out = masked_attention(q, state.k[layer], state.v[layer], mask.q_pos, num_keys, mask.valid,
-                               model.attn_scale, mask=mask)[None]
-    elif mask is None and causal_prefix and not state.has_holes():
-        out = F.scaled_dot_product_attention(q[None], keys, vals, is_causal=True, scale=model.attn_scale,
-                                             enable_gqa=True)
-    else:
-        if mask is None:
-            mask = causal_mask(q_pos, num_keys, state)
-        elif isinstance(mask, AttnMask):
-            mask = mask.dense
-        out = F.scaled_dot_product_attention(q[None], keys, vals, attn_mask=mask[None, None],
-                                             scale=model.attn_scale, enable_gqa=True)
-    r = q.shape[1]
-    h = h + lm.o_proj(out[0].transpose(0, 1).reshape(r, s.num_heads * s.head_dim))
-    return h + mlp(model, layer, lm.post_norm(h))
-
-
-def lm_logits(model: DecoderModel, h: torch.Tensor) -> torch.Tensor:
-    return model.lm_head(model.final_norm(h)).to(torch.float32)
+def row_bucket(r: int) -> int:
+    """Padded size of a recompute set of r rows: a multiple of 64 up to 2048, of 256 beyond."""
+    step = 64 if r <= 2048 else 256
+    return -(-r // step) * step
 
 
 def elapsed_ms(t_start: float, device: torch.device) -> float:
@@ -179,18 +78,241 @@ def forward_tokens(model: DecoderModel, state: KVState, token_ids: Sequence[int]
     start = state.length
     if start + t > state.capacity:
         raise ValueError(f"KV buffer full: {start} + {t} tokens > capacity {state.capacity}")
-    dev = model.device
-    pos = torch.arange(start, start + t, device=dev)
-    h = model.embed_tokens(torch.tensor(list(token_ids), dtype=torch.long, device=dev))
+    pos = torch.arange(start, start + t, device=model.device)
     cos, sin = rope_cos_sin(model.inv_freq, pos, model.dtype)
-    num_keys = start + t
-    for layer in range(model.shape.num_layers):
-        q, k, v = qkv(model, layer, h, cos, sin)
-        if queries_out is not None:
-            queries_out.append(q)
-        write_kv(state, layer, slice(start, start + t), k, v)
-        h = attend_mlp(model, layer, h, q, pos, state, num_keys, causal_prefix=(start == 0))
-    state.length = num_keys
+    last_only = num_logits is not None and num_logits <= 1  # the last layer computes the last row alone
+    h = run_layers(model, state, embed(model, token_ids), cos, sin, range(model.shape.num_layers),
+                   slice(start, start + t), pos, start + t, causal_prefix=start == 0, last_only=last_only,
+                   queries_out=queries_out)
+    state.length = start + t
     if num_logits is not None:
-        h = h[t - num_logits:] if num_logits else h[:0]
+        h = h[h.shape[0] - num_logits:] if num_logits else h[:0]
     return lm_logits(model, h)
+
+
+# ------------------------------------------------------------------------------------ recompute layers
+@dataclass(slots=True)
+class PaddedRows:
+    """Static inputs of the padded recompute computation: pad rows first, real rows last; pad rows write
+    scratch rows and attend to key 0 only, so real rows get exactly the plain path's inputs. The mask inputs
+    depend on the kernel: sdpa a dense `mask`; flex `mask_pos` and `kv_valid` (block mask built inside)."""
+
+    h: torch.Tensor  # [r_pad, hidden]
+    pos: torch.Tensor  # [r_pad] long: scratch rows for pads, real positions after
+    cos: torch.Tensor  # [r_pad, D]
+    sin: torch.Tensor
+    mask: torch.Tensor | None  # [r_pad, n_pad] bool (sdpa)
+    out: torch.Tensor  # [1, hidden]
+    kernel: str = "sdpa"
+    mask_pos: torch.Tensor | None = None  # [r_pad] long (flex): 0 for pad rows, real positions after
+    kv_valid: torch.Tensor | None = None  # [n_pad] bool (flex): key row attendable
+
+    @staticmethod
+    def empty(model: DecoderModel, r_pad: int, n_pad: int, kernel: str) -> "PaddedRows":
+        dev, dt, s = model.device, model.dtype, model.shape
+        flex = kernel == "flex"
+        return PaddedRows(
+            h=torch.zeros(r_pad, s.hidden_size, device=dev, dtype=dt),
+            pos=torch.zeros(r_pad, dtype=torch.long, device=dev),
+            cos=torch.ones(r_pad, s.head_dim, device=dev, dtype=dt),
+            sin=torch.zeros(r_pad, s.head_dim, device=dev, dtype=dt),
+            mask=None if flex else torch.zeros(r_pad, n_pad, dtype=torch.bool, device=dev),
+            out=torch.zeros(1, s.hidden_size, device=dev, dtype=dt), kernel=kernel,
+            mask_pos=torch.zeros(r_pad, dtype=torch.long, device=dev) if flex else None,
+            kv_valid=torch.ones(n_pad, dtype=torch.bool, device=dev) if flex else None)
+
+    @property
+    def n_pad(self) -> int:
+        return self.mask.shape[1] if self.mask is not None else self.kv_valid.shape[0]
+
+    def attn_mask(self) -> AttnMask:
+        if self.mask is not None:
+            return AttnMask(self.pos, self.n_pad, None, "sdpa", dense=self.mask)
+        return build_mask(self.mask_pos, self.n_pad, self.kv_valid, "flex")
+
+    def fill(self, state: KVState, h, pos, cos, sin, num_keys: int, scratch_start: int) -> None:
+        """Copy one call's rows in (device copies only: no host synchronisation)."""
+        p = self.pos.shape[0] - pos.shape[0]
+        self.h[:p].zero_()
+        self.h[p:].copy_(h)
+        self.pos[:p].copy_(torch.arange(scratch_start, scratch_start + p, device=pos.device))
+        self.pos[p:].copy_(pos)
+        self.cos[:p].fill_(1)
+        self.sin[:p].zero_()
+        self.cos[p:].copy_(cos)
+        self.sin[p:].copy_(sin)
+        if self.mask is not None:
+            self.mask.zero_()
+            self.mask[:p, 0] = True  # pad rows attend to key 0 only (a row with no key would be NaN)
+            self.mask[p:, :num_keys].copy_(causal_mask(pos, num_keys, state))
+            return
+        self.mask_pos[:p].zero_()
+        self.mask_pos[p:].copy_(pos)
+        if state.has_holes():
+            self.kv_valid.copy_(state.valid[: self.n_pad])
+        else:
+            self.kv_valid.fill_(True)
+        self.kv_valid[num_keys:] = False
+
+    def scratch_only(self, scratch_start: int) -> None:
+        """Point every row at scratch rows (a capture's warm-up writes nothing a request owns)."""
+        self.pos.copy_(scratch_start + torch.arange(self.pos.shape[0], device=self.pos.device) % MAX_PAD)
+        if self.mask is not None:
+            self.mask[:, 0] = True
+
+
+def _padded_body(model: DecoderModel, full: KVState, first: int):
+    def body(rows: PaddedRows) -> None:
+        h = run_layers(model, full, rows.h, rows.cos, rows.sin, range(first, model.shape.num_layers), rows.pos,
+                       rows.pos, rows.n_pad, mask=rows.attn_mask(), last_only=True)
+        rows.out.copy_(h[-1:])
+    return body
+
+
+# ------------------------------------------------------------------------------------------ the runner
+class ModelRunner:
+    """One per model: its static KV buffers, its graphs, the verbs of the module docstring."""
+
+    def __init__(self, model: DecoderModel, runtime: RuntimeOptions | None = None, static_eager: bool = False):
+        """static_eager: run every captured computation (static buffers, the padded recompute layers, the
+        static front, whole-buffer decode steps) eagerly instead of replaying graphs, on any device: the
+        CUDA paths, tested on CPU."""
+        self.model = model
+        self.static_eager = static_eager
+        self.runtime = runtime if runtime is not None else RuntimeOptions()
+        set_flex_compile(self.runtime.flex_compile)
+        self.graphs = GraphCache(model.device, self.runtime.max_graphs)
+        self.arena = KVArena(model, on_free=self._buffer_freed)
+        self.lock = threading.Lock()  # one request at a time through the static buffers' graphs
+
+    def _buffer_freed(self, buf: StaticKV) -> None:
+        self.graphs.drop(lambda key: isinstance(key, tuple) and len(key) > 1 and key[1] == buf.id)
+
+    @property
+    def use_graphs(self) -> bool:
+        return self.model.device.type == "cuda" and self.runtime.cuda_graphs and self.graphs.enabled
+
+    @property
+    def use_static(self) -> bool:
+        """Requests live in static buffers: graphs are used, or their computations run eagerly."""
+        return self.use_graphs or self.static_eager
+
+    @property
+    def kernel(self) -> str:
+        return resolve_kernel(self.model.device, self.runtime.attention)
+
+    def new_state(self, capacity: int, static: bool | None = None) -> KVState:
+        """A zeroed KV state of `capacity` rows: a static-buffer lease (static None: when graphs are used)
+        or a private allocation."""
+        static = self.use_static if static is None else static
+        return self.arena.lease(capacity) if static else allocate_state(self.model, capacity)
+
+    def forward(self, token_ids: Sequence[int], extra_capacity: int = 0,
+                static: bool | None = None) -> tuple[KVState, torch.Tensor]:
+        """Full prefill: (state with room for extra_capacity more tokens, fp32 logits [V] of the last token)."""
+        if not token_ids:
+            raise ValueError("nothing to prefill: the prompt is empty")
+        check_length(self.model, len(token_ids) + extra_capacity)
+        state = self.new_state(len(token_ids) + extra_capacity, static)
+        return state, forward_tokens(self.model, state, token_ids, num_logits=1)[-1]
+
+    def full_prefill(self, prompt, extra_capacity: int = 0, static: bool | None = None) -> PrefillResult:
+        """forward() of a prompt (PromptIds or token ids) as a PrefillResult (mode full), timed."""
+        t0 = time.perf_counter()
+        ids = prompt.flat() if hasattr(prompt, "flat") else list(prompt)
+        state, logits = self.forward(ids, extra_capacity, static)
+        n_chunk = sum(len(c) for c in getattr(prompt, "chunk_ids", ()))
+        stats = BlendStats(mode="full", num_tokens=len(ids), num_chunk_tokens=n_chunk, num_recomputed=len(ids),
+                           selected_positions=(), prefill_ms=elapsed_ms(t0, self.model.device))
+        return PrefillResult(state=state, logits=logits, stats=stats)
+
+    def append(self, state: KVState, token_ids: Sequence[int], num_logits: int | None = None,
+               queries_out: list | None = None) -> torch.Tensor:
+        return forward_tokens(self.model, state, token_ids, num_logits, queries_out)
+
+    def recompute_path(self, path: str = "auto") -> str:
+        if path not in RECOMPUTE_PATHS:
+            raise ValueError(f"unknown recompute path '{path}'; use one of {', '.join(RECOMPUTE_PATHS)}")
+        if path == "auto":
+            return "graph" if self.use_graphs else ("padded" if self.static_eager else "plain")
+        if path == "graph" and self.model.device.type != "cuda":
+            raise ValueError("recompute path 'graph' needs CUDA")
+        return path
+
+    def run_layers(self, state: KVState, h: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor, first: int, num_keys: int, path: str = "plain",
+                   causal_prefix: bool = False) -> torch.Tensor:
+        """Rows h [r, hidden] at positions pos [r] through layers first..L-1 (K/V written at pos); returns the
+        last row's output [1, hidden]. causal_prefix: pos is exactly 0..num_keys-1 with no holes (plain).
+        path "padded" / "graph" need a static state (new_state(static=True))."""
+        model = self.model
+        layers = range(first, model.shape.num_layers)
+        if path == "plain" or causal_prefix:
+            mask = None if causal_prefix else attn_mask(pos, num_keys, state, self.kernel)
+            where = slice(0, num_keys) if causal_prefix else pos
+            return run_layers(model, state, h, cos, sin, layers, where, pos, num_keys, causal_prefix, mask,
+                              last_only=True)[-1:]
+        buf = state.buffer
+        if buf is None:
+            raise ValueError(f"recompute path '{path}' needs a state in a static buffer (ModelRunner.new_state)")
+        n_pad = min(-(-num_keys // KEY_BUCKET) * KEY_BUCKET, buf.rows)
+        kernel = self.kernel
+        key = ("recompute", buf.id, row_bucket(pos.shape[0]), n_pad, first, kernel)
+        make = lambda: PaddedRows.empty(model, key[2], n_pad, kernel)  # noqa: E731
+        body = _padded_body(model, buf.full, first)
+        g = self.graphs.get(key, make, body, lambda r: r.scratch_only(buf.scratch_start)) \
+            if path == "graph" else None
+        rows = g.io if g is not None else make()
+        rows.fill(state, h, pos, cos, sin, num_keys, buf.scratch_start)
+        if g is not None:
+            g.replay()
+            return rows.out.clone()
+        body(rows)
+        return rows.out
+
+    def decoder(self, state: KVState, graphs: bool | None = None, max_graph_tokens: int = MAX_GRAPH_TOKENS,
+                padded: bool = False) -> "StepRunner":
+        """Decode steps over `state` (graphs None: self.use_graphs). With graphs (or padded: the captured
+        computation run eagerly, for tests on any device) steps run over the state's static buffer; a state
+        outside one is copied into a lease once (its tensors re-pointed there)."""
+        from kvblend.model.steps import StepRunner
+
+        use = self.use_graphs if graphs is None else bool(graphs)
+        if use and self.model.device.type != "cuda":
+            raise ValueError("CUDA graphs need a model on a CUDA device")
+        padded = padded or (self.static_eager and graphs is None)
+        static = use or padded
+        if static and state.buffer is None:
+            self._adopt(state)
+        return StepRunner(self, state, graphs=use, padded=padded and not use, max_graph_tokens=max_graph_tokens)
+
+    def _adopt(self, state: KVState) -> None:
+        with torch.inference_mode():
+            self.arena.adopt(state)
+
+
+_ATTACH_LOCK = threading.Lock()
+
+
+def attach_runner(model: DecoderModel, runtime: RuntimeOptions | None = None) -> ModelRunner:
+    """The model's runner with these runtime settings: the current one if its settings are the same (its
+    graphs and buffers are kept), else a new one replacing it."""
+    runtime = runtime if runtime is not None else RuntimeOptions()
+    with _ATTACH_LOCK:
+        runner = getattr(model, "_runner", None)
+        if runner is None or runner.runtime != runtime:
+            runner = model._runner = ModelRunner(model, runtime)
+        return runner
+
+
+def runner_of(model: DecoderModel | ModelRunner) -> ModelRunner:
+    """The model's runner (built with the default RuntimeOptions on first use); a runner is returned as is."""
+    if isinstance(model, ModelRunner):
+        return model
+    runner = getattr(model, "_runner", None)
+    if runner is None:
+        with _ATTACH_LOCK:
+            runner = getattr(model, "_runner", None)
+            if runner is None:
+                runner = model._runner = ModelRunner(model)
+    return runner

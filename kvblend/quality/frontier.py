@@ -42,7 +42,8 @@ from kvblend.bench.summary import git_sha
 from kvblend.io import atomic_write_json
 from kvblend.kvstore.builder import build_chunk_kv
 from kvblend.model.hf import DecoderModel
-from kvblend.model.runner import KVState, forward_tokens
+from kvblend.model.kv import KVState
+from kvblend.model.runner import elapsed_ms, forward_tokens, runner_of
 from kvblend.quality.provenance import (PROVENANCE, merge_passes, merge_record, new_pass, sha_counts,
                                         with_provenance)
 from kvblend.quality.stats import mean_ci
@@ -126,15 +127,17 @@ class Reference:
 
 def reference(model: DecoderModel, prompt: PromptIds, params: SamplingParams,
               newline: NewlineDetector | None) -> Reference:
-    res = prefill(model, prompt, None, mode="full", extra_capacity=params.max_new_tokens + 1, recompute="plain")
+    t0 = time.perf_counter()  # a private state, eager layers: the same arithmetic as compare()
+    state, logits = runner_of(model).forward(prompt.flat(), params.max_new_tokens + 1, static=False)
+    prefill_ms = elapsed_ms(t0, model.device)
     n = prompt.num_tokens
-    stop = Stopper(model, params, model.eos_token_ids(), res.state.capacity, newline)
-    tokens, eos = _greedy(model, res.state, int(res.logits.argmax()), stop)
+    stop = Stopper(model, params, model.eos_token_ids(), state.capacity, newline)
+    tokens, eos = _greedy(model, state, int(logits.argmax()), stop)
     tokens = list(tokens)
     target = tokens + ([eos] if eos is not None else [])
-    res.state.truncate(n)
-    logp = _forced_logp(model, res.state, res.logits, target)
-    return Reference(tokens, target, logp, stop.reason or "", res.stats.prefill_ms)
+    state.truncate(n)
+    logp = _forced_logp(model, state, logits, target)
+    return Reference(tokens, target, logp, stop.reason or "", prefill_ms)
 
 
 def compare(model: DecoderModel, prompt: PromptIds, ref: Reference, chunks, mode: str, ratio: float,
