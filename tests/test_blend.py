@@ -164,7 +164,8 @@ def test_blend_selects_planted_tokens_end_to_end(tiny_llama):
     bad[0, 1, :, [2, 9, 20]] += 50.0  # K of check layer 1, chunk-local tokens 2, 9, 20
     from dataclasses import replace
     chunks[1] = replace(chunks[1], kv=bad)
-    out = prefill(tiny_llama, prompt, chunks, mode="blend", ratio=0.05, check_layer=1)
+    out = prefill(tiny_llama, prompt, chunks, mode="blend", ratio=0.05, check_layer=1,
+                  selection=SelectionPolicy("k"))  # plain CacheBlend: K deviation alone
     start = len(prompt.prefix_ids) + 30
     assert set(out.stats.selected_positions) == {start + 2, start + 9, start + 20}
 

@@ -177,19 +177,6 @@ def measure_ceilings(device) -> dict[str, float]:
     return out
 
 
-def _front_off(fn: Callable[[], Any]) -> Any:
-    """fn() with the blend front run eagerly (KVBLEND_FRONT_GRAPH=0), for before/after rows in one run."""
-    prev = os.environ.get("KVBLEND_FRONT_GRAPH")
-    os.environ["KVBLEND_FRONT_GRAPH"] = "0"
-    try:
-        return fn()
-    finally:
-        if prev is None:
-            os.environ.pop("KVBLEND_FRONT_GRAPH", None)
-        else:
-            os.environ["KVBLEND_FRONT_GRAPH"] = prev
-
-
 def _sync(device) -> None:
     import torch
 
@@ -273,10 +260,15 @@ def measure(model, prompt, texts, args, device, label: str, home: Path, real: bo
 
     from kvblend.config import EngineConfig
     from kvblend.engine import Engine
-    from kvblend.fusion.blend import _place_chunks, prefill
+    from dataclasses import replace
+
+    from kvblend.config import DEFAULT_SELECTION, SelectionPolicy
+    from kvblend.fusion.blend import prefill
+    from kvblend.fusion.placement import place_chunks
     from kvblend.generation.sampling import SamplingParams
     from kvblend.kvstore.builder import build_chunk_kv
-    from kvblend.model.runner import allocate_state
+    from kvblend.model.kv import allocate_state
+    from kvblend.model.runner import ModelRunner, runner_of
 
     s = model.shape
     res: dict[str, Any] = {"label": label, "real_weights": real, "num_tokens": prompt.num_tokens,
@@ -299,59 +291,59 @@ def measure(model, prompt, texts, args, device, label: str, home: Path, real: bo
         with torch.inference_mode():
             return model.hf_model(input_ids=ids[None], **hf_kwargs).logits
 
+    # blend@r rows time plain CacheBlend (K deviation at check layer 1); *_default_selection the default variant
+    plain = SelectionPolicy("k")
+    runner = runner_of(model)
     cases: dict[str, Callable[[], Any]] = {
         "hf_forward": hf_forward,
         "full": lambda: prefill(model, prompt, None, mode="full"),
         "reuse": lambda: prefill(model, prompt, chunks, mode="reuse"),
     }
     for r in ratios:
-        cases[f"blend@{r:g}"] = (lambda r=r: prefill(model, prompt, chunks, mode="blend", ratio=r))
+        cases[f"blend@{r:g}"] = (lambda r=r: prefill(model, prompt, chunks, mode="blend", ratio=r, selection=plain))
     pinned = None
     if cuda:
         cases[f"blend@{r0:g}_no_graphs"] = lambda: prefill(model, prompt, chunks, mode="blend", ratio=r0,
-                                                           recompute="plain")
+                                                           selection=plain, recompute="plain")
         cases["reuse_no_graphs"] = lambda: prefill(model, prompt, chunks, mode="reuse", recompute="plain")
         # the blend front (check layers + selection) eagerly vs as one CUDA graph (fusion/front_graph.py), with
         # plain CacheBlend selection and with the engine's default selection policy
-        from kvblend.fusion.select import SelectionPolicy
-
-        dflt = EngineConfig()
-        policy = SelectionPolicy(signal=dflt.score_on, layers=dflt.select_layers,
-                                 first_tokens=dflt.select_first_tokens)
-        cases[f"blend@{r0:g}_eager_front"] = lambda: _front_off(
-            lambda: prefill(model, prompt, chunks, mode="blend", ratio=r0))
+        policy = DEFAULT_SELECTION
+        eager_front = ModelRunner(model, replace(runner.runtime, front_graph=False))  # same model, eager front
+        cases[f"blend@{r0:g}_eager_front"] = lambda: prefill(eager_front, prompt, chunks, mode="blend", ratio=r0,
+                                                             selection=plain)
         cases[f"blend@{r0:g}_default_selection"] = lambda: prefill(model, prompt, chunks, mode="blend", ratio=r0,
                                                                    selection=policy)
-        cases[f"blend@{r0:g}_default_selection_eager_front"] = lambda: _front_off(
-            lambda: prefill(model, prompt, chunks, mode="blend", ratio=r0, selection=policy))
+        cases[f"blend@{r0:g}_default_selection_eager_front"] = lambda: prefill(
+            eager_front, prompt, chunks, mode="blend", ratio=r0, selection=policy)
         pinned = [c.to("cpu", pin=True) for c in chunks]
         _sync(device)
-        cases[f"blend@{r0:g}_pinned"] = lambda: prefill(model, prompt, pinned, mode="blend", ratio=r0)
+        cases[f"blend@{r0:g}_pinned"] = lambda: prefill(model, prompt, pinned, mode="blend", ratio=r0,
+                                                        selection=plain)
         starts, st = [], len(prompt.prefix_ids)
         for c in pinned:
             starts.append((c, st))
             st += c.num_tokens
         place_state = allocate_state(model, prompt.num_tokens)
-        cases["place_pinned"] = lambda: _place_chunks(place_state, starts, model)
+        cases["place_pinned"] = lambda: place_chunks(place_state, starts, model)
         gpu_starts = [(c, b) for c, (_, b) in zip(chunks, starts)]
-        cases["place_gpu"] = lambda: _place_chunks(place_state, gpu_starts, model)
+        cases["place_gpu"] = lambda: place_chunks(place_state, gpu_starts, model)
 
     # correctness on this device, before timing: graph path vs plain path, pinned vs resident
     with torch.inference_mode():
-        ref = prefill(model, prompt, chunks, mode="blend", ratio=r0, recompute="plain")
-        got = prefill(model, prompt, chunks, mode="blend", ratio=r0)
+        ref = prefill(model, prompt, chunks, mode="blend", ratio=r0, selection=plain, recompute="plain")
+        got = prefill(model, prompt, chunks, mode="blend", ratio=r0, selection=plain)
         checks = {"blend_auto_vs_plain_max_abs_logit_diff": (got.logits - ref.logits).abs().max().item(),
                   "blend_auto_vs_plain_same_selection": got.stats.selected_positions == ref.stats.selected_positions,
                   "logit_scale_max_abs": ref.logits.abs().max().item()}
         if pinned is not None:
-            pin_out = prefill(model, prompt, pinned, mode="blend", ratio=r0)
+            pin_out = prefill(model, prompt, pinned, mode="blend", ratio=r0, selection=plain)
             checks["blend_pinned_vs_resident_max_abs_logit_diff"] = (pin_out.logits - got.logits).abs().max().item()
         full = prefill(model, prompt, None, mode="full")
         hf_last = hf_forward()[0, -1].float()
         checks["full_vs_hf_max_abs_logit_diff"] = (full.logits - hf_last).abs().max().item()
         checks["full_vs_hf_same_argmax"] = int(full.logits.argmax()) == int(hf_last.argmax())
-    gc = getattr(model, "_graph_cache", None)
-    checks["graph_capture_failed"] = gc.failed if gc is not None else None
+    checks["graph_capture_failed"] = runner.graphs.failed
     res["checks"] = checks
     del ref, got, full
 
@@ -368,7 +360,7 @@ def measure(model, prompt, texts, args, device, label: str, home: Path, real: bo
     stage_runs: list[dict] = []
     for i in range(args.warmup + args.iters):
         t: dict = {}
-        prefill(model, prompt, chunks, mode="blend", ratio=r0, timings=t)
+        prefill(model, prompt, chunks, mode="blend", ratio=r0, selection=plain, timings=t)
         if i >= args.warmup:
             stage_runs.append(t)
     res["stages_blend"] = {k: pct([r[k] for r in stage_runs], 50) for k in stage_runs[0]
@@ -379,9 +371,11 @@ def measure(model, prompt, texts, args, device, label: str, home: Path, real: bo
     config = EngineConfig(home=str(home / label), gpu_budget="64GiB", cpu_budget="64GiB", disk_budget="200GiB",
                           chunk_sink="none" if model.tokenizer is None else "auto", mode="blend", ratio=r0,
                           max_new_tokens=1, stop_on_newline=False,
-                          # the selection every timing here uses (as prefill()'s own default): plain CacheBlend,
-                          # K deviation at check layer 1, not the engine's configurable default variant
-                          score_on="k", select_layers=1, select_first_tokens=0, check_layer=1)
+                          # the selection of the blend@r rows: plain CacheBlend, K deviation at check layer 1,
+                          # not the engine's default variant (the *_default_selection rows time that)
+                          score_on="k", select_layers=1, select_first_tokens=0, check_layer=1,
+                          **{f: getattr(runner.runtime, f) for f in ("cuda_graphs", "front_graph", "attention",
+                                                                     "flex_compile")})
     engine = Engine(config, model=model)
     sampling = SamplingParams(max_new_tokens=1, stop_on_newline=False)
     e2e, sweep = {}, {}
@@ -732,6 +726,10 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         return _fail(f"unknown shape(s) {', '.join(unknown)}; known: {', '.join(SHAPES)}")
 
+    from kvblend.config import load_config
+    from kvblend.model.runner import attach_runner
+
+    runtime = load_config().runtime
     out = Path(args.out)
     doc: dict[str, Any] = {
         "bench": "kvblend bench prefill", "argv": sys.argv[1:], "git_sha": git_sha(),
@@ -741,7 +739,8 @@ def run(args: argparse.Namespace) -> int:
                    "chunks": chunks, "chunk_tokens": chunk_tokens, "query_tokens": args.query_tokens,
                    "ratios": args.ratios, "tiers": args.tiers, "chunk_counts": args.chunk_counts,
                    "check_layer": 1, "selection": "k deviation", "seed": args.seed,
-                   "cuda_graphs": os.environ.get("KVBLEND_CUDA_GRAPHS", "1"),
+                   "runtime": {f: getattr(runtime, f) for f in ("cuda_graphs", "front_graph", "attention",
+                                                                  "flex_compile")},
                    "timing": "host clock, device synchronised before and after each call; cases round-robin; "
                              "e2e values are Engine.answer's TTFT; disk_cold = files evicted from the page cache "
                              "with posix_fadvise(DONTNEED) right before each call"},
@@ -767,6 +766,7 @@ def run(args: argparse.Namespace) -> int:
                     prompt = random_prompt(model.shape.vocab_size, args.prefix_tokens, chunks, chunk_tokens,
                                            args.query_tokens, args.seed)
                     texts = None
+                attach_runner(model, runtime)  # KVBLEND_CUDA_GRAPHS / _FRONT_GRAPH / _ATTENTION, via load_config
                 res = measure(model, prompt, texts, args, device, label, Path(tmp), real)
             except Exception as exc:  # noqa: BLE001 (one model failing keeps what the others measured)
                 import traceback
