@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from kvblend.bench.harness import module_version, results_header  # noqa: E402
 from kvblend.model import attention as A  # noqa: E402
 
 SHAPES = {  # name: (q heads, kv heads, head_dim)
@@ -201,29 +201,13 @@ def run(args) -> dict:
             rows.append(row)
             print_row(row, modes)
     return {
-        "git_sha": os.environ.get("KVBLEND_GIT_SHA") or _git_sha(),
+        **results_header(dev),
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "triton": _version("triton"),
+        "triton": module_version("triton"),
         "keys": n, "rows": r, "iters": args.iters, "wall_s": time.perf_counter() - t_begin,
         "total_compiled_graphs": graphs_so_far(),
         "results": rows,
     }
-
-
-def _git_sha() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT,
-                              check=True).stdout.strip()
-    except Exception:
-        return None
-
-
-def _version(mod: str) -> str | None:
-    try:
-        return __import__(mod).__version__
-    except Exception:
-        return None
 
 
 HEADER = (f"{'shape':<13} {'case':<7} {'rows':>5} {'keys':>5} {'kernel':<13} {'first s':>8} {'graphs':>6} "

@@ -16,17 +16,17 @@ from test_blend import hf_full_logits, hf_naive_reuse_logits, random_prompt  # n
 
 from kvblend.fusion.blend import prefill, promote_chunk  # noqa: E402
 from kvblend.kvstore.builder import build_chunk_kv  # noqa: E402
-from kvblend.model.runner import forward_tokens  # noqa: E402
+from kvblend.model.layers import forward_tokens  # noqa: E402
 
 
 def decode_checks(model_type: str) -> int:
-    """CUDA-graph-captured decode (model/decode_graph.py) against the plain layer loop, fp32, on CUDA:
+    """CUDA-graph-captured decode (model/steps.py) against the plain layer loop, fp32, on CUDA:
     step logits, greedy generate, greedy n-gram speculation, and a promotion mid-answer with placeholders."""
     from kvblend.generation.drafters import NgramDrafter
     from kvblend.generation.generate import generate
     from kvblend.generation.sampling import SamplingParams
     from kvblend.generation.speculative import speculative_generate
-    from kvblend.model.decode_graph import decode_runner
+    from kvblend.model.runner import runner_of
 
     failures = 0
 
@@ -41,12 +41,21 @@ def decode_checks(model_type: str) -> int:
     prompt = random_prompt(model.shape.vocab_size, seed=7)
     a = prefill(model, prompt, mode="full", extra_capacity=20)
     b = prefill(model, prompt, mode="full", extra_capacity=20)
-    with decode_runner(model, b.state, graphs=True) as runner:
-        err = 0.0
-        for ids in ([3], [4, 5, 6], [7]):
-            got = runner.logits(ids).clone()
-            err = max(err, (got - forward_tokens(model, a.state, ids)).abs().max().item())
+    ptr = b.state.k.data_ptr()
+    runner = runner_of(model).decoder(b.state, graphs=True)
+    report("prefill state decoded in place", b.state.buffer is not None and b.state.k.data_ptr() == ptr,
+           "(no copy into a decode buffer)")
+    err = 0.0
+    for ids in ([3], [4, 5, 6], [7]):
+        got = runner.logits(ids).clone()
+        err = max(err, (got - forward_tokens(model, a.state, ids)).abs().max().item())
     report("captured step == plain step", err < 1e-4, f"max|diff| {err:.2e}")
+    made = runner_of(model).arena.allocated
+    for _ in range(3):  # requests one after another reuse the static buffers (and their graphs)
+        generate(model, prefill(model, prompt, mode="full", extra_capacity=20), SamplingParams(max_new_tokens=4),
+                 0.0, graphs=True)
+    report("static buffers reused across requests", runner_of(model).arena.allocated <= made + 1,
+           f"{runner_of(model).arena.allocated} buffers, {runner_of(model).graphs.count()} graphs")
     params = SamplingParams(max_new_tokens=24, stop_on_newline=False)
     plain = generate(model, prefill(model, prompt, mode="full", extra_capacity=30), params, 0.0, graphs=False)
     graphs = generate(model, prefill(model, prompt, mode="full", extra_capacity=30), params, 0.0, graphs=True)

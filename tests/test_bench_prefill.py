@@ -9,6 +9,7 @@ import json
 import pytest
 
 from kvblend.bench import prefill as bench
+from kvblend.bench.harness import HEADER_KEYS
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -27,6 +28,7 @@ def test_quick_bench_on_a_tiny_model_writes_every_field(tmp_path, capsys):
     doc = json.loads(out.read_text())
     assert doc["device"] == "cpu" and doc["dtype"] == "float32" and doc["git_sha"]
     assert {"torch", "transformers", "python"} <= set(doc["env"])
+    assert HEADER_KEYS <= set(doc) and doc["env"]["torch"] == doc["torch"]  # the harness's results header
     (res,) = doc["results"]
     assert res["label"] == "tiny" and res["num_tokens"] == 4 + 2 * 24 + 6 and not res["errors"]
     for case in ("hf_forward", "full", "reuse", "blend@0.15", "blend@0.5"):

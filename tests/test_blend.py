@@ -6,7 +6,7 @@ import torch
 
 from conftest import make_tiny
 from kvblend.fusion.blend import prefill
-from kvblend.model.runner import forward_tokens
+from kvblend.model.layers import forward_tokens
 from kvblend.model.rope import rerotate
 from kvblend.fusion.select import SelectionPolicy, num_to_select, select_top
 from kvblend.kvstore.builder import build_chunk_kv

@@ -10,12 +10,14 @@ import pytest
 import torch
 
 from kvblend.bench import decode as bench_decode
+from kvblend.bench.harness import HEADER_KEYS
 from kvblend.fusion.blend import prefill
 from kvblend.generation.drafters import NgramDrafter
 from kvblend.generation.generate import generate
 from kvblend.generation.sampling import SamplingParams, make_generator, sample
 from kvblend.generation.speculative import DraftLength, accept_greedy, speculative_generate
-from kvblend.model.runner import ModelRunner, forward_tokens, runner_of
+from kvblend.model.layers import forward_tokens
+from kvblend.model.runner import ModelRunner, runner_of
 from kvblend.types import PromptIds
 
 
@@ -145,6 +147,7 @@ def test_quick_bench_writes_json_and_summary(tmp_path, capsys):
     (tmp_path / "summary.json").write_text(json.dumps({"P1_other": {"measured": 1.0}}))
     assert bench_decode.run(_args(tmp_path)) == 0
     result = json.loads((tmp_path / "decode.json").read_text())
+    assert HEADER_KEYS <= set(result) and result["device"] == result["device_name"]  # the harness's header
     configs = result["configs"]
     assert set(configs) == {"target_plain", "spec_ngram", "spec_ngram_fixed", "hf_generate"}
     for name in ("spec_ngram", "spec_ngram_fixed"):

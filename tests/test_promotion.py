@@ -79,7 +79,7 @@ def test_attention_mass_sums_to_one_over_the_whole_prompt():
     model = make_tiny("llama")
     prompt = random_prompt(model.shape.vocab_size, seed=3)
     from kvblend.fusion.blend import prefill
-    from kvblend.model.runner import forward_tokens
+    from kvblend.model.layers import forward_tokens
     res = prefill(model, prompt, mode="full", extra_capacity=2)
     queries: list = []
     forward_tokens(model, res.state, [5], queries_out=queries)

@@ -17,6 +17,7 @@ import conftest
 import openai
 import pytest
 
+from kvblend.bench.harness import HEADER_KEYS
 from kvblend.config import EngineConfig
 from kvblend.engine import Engine
 from kvblend.generation.sampling import SamplingParams
@@ -330,6 +331,7 @@ def test_bench_serve_quick_run(tiny_folder, tmp_path):
                  "--rounds", "2", "--pool", "3", "--docs", "2", "--max-tokens", "2", "--out", str(out),
                  "--plot", str(tmp_path / "serve.png"), "--log-dir", str(tmp_path / "logs")]) == 0
     result = json.loads(out.read_text())
+    assert HEADER_KEYS <= set(result) and result["git_sha"]  # the harness's results header
     full, blend = result["runs"]["full"], result["runs"]["blend"]
     assert full["requests_ok"] == blend["requests_ok"] == 4 and not full["errors"] and not blend["errors"]
     assert full["chunk_hits"] == full["chunk_misses"] == 0 and full["hit_rate"] is None

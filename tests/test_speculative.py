@@ -10,7 +10,7 @@ import torch
 
 from conftest import TINY, make_tiny
 from kvblend.fusion.blend import prefill, promote_chunk
-from kvblend.model.runner import forward_tokens
+from kvblend.model.layers import forward_tokens
 from kvblend.generation.drafters import ModelDrafter, NgramDrafter, common_prefix_len
 from kvblend.generation.generate import NewlineDetector, generate
 from kvblend.generation.sampling import SamplingParams

@@ -23,13 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from kvblend.bench.summary import git_sha
+from kvblend.bench.harness import device_name, median, results_header, sync
 from kvblend.model.shape import PRESETS
 
 log = logging.getLogger(__name__)
@@ -107,13 +106,6 @@ def run(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------- measuring
 
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _model(args, device, dtype, weights: str):
     import torch
 
@@ -161,7 +153,7 @@ def _spec(model, prompt, drafter, params, k, graphs, adaptive=True, on_step=None
     from kvblend.model.runner import runner_of
 
     pre = runner_of(model).full_prefill(prompt, params.max_new_tokens + k + 2)
-    _sync(model.device)
+    sync(model.device)
     out, steps = speculative_generate(model, pre, drafter, params, time.perf_counter(), prompt_ids=prompt, k=k,
                                       graphs=graphs, adaptive_k=adaptive, on_step=on_step)
     return out, steps
@@ -172,7 +164,7 @@ def _plain(model, prompt, params, graphs):
     from kvblend.model.runner import runner_of
 
     pre = runner_of(model).full_prefill(prompt, params.max_new_tokens + 2)
-    _sync(model.device)
+    sync(model.device)
     return generate(model, pre, params, time.perf_counter(), graphs=graphs), []
 
 
@@ -218,7 +210,7 @@ def _hf_tpot(model, prompt, max_new: int) -> tuple[float, list[int]]:
     clock = _TokenClock()
     with torch.inference_mode():
         out = model.hf_model.generate(ids, max_new_tokens=max_new, streamer=clock, **kw)
-        _sync(model.device)
+        sync(model.device)
     new_ids = out[0, ids.shape[1]:].tolist()
     token_times = clock.times[1:]  # the first put() is the prompt
     if len(token_times) < 2:
@@ -227,17 +219,9 @@ def _hf_tpot(model, prompt, max_new: int) -> tuple[float, list[int]]:
     return tpot, new_ids
 
 
-def _median(values):
-    values = [v for v in values if v == v]
-    return statistics.median(values) if values else float("nan")
-
-
 def measure(args) -> dict:
     import torch
-    import transformers
-    from tqdm import tqdm
 
-    from kvblend.generation.drafters import ModelDrafter, NgramDrafter
     from kvblend.generation.sampling import SamplingParams
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -260,6 +244,30 @@ def measure(args) -> dict:
         draft = load_model(args.draft_model, str(dtype).removeprefix("torch."), device.type)
     prompts = _prompts(model, args, samples)
     params = SamplingParams(max_new_tokens=max_new, temperature=0.0, stop_on_newline=False)
+    configs = _configs(model, draft, params, k, max_new, cuda)
+    target = "target_graphs" if cuda else "target_plain"
+    rounds = _run_rounds(model, configs, prompts, max_new, repeats)
+
+    result = {
+        **results_header(device), "benchmark": "decode", "device": device_name(device), "model": model.name,
+        "weights": args.real or "random", "dtype": str(dtype).removeprefix("torch."), "samples": samples,
+        "chunks": args.chunks, "prompt_tokens": [p.num_tokens for p in prompts], "max_new_tokens": max_new,
+        "k_max": k, "repeats": repeats, "target_config": target, "configs": _aggregate(*rounds, target),
+        "promotion": promotion_overhead(model, prompts[0], params, args.promotion_steps or (16 if args.quick else 48),
+                                        repeats),
+        "notes": ("greedy; stop_on_newline off (EOS still stops); spec_ngram_fixed uses k=min(k_max,4); "
+                  "TPOT excludes the first token: per prompt the median decode time over repeats, summed over prompts"),
+    }
+    if cuda:
+        result["graph_replay_ms"] = graph_replay_times(model, prompts[0], max_new, k)
+    if cuda and dtype != torch.float32 and not args.no_fp32_check:
+        result["fp32_exactness"] = fp32_exactness(args, device, prompts, max_new, k)
+    return result
+
+
+def _configs(model, draft, params, k: int, max_new: int, cuda: bool) -> dict:
+    """name -> fn(prompt) -> (output, speculative steps) of every configuration this run times."""
+    from kvblend.generation.drafters import ModelDrafter, NgramDrafter
 
     configs: dict[str, callable] = {"target_plain": lambda p: _plain(model, p, params, graphs=False)}
     if cuda:
@@ -271,7 +279,14 @@ def measure(args) -> dict:
         configs["spec_model"] = lambda p: _spec(
             model, p, ModelDrafter(draft, p, vocab_size=model.shape.vocab_size, extra_capacity=max_new + k + 2),
             params, min(k, 4), graphs=None)
-    target = "target_graphs" if cuda else "target_plain"
+    return configs
+
+
+def _run_rounds(model, configs: dict, prompts, max_new: int, repeats: int) -> tuple:
+    """Round 0 (uncounted warm-up), then `repeats` rounds: every prompt through every configuration, then HF.
+    Returns (runs: name -> per prompt the decode stats of each counted round, tokens: name -> per prompt the
+    last output ids, hf: per prompt HF's TPOT of each counted round, hf_ids: per prompt HF's last ids)."""
+    from tqdm import tqdm
 
     runs: dict[str, list[list[dict]]] = {name: [[] for _ in prompts] for name in configs}
     tokens: dict[str, list[list[int]]] = {name: [[] for _ in prompts] for name in configs}
@@ -288,10 +303,14 @@ def measure(args) -> dict:
         hf_ids[i] = ids
         if r:
             hf[i].append(tpot)
+    return runs, tokens, hf, hf_ids
 
+
+def _aggregate(runs: dict, tokens: dict, hf: list, hf_ids: list, target: str) -> dict[str, dict]:
+    """Per configuration (and hf_generate): TPOT, tokens/s, whether its output equals the target's."""
     result_configs: dict[str, dict] = {}
-    for name in configs:
-        per_prompt = [{key: _median([run[key] for run in rs]) for key in rs[0]} for rs in runs[name]]
+    for name in runs:
+        per_prompt = [{key: median([run[key] for run in rs]) for key in rs[0]} for rs in runs[name]]
         decoded, ms = sum(p["decoded"] for p in per_prompt), sum(p["decode_ms"] for p in per_prompt)
         agg = {"tpot_ms": ms / decoded if decoded else float("nan"),
                "tokens_per_s": decoded / ms * 1e3 if ms else float("nan"),
@@ -301,30 +320,14 @@ def measure(args) -> dict:
         if "acceptance_rate" in per_prompt[0]:
             drafted = sum(p["drafted"] for p in per_prompt)
             agg["acceptance_rate"] = sum(p["accepted"] for p in per_prompt) / drafted if drafted else 0.0
-            agg["tokens_per_pass"] = _median([p["tokens_per_pass"] for p in per_prompt])
+            agg["tokens_per_pass"] = median([p["tokens_per_pass"] for p in per_prompt])
         result_configs[name] = agg
-    hf_tpot = _median([_median(v) for v in hf])
+    hf_tpot = median([median(v) for v in hf])
     result_configs["hf_generate"] = {
         "tpot_ms": hf_tpot, "tokens_per_s": 1e3 / hf_tpot if hf_tpot == hf_tpot else float("nan"),
         "tokens": sum(len(t) for t in hf_ids),
         "identical_to_target": all(a[:len(b)] == b or b[:len(a)] == a for a, b in zip(hf_ids, tokens[target]))}
-
-    result = {
-        "benchmark": "decode", "device": _device_name(device), "torch": torch.__version__,
-        "transformers": transformers.__version__, "git_sha": git_sha("unknown"), "model": model.name,
-        "weights": args.real or "random", "dtype": str(dtype).removeprefix("torch."), "samples": samples,
-        "chunks": args.chunks, "prompt_tokens": [p.num_tokens for p in prompts], "max_new_tokens": max_new,
-        "k_max": k, "repeats": repeats, "target_config": target, "configs": result_configs,
-        "promotion": promotion_overhead(model, prompts[0], params, args.promotion_steps or (16 if args.quick else 48),
-                                        repeats),
-        "notes": ("greedy; stop_on_newline off (EOS still stops); spec_ngram_fixed uses k=min(k_max,4); "
-                  "TPOT excludes the first token: per prompt the median decode time over repeats, summed over prompts"),
-    }
-    if cuda:
-        result["graph_replay_ms"] = graph_replay_times(model, prompts[0], max_new, k)
-    if cuda and dtype != torch.float32 and not args.no_fp32_check:
-        result["fp32_exactness"] = fp32_exactness(args, device, prompts, max_new, k)
-    return result
+    return result_configs
 
 
 def graph_replay_times(model, prompt, max_new: int, k: int) -> dict:
@@ -345,12 +348,12 @@ def graph_replay_times(model, prompt, max_new: int, k: int) -> dict:
             for i in range(25):
                 pre.state.truncate(base)
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                _sync(model.device)
+                sync(model.device)
                 torch.cuda._sleep(2_000_000)  # keep the device busy while the host queues: device time only
                 start.record()
                 runner.launch(ids)
                 end.record()
-                _sync(model.device)
+                sync(model.device)
                 pre.state.truncate(base)
                 t0 = time.perf_counter()
                 runner.launch(ids).argmax()
@@ -358,7 +361,7 @@ def graph_replay_times(model, prompt, max_new: int, k: int) -> dict:
                 if i >= 5:
                     dev.append(start.elapsed_time(end))
                     host.append(host_ms)
-            out[str(t)] = {"device_ms": _median(dev), "host_ms": _median(host)}
+            out[str(t)] = {"device_ms": median(dev), "host_ms": median(host)}
         pre.state.truncate(base)
     return out
 
@@ -389,9 +392,7 @@ def promotion_overhead(model, prompt, params, num_steps: int, repeats: int) -> d
     flight at every step vs without: chunks 0..n-3 resident, the last two CPU placeholders (pinned memory on
     CUDA); at every step the Promoter fuses the chunk whose copy it started the step before, demotes the other
     and starts its copy (side stream), exactly its proxy-driven path with the scores scripted."""
-
     from kvblend.fusion.blend import prefill
-    from kvblend.fusion.layout import ChunkSlot
     from kvblend.generation.drafters import NgramDrafter
     from kvblend.generation.promotion import Promoter
     from kvblend.generation.sampling import SamplingParams
@@ -417,11 +418,7 @@ def promotion_overhead(model, prompt, params, num_steps: int, repeats: int) -> d
     with tempfile.TemporaryDirectory() as tmp:
         big = 1 << 40
         store = ChunkKVStore(Path(tmp), big, big, big, device=model.device, model_name=model.name)
-        slots, start = [], len(prompt.prefix_ids)
-        for i, ck in enumerate(chunks):
-            store.put(ck, "gpu" if resident[i] else "cpu")
-            slots.append(ChunkSlot(i, ck.key, start, ck.num_tokens, 1.0, "gpu" if resident[i] else "cpu"))
-            start += ck.num_tokens
+        slots = _stage(store, chunks, resident, len(prompt.prefix_ids))
         for r in range(repeats + 1):  # round 0: warm-up
             for mode in ("without", "with"):
                 pre = prefill(model, prompt, [c if res else None for c, res in zip(chunks, resident)], mode="reuse",
@@ -433,7 +430,7 @@ def promotion_overhead(model, prompt, params, num_steps: int, repeats: int) -> d
                             store.pin(s.key)
                     promoter = Scripted(model, store, slots, proxy="ngram_source", threshold=0.5,
                                         gpu_chunks=n - 1, pinned=[i for i in range(n - 2)])
-                _sync(model.device)
+                sync(model.device)
                 out, steps = speculative_generate(model, pre, NgramDrafter([]), params, time.perf_counter(),
                                                   prompt_ids=prompt, k=0, on_step=promoter)
                 if promoter is not None:
@@ -444,20 +441,23 @@ def promotion_overhead(model, prompt, params, num_steps: int, repeats: int) -> d
                     for s in slots[n - 2:]:  # back to the CPU tier only: the next run copies them again
                         store.demote(s.key)
                 if r:
-                    times[mode].append(_median([s.step_ms for s in steps[1:]]))
-    without, with_ = _median(times["without"]), _median(times["with"])
+                    times[mode].append(median([s.step_ms for s in steps[1:]]))
+    without, with_ = median(times["without"]), median(times["with"])
     return {"step_ms_without": without, "step_ms_with": with_, "ratio": with_ / without, **info,
             "steps_per_run": num_steps, "method": "median step time per run, median over runs"}
 
 
-def _device_name(device) -> str:
-    import platform
+def _stage(store, chunks, resident: list[bool], start: int) -> list:
+    """Put each chunk on the gpu tier (resident) or the cpu tier; their ChunkSlots, placed from `start` on."""
+    from kvblend.fusion.layout import ChunkSlot
 
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    slots = []
+    for ck, res in zip(chunks, resident):
+        tier = "gpu" if res else "cpu"
+        store.put(ck, tier)
+        slots.append(ChunkSlot(len(slots), ck.key, start, ck.num_tokens, 1.0, tier))
+        start += ck.num_tokens
+    return slots
 
 
 # ------------------------------------------------------------------------------------------- reporting

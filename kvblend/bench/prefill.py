@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from kvblend.bench.summary import git_sha
+from kvblend.bench.harness import mean_device_ms, percentile, results_header, round_robin, summarise, sync, utc_now
 from kvblend.io import atomic_write_json
 from kvblend.model.shape import PRESETS
 
@@ -113,27 +113,13 @@ def _fail(msg: str) -> int:
     return 1
 
 
-def pct(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    if len(s) == 1:
-        return s[0]
-    k = (len(s) - 1) * q / 100.0
-    lo, hi = math.floor(k), math.ceil(k)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
-
-
-def summarise(ms: list[float]) -> dict[str, Any]:
-    return {"median_ms": pct(ms, 50), "p10_ms": pct(ms, 10), "p90_ms": pct(ms, 90), "min_ms": min(ms),
-            "n": len(ms), "all_ms": [round(x, 4) for x in ms]}
-
-
-def env_info(device) -> dict[str, Any]:
+def env_info(device, header: dict[str, Any]) -> dict[str, Any]:
+    """The run's machine: versions from the results header, CPU, threads; on CUDA the card and its ceilings."""
     import torch
-    import transformers
 
-    info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
-                            "transformers": transformers.__version__, "cpu_count": os.cpu_count(),
-                            "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
+    info: dict[str, Any] = {**{k: header[k] for k in ("python", "torch", "transformers")},
+                            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                            "platform": platform.platform()}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -153,17 +139,8 @@ def measure_ceilings(device) -> dict[str, float]:
     """The card's bf16 matmul rate and pinned host->device bandwidth, measured (events, 10 reps)."""
     import torch
 
-    def timed(fn, reps=10):
-        for _ in range(3):
-            fn()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize(device)
-        a.record()
-        for _ in range(reps):
-            fn()
-        b.record()
-        torch.cuda.synchronize(device)
-        return a.elapsed_time(b) / reps / 1e3
+    def timed(fn) -> float:  # seconds per call
+        return mean_device_ms(fn, device, reps=10, warmup=3) / 1e3
 
     n = 8192
     x = torch.randn(n, n, device=device, dtype=torch.bfloat16)
@@ -177,28 +154,6 @@ def measure_ceilings(device) -> dict[str, float]:
     return out
 
 
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def round_robin(cases: dict[str, Callable[[], Any]], warmup: int, iters: int, device,
-                value: Callable[[Any, float], float] | None = None) -> dict[str, list[float]]:
-    """Run every case once per round; returns the timed rounds' values (wall ms, or value(out, wall))."""
-    times: dict[str, list[float]] = {k: [] for k in cases}
-    for rnd in range(warmup + iters):
-        for name, fn in cases.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            out = fn()
-            _sync(device)
-            dt = (time.perf_counter() - t0) * 1e3
-            if rnd >= warmup:
-                times[name].append(value(out, dt) if value else dt)
-            del out
-    return times
 
 
 def random_prompt(vocab: int, prefix: int, chunks: int, chunk_tokens: int, query: int, seed: int):
@@ -281,7 +236,7 @@ def measure(model, prompt, texts, args, device, label: str, home: Path, real: bo
 
     # ---- (a) prefill alone, chunks resident ---------------------------------------------------------
     chunks = [build_chunk_kv(model, ids) for ids in prompt.chunk_ids]
-    _sync(device)
+    sync(device)
     res["chunk_kv_mib"] = sum(c.nbytes for c in chunks) / 2**20
     ids = torch.tensor(prompt.flat(), dtype=torch.long, device=device)
     fwd_params = __import__("inspect").signature(model.hf_model.forward).parameters
@@ -317,7 +272,7 @@ def measure(model, prompt, texts, args, device, label: str, home: Path, real: bo
         cases[f"blend@{r0:g}_default_selection_eager_front"] = lambda: prefill(
             eager_front, prompt, chunks, mode="blend", ratio=r0, selection=policy)
         pinned = [c.to("cpu", pin=True) for c in chunks]
-        _sync(device)
+        sync(device)
         cases[f"blend@{r0:g}_pinned"] = lambda: prefill(model, prompt, pinned, mode="blend", ratio=r0,
                                                         selection=plain)
         starts, st = [], len(prompt.prefix_ids)
@@ -363,7 +318,7 @@ def measure(model, prompt, texts, args, device, label: str, home: Path, real: bo
         prefill(model, prompt, chunks, mode="blend", ratio=r0, selection=plain, timings=t)
         if i >= args.warmup:
             stage_runs.append(t)
-    res["stages_blend"] = {k: pct([r[k] for r in stage_runs], 50) for k in stage_runs[0]
+    res["stages_blend"] = {k: percentile([r[k] for r in stage_runs], 50) for k in stage_runs[0]
                            if isinstance(stage_runs[0][k], float)}
     res["stages_blend"]["recompute_path"] = stage_runs[0].get("recompute_path")
 
@@ -444,11 +399,11 @@ def profile_case(fn: Callable[[], Any], device, reps: int = 3, top: int = 15) ->
     from torch.profiler import ProfilerActivity, profile
 
     fn()
-    _sync(device)
+    sync(device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
             fn()
-        _sync(device)
+        sync(device)
     rows = []
     for e in prof.key_averages():
         self_us = getattr(e, "self_device_time_total", None)
@@ -665,50 +620,105 @@ def _finish(doc: dict, args, source: str) -> int:
 
 
 # ------------------------------------------------------------------------------------------------- main
-def run(args: argparse.Namespace) -> int:
-    if args.from_json:
-        docs = []
-        for path in [x for x in args.from_json.split(",") if x]:
-            try:
-                d = json.loads(Path(path).read_text(encoding="utf-8"))
-            except (OSError, ValueError) as exc:
-                return _fail(f"{path}: cannot be read as JSON ({exc})")
-            if not isinstance(d, dict) or "results" not in d:
-                return _fail(f"{path}: not a `kvblend bench prefill` results file")
-            docs.append(d)
-        doc = docs[0]
-        if len(docs) > 1:  # runs of one device (e.g. random shapes, then the real weights) as one document
-            if len({(d.get("device"), d.get("dtype"), d.get("env", {}).get("gpu")) for d in docs}) != 1:
-                return _fail("--from-json files come from different devices or dtypes; pass one at a time")
-            doc = dict(docs[0], results=[r for d in docs for r in d["results"]],
-                       merged_from=[{"argv": d.get("argv"), "git_sha": d.get("git_sha"),
-                                     "started_utc": d.get("started_utc")} for d in docs])
-        if args.merged_out:
-            atomic_write_json(Path(args.merged_out), doc)
-            print(f"wrote {args.merged_out}")
-        source = args.source or args.merged_out or args.from_json
-        return _finish(doc, args, source)
+def _from_json(args: argparse.Namespace) -> int:
+    """--from-json: summary entries, tables and plots of results already measured (several files: merged)."""
+    docs = []
+    for path in [x for x in args.from_json.split(",") if x]:
+        try:
+            d = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            return _fail(f"{path}: cannot be read as JSON ({exc})")
+        if not isinstance(d, dict) or "results" not in d:
+            return _fail(f"{path}: not a `kvblend bench prefill` results file")
+        docs.append(d)
+    doc = docs[0]
+    if len(docs) > 1:  # runs of one device (e.g. random shapes, then the real weights) as one document
+        if len({(d.get("device"), d.get("dtype"), d.get("env", {}).get("gpu")) for d in docs}) != 1:
+            return _fail("--from-json files come from different devices or dtypes; pass one at a time")
+        doc = dict(docs[0], results=[r for d in docs for r in d["results"]],
+                   merged_from=[{"argv": d.get("argv"), "git_sha": d.get("git_sha"),
+                                 "started_utc": d.get("started_utc")} for d in docs])
+    if args.merged_out:
+        atomic_write_json(Path(args.merged_out), doc)
+        print(f"wrote {args.merged_out}")
+    source = args.source or args.merged_out or args.from_json
+    return _finish(doc, args, source)
 
+
+def _check_args(args: argparse.Namespace) -> str | None:
+    """Parse the comma lists and fill in the (--quick) defaults, in args; what is wrong with them, else None."""
     try:
         ratios = args.ratios if args.ratios is not None else ("0.15" if args.quick else "0.05,0.15,0.3")
         args.ratios = [float(x) for x in ratios.split(",") if x]
         counts = args.chunk_counts if args.chunk_counts is not None else ("2" if args.quick else "2,4,8,16")
         args.chunk_counts = [int(x) for x in counts.split(",") if x]
     except ValueError:
-        return _fail("--ratios and --chunk-counts take comma-separated numbers")
+        return "--ratios and --chunk-counts take comma-separated numbers"
     if not args.ratios or any(not 0 <= r <= 1 for r in args.ratios):
-        return _fail("--ratios must be numbers in [0, 1]")
+        return "--ratios must be numbers in [0, 1]"
     args.tiers = [t for t in args.tiers.split(",") if t]
     bad = [t for t in args.tiers if t not in TIERS]
     if bad:
-        return _fail(f"unknown tier(s) {', '.join(bad)}; use {', '.join(TIERS)}")
+        return f"unknown tier(s) {', '.join(bad)}; use {', '.join(TIERS)}"
     args.iters = args.iters or (3 if args.quick else 10)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     if args.iters < 1 or args.warmup < 0:
-        return _fail("--iters must be >= 1 and --warmup >= 0")
-    chunks = args.chunks or (3 if args.quick else 6)
-    chunk_tokens = args.chunk_tokens or (128 if args.quick else 512)
+        return "--iters must be >= 1 and --warmup >= 0"
+    args.chunks = args.chunks or (3 if args.quick else 6)
+    args.chunk_tokens = args.chunk_tokens or (128 if args.quick else 512)
+    return None
 
+
+def _model_and_prompt(label: str, real: bool, device, dtype, args, tmp: str):
+    """(model, prompt ids, chunk texts or None): the real SmolLM2 on the demo prompt, or a random shape."""
+    if not real:
+        model = build_random(label, device, dtype, args.seed)
+        return model, random_prompt(model.shape.vocab_size, args.prefix_tokens, args.chunks, args.chunk_tokens,
+                                    args.query_tokens, args.seed), None
+    from kvblend.config import EngineConfig
+    from kvblend.engine import Engine
+    from kvblend.model.registry import load_model
+
+    model = load_model("smollm2-135m-instruct", str(dtype).removeprefix("torch."), device.type)
+    probe = Engine(EngineConfig(home=str(Path(tmp) / "probe"), device=device.type), model=model)
+    prompt, texts = real_prompt(probe)
+    return model, prompt, texts
+
+
+def _measure_all(doc: dict, todo: list[tuple[str, bool]], device, dtype, args, out: Path, runtime) -> None:
+    """measure() every (label, real weights) in turn into doc["results"], writing `out` after each; each
+    model runs with the runtime settings (RuntimeOptions) of load_config."""
+    import torch
+    from tqdm import tqdm
+
+    from kvblend.model.runner import attach_runner
+
+    with tempfile.TemporaryDirectory(prefix="kvblend-bench-") as tmp:
+        for label, real in tqdm(todo, desc="bench prefill", unit="model", disable=len(todo) < 2):
+            t0 = time.perf_counter()
+            try:
+                model, prompt, texts = _model_and_prompt(label, real, device, dtype, args, tmp)
+                attach_runner(model, runtime)  # KVBLEND_CUDA_GRAPHS / _FRONT_GRAPH / _ATTENTION, via load_config
+                res = measure(model, prompt, texts, args, device, label, Path(tmp), real)
+            except Exception as exc:  # noqa: BLE001 (one model failing keeps what the others measured)
+                import traceback
+
+                log.error("%s failed: %s", label, exc)
+                res = {"label": label, "fatal": traceback.format_exc()}
+            res["wall_s"] = time.perf_counter() - t0
+            doc["results"].append(res)
+            atomic_write_json(out, doc)
+            model = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.from_json:
+        return _from_json(args)
+    problem = _check_args(args)
+    if problem:
+        return _fail(problem)
     import torch
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -727,16 +737,15 @@ def run(args: argparse.Namespace) -> int:
         return _fail(f"unknown shape(s) {', '.join(unknown)}; known: {', '.join(SHAPES)}")
 
     from kvblend.config import load_config
-    from kvblend.model.runner import attach_runner
 
     runtime = load_config().runtime
     out = Path(args.out)
+    header = results_header(device)
     doc: dict[str, Any] = {
-        "bench": "kvblend bench prefill", "argv": sys.argv[1:], "git_sha": git_sha(),
-        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "device": device.type,
-        "dtype": dtype_name, "env": env_info(device),
+        **header, "bench": "kvblend bench prefill", "argv": sys.argv[1:], "device": device.type,
+        "dtype": dtype_name, "env": env_info(device, header),
         "config": {"iters": args.iters, "warmup": args.warmup, "prefix_tokens": args.prefix_tokens,
-                   "chunks": chunks, "chunk_tokens": chunk_tokens, "query_tokens": args.query_tokens,
+                   "chunks": args.chunks, "chunk_tokens": args.chunk_tokens, "query_tokens": args.query_tokens,
                    "ratios": args.ratios, "tiers": args.tiers, "chunk_counts": args.chunk_counts,
                    "check_layer": 1, "selection": "k deviation", "seed": args.seed,
                    "runtime": {f: getattr(runtime, f) for f in ("cuda_graphs", "front_graph", "attention",
@@ -746,40 +755,9 @@ def run(args: argparse.Namespace) -> int:
                              "with posix_fadvise(DONTNEED) right before each call"},
         "results": [],
     }
-    from tqdm import tqdm
-
-    todo = [(s, False) for s in shapes] + ([("smollm2-real", True)] if args.real else [])
-    with tempfile.TemporaryDirectory(prefix="kvblend-bench-") as tmp:
-        for label, real in tqdm(todo, desc="bench prefill", unit="model", disable=len(todo) < 2):
-            t0 = time.perf_counter()
-            try:
-                if real:
-                    from kvblend.config import EngineConfig
-                    from kvblend.engine import Engine
-                    from kvblend.model.registry import load_model
-
-                    model = load_model("smollm2-135m-instruct", dtype_name, device.type)
-                    probe = Engine(EngineConfig(home=str(Path(tmp) / "probe"), device=device.type), model=model)
-                    prompt, texts = real_prompt(probe)
-                else:
-                    model = build_random(label, device, dtype, args.seed)
-                    prompt = random_prompt(model.shape.vocab_size, args.prefix_tokens, chunks, chunk_tokens,
-                                           args.query_tokens, args.seed)
-                    texts = None
-                attach_runner(model, runtime)  # KVBLEND_CUDA_GRAPHS / _FRONT_GRAPH / _ATTENTION, via load_config
-                res = measure(model, prompt, texts, args, device, label, Path(tmp), real)
-            except Exception as exc:  # noqa: BLE001 (one model failing keeps what the others measured)
-                import traceback
-
-                log.error("%s failed: %s", label, exc)
-                res = {"label": label, "fatal": traceback.format_exc()}
-            res["wall_s"] = time.perf_counter() - t0
-            doc["results"].append(res)
-            atomic_write_json(out, doc)
-            model = None
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    doc["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    _measure_all(doc, [(s, False) for s in shapes] + ([("smollm2-real", True)] if args.real else []),
+                 device, dtype, args, out, runtime)
+    doc["finished_utc"] = utc_now()
     atomic_write_json(out, doc)
     print(f"wrote {out}")
     return _finish(doc, args, args.source or str(out))

@@ -24,12 +24,13 @@ import http.client
 import json
 import logging
 import random
-import statistics
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+from kvblend.bench.harness import distribution, results_header
 
 log = logging.getLogger(__name__)
 
@@ -142,20 +143,6 @@ def stream_request(host: str, port: int, body: dict, timeout: float = 900.0) -> 
         conn.close()
 
 
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    s = sorted(values)
-    k = (len(s) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
-
-
-def _dist(values: list[float]) -> dict:
-    return {"p50": _pct(values, 0.5), "p90": _pct(values, 0.9), "p99": _pct(values, 0.99),
-            "mean": statistics.fmean(values) if values else None}
-
-
 def start_server(args, mode: str, log_dir: Path):
     """A fresh `kvblend serve` in `mode` with its own empty chunk store (not waited for: see warm_up)."""
     from kvblend.model.registry import NAMED_MODELS, converted_folder
@@ -221,10 +208,10 @@ def summarize(args, mode: str, results: list[dict], wall: float, metrics_before:
         "requests_ok": len(ok), "errors": [r for r in results if r["status"] != 200][:5], "wall_s": wall,
         "throughput_rps": len(ok) / wall if wall > 0 else None,
         "output_tokens_per_s": sum(r["usage"]["completion_tokens"] for r in ok) / wall if wall > 0 else None,
-        "client_ttft_ms": _dist([r["client_ttft_ms"] for r in ok]),
-        "server_ttft_ms": _dist([k["ttft_ms"] for k in kv]),
-        "queue_ms": _dist([k["queue_ms"] for k in kv]),
-        "latency_ms": _dist([r["latency_ms"] for r in ok]),
+        "client_ttft_ms": distribution([r["client_ttft_ms"] for r in ok]),
+        "server_ttft_ms": distribution([k["ttft_ms"] for k in kv]),
+        "queue_ms": distribution([k["queue_ms"] for k in kv]),
+        "latency_ms": distribution([r["latency_ms"] for r in ok]),
         "chunk_hits": hits, "chunk_misses": misses,
         "hit_rate": hits / (hits + misses) if hits + misses else None,
         "recomputed_fraction": (sum(k["recomputed_tokens"] for k in kv) / sum(r["usage"]["prompt_tokens"] for r in ok)
@@ -273,7 +260,6 @@ def run_modes(args, modes: list[str], workload: dict, log_dir: Path) -> dict:
 
 
 def measure(args) -> dict:
-    from kvblend.bench.summary import git_sha
     from kvblend.vocab import MODES
 
     _positive(args, "pool", "docs", "requests", "duration", "concurrency", "rounds", "max_tokens")
@@ -293,7 +279,7 @@ def measure(args) -> dict:
     import platform
 
     return {
-        "benchmark": "serve", "git_sha": git_sha("unknown"), "model": args.model, "dtype": args.dtype,
+        **results_header(), "benchmark": "serve", "model": args.model, "dtype": args.dtype,
         "device": args.device, "host": f"{platform.machine()} ({platform.processor() or '?'}), loopback",
         "settings": {k: getattr(args, k) for k in ("modes", "ratio", "dataset", "pool", "docs", "zipf", "requests",
                                                   "duration", "concurrency", "rounds", "max_tokens", "seed")},

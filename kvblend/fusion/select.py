@@ -186,7 +186,7 @@ def draft_attention_prior(draft, token_ids, query_len: int) -> torch.Tensor:
     attention, and each position's importance is the attention mass the last `query_len` tokens (the query)
     give it, summed over the draft's layers, heads and query tokens. Returns fp32 [len(token_ids)] on the
     draft's device (each query token contributes layers x heads in total)."""
-    from kvblend.model.runner import forward_tokens
+    from kvblend.model.layers import forward_tokens
     from kvblend.model.kv import allocate_state
 
     n = len(token_ids)

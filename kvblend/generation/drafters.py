@@ -16,7 +16,8 @@ from typing import Protocol, Sequence
 import numpy as np
 import torch
 
-from kvblend.model.runner import forward_tokens, runner_of
+from kvblend.model.layers import forward_tokens
+from kvblend.model.runner import runner_of
 from kvblend.generation.sampling import logits_to_probs
 from kvblend.model.hf import DecoderModel
 from kvblend.types import PromptIds

@@ -26,7 +26,7 @@ import torch
 
 from kvblend.fusion.placement import promote_chunk
 from kvblend.model.kv import KVState
-from kvblend.model.runner import forward_tokens
+from kvblend.model.layers import forward_tokens
 from kvblend.model.rope import rerotate
 from kvblend.kvstore.chunk_kv import ChunkKV
 from kvblend.fusion.layout import ChunkSlot

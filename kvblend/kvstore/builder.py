@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 
 from kvblend.model.kv import allocate_state
-from kvblend.model.runner import forward_tokens
+from kvblend.model.layers import forward_tokens
 from kvblend.kvstore.chunk_kv import ChunkKV
 from kvblend.kvstore.key import ChunkKey, token_hash
 from kvblend.model.hf import DecoderModel

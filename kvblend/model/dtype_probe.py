@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from kvblend.home import kvblend_home
+
 log = logging.getLogger(__name__)
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -162,8 +164,6 @@ def machine_key(shape: tuple[int, int]) -> str:
 
 
 def _decisions_path() -> Path:
-    from kvblend.model.registry import kvblend_home
-
     return kvblend_home() / DECISIONS_FILE
 
 

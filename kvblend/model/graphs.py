@@ -37,14 +37,18 @@ class Captured:
 class GraphCache:
     """Captured graphs of one model runner, keyed by the caller (see the module docstring)."""
 
-    def __init__(self, device: torch.device, max_graphs: int = 24):
-        self.device = device
+    def __init__(self, model, max_graphs: int = 24):
+        self.model = model  # its device is read at each call (a model may be moved after its runner is built)
         self.max_graphs = max_graphs
         self.graphs: OrderedDict[Hashable, Captured] = OrderedDict()
         self.captures = 0
         self.failed: str | None = None
         self._pool = None
         self._side = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
 
     @property
     def enabled(self) -> bool:

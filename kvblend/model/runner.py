@@ -31,7 +31,8 @@ from kvblend.model.attention import AttnMask, build_mask, resolve_kernel, set_fl
 from kvblend.model.graphs import GraphCache
 from kvblend.model.hf import DecoderModel
 from kvblend.model.kv import MAX_PAD, KVArena, KVState, StaticKV, allocate_state
-from kvblend.model.layers import attn_mask, causal_mask, embed, lm_logits, run_layers
+from kvblend.model.layers import attn_mask, causal_mask, forward_tokens, run_layers
+from kvblend.model.steps import StepRunner
 from kvblend.model.rope import rope_cos_sin
 from kvblend.types import BlendStats, PrefillResult
 
@@ -63,31 +64,6 @@ def check_length(model: DecoderModel, num_tokens: int) -> None:
     if s.sliding_window is not None and num_tokens > s.sliding_window:
         raise ModelError(f"{model.name}: {num_tokens} tokens exceed the sliding window of {s.sliding_window}, "
                          f"which kvblend does not implement; use a shorter prompt")
-
-
-@torch.inference_mode()
-def forward_tokens(model: DecoderModel, state: KVState, token_ids: Sequence[int],
-                   num_logits: int | None = None, queries_out: list | None = None) -> torch.Tensor:
-    """Append token_ids at positions state.length.. and return logits [num_logits, V] (fp32) of the last
-    num_logits of them (all when None; 0 skips the LM head, e.g. when building a chunk's cache).
-
-    One call verifies several speculative drafts at once; roll back with state.truncate().
-    queries_out: if a list, receives each layer's queries [H, T, D] (after RoPE), for relevance proxies.
-    """
-    t = len(token_ids)
-    start = state.length
-    if start + t > state.capacity:
-        raise ValueError(f"KV buffer full: {start} + {t} tokens > capacity {state.capacity}")
-    pos = torch.arange(start, start + t, device=model.device)
-    cos, sin = rope_cos_sin(model.inv_freq, pos, model.dtype)
-    last_only = num_logits is not None and num_logits <= 1  # the last layer computes the last row alone
-    h = run_layers(model, state, embed(model, token_ids), cos, sin, range(model.shape.num_layers),
-                   slice(start, start + t), pos, start + t, causal_prefix=start == 0, last_only=last_only,
-                   queries_out=queries_out)
-    state.length = start + t
-    if num_logits is not None:
-        h = h[h.shape[0] - num_logits:] if num_logits else h[:0]
-    return lm_logits(model, h)
 
 
 # ------------------------------------------------------------------------------------ recompute layers
@@ -181,7 +157,7 @@ class ModelRunner:
         self.static_eager = static_eager
         self.runtime = runtime if runtime is not None else RuntimeOptions()
         set_flex_compile(self.runtime.flex_compile)
-        self.graphs = GraphCache(model.device, self.runtime.max_graphs)
+        self.graphs = GraphCache(model, self.runtime.max_graphs)
         self.arena = KVArena(model, on_free=self._buffer_freed)
         self.lock = threading.Lock()  # one request at a time through the static buffers' graphs
 
@@ -275,8 +251,6 @@ class ModelRunner:
         """Decode steps over `state` (graphs None: self.use_graphs). With graphs (or padded: the captured
         computation run eagerly, for tests on any device) steps run over the state's static buffer; a state
         outside one is copied into a lease once (its tensors re-pointed there)."""
-        from kvblend.model.steps import StepRunner
-
         use = self.use_graphs if graphs is None else bool(graphs)
         if use and self.model.device.type != "cuda":
             raise ValueError("CUDA graphs need a model on a CUDA device")

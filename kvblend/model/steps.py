@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from kvblend.model.kv import KVState
-from kvblend.model.layers import embed, lm_logits, run_layers
+from kvblend.model.layers import embed, forward_tokens, lm_logits, run_layers
 from kvblend.model.rope import rope_cos_sin
 
-if TYPE_CHECKING:
-    from kvblend.model.runner import ModelRunner
+ModelRunner = Any  # kvblend.model.runner.ModelRunner (which imports this module)
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +118,6 @@ class StepRunner:
             raise ValueError(f"KV buffer full: {start} + {t} tokens > capacity {state.capacity}")
         io, how = self._io(t)
         if io is None:
-            from kvblend.model.runner import forward_tokens
-
             return PendingStep(forward_tokens(self.model, state, token_ids, queries_out=queries_out), None)
         if callable(how):  # padded: the captured computation, eagerly
             io.inp.copy_(torch.tensor(list(token_ids) + [start], dtype=torch.long))

@@ -43,7 +43,8 @@ from kvblend.io import atomic_write_json
 from kvblend.kvstore.builder import build_chunk_kv
 from kvblend.model.hf import DecoderModel
 from kvblend.model.kv import KVState
-from kvblend.model.runner import elapsed_ms, forward_tokens, runner_of
+from kvblend.model.layers import forward_tokens
+from kvblend.model.runner import elapsed_ms, runner_of
 from kvblend.quality.provenance import (PROVENANCE, merge_passes, merge_record, new_pass, sha_counts,
                                         with_provenance)
 from kvblend.quality.stats import mean_ci
