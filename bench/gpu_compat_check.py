@@ -77,7 +77,10 @@ def decode_checks(model_type: str) -> int:
         out, _ = speculative_generate(model, pre, NgramDrafter(prompt.chunk_ids), params, 0.0, prompt_ids=prompt,
                                       k=3, on_step=on_step, graphs=use)
         outs.append(out.token_ids)
-    report("promotion mid-answer: graphs == plain", outs[0] == outs[1])
+    first = next((i for i, (x, y) in enumerate(zip(*outs)) if x != y), None)
+    report("promotion mid-answer: graphs == plain", outs[0] == outs[1],
+           "" if first is None else f"first differing token {first} of {len(outs[0])}: {outs[0][first-1:first+2]} vs "
+                                    f"{outs[1][first-1:first+2]}")
     return failures
 
 

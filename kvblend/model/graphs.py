@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 class Captured:
     graph: Any  # torch.cuda.CUDAGraph
     io: Any  # the static inputs and outputs
+    body: Any  # kept alive: tensors its closure made before the capture are read by address at every replay
 
     def replay(self) -> Any:
         self.graph.replay()
@@ -93,7 +94,7 @@ class GraphCache:
         with torch.cuda.graph(graph, pool=self._pool):
             body(io)
         self.captures += 1
-        return Captured(graph, io)
+        return Captured(graph, io, body)
 
     def drop(self, pred: Callable[[Hashable], bool]) -> None:
         for key in [k for k in self.graphs if pred(k)]:

@@ -44,6 +44,7 @@ class KVState:
     def has_holes(self) -> bool:
         return self.valid_host is not None and self.valid_host.find(0, 0, self.length) >= 0
 
+    @torch.inference_mode()  # states are inference tensors (prefill), whoever marks them
     def set_valid(self, start: int, end: int, value: bool) -> None:
         if self.valid is None:
             self.valid = torch.ones(self.capacity, dtype=torch.bool, device=self.k.device)
@@ -134,6 +135,7 @@ class KVArena:
     def bucket(capacity: int) -> int:
         return max(ROW_BUCKET, -(-capacity // ROW_BUCKET) * ROW_BUCKET)
 
+    @torch.inference_mode()  # the buffers are inference tensors, whoever asks
     def lease(self, capacity: int) -> KVState:
         rows = self.bucket(capacity)
         with self._lock:
@@ -145,6 +147,7 @@ class KVArena:
             log.debug("%s: static KV buffer %d of %d rows", self.model.name, buf.id, rows)
         return buf.lease(capacity)
 
+    @torch.inference_mode()
     def adopt(self, state: KVState) -> None:
         """Copy a private state into a lease of its capacity and point it there (one device copy; states
         from a lease need none). The buffer returns to the arena when `state` is collected."""

@@ -183,6 +183,7 @@ class ModelRunner:
         static = self.use_static if static is None else static
         return self.arena.lease(capacity) if static else allocate_state(self.model, capacity)
 
+    @torch.inference_mode()
     def forward(self, token_ids: Sequence[int], extra_capacity: int = 0,
                 static: bool | None = None) -> tuple[KVState, torch.Tensor]:
         """Full prefill: (state with room for extra_capacity more tokens, fp32 logits [V] of the last token)."""
