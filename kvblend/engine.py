@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -27,9 +27,10 @@ from kvblend.fusion.layout import Placement, place
 from kvblend.fusion.select import draft_attention_prior
 from kvblend.generation.generate import NewlineDetector, generate
 from kvblend.generation.sampling import SamplingParams
-from kvblend.kvstore.builder import build_chunk_kv, chunk_key, dtype_name
+from kvblend.kvstore.builder import build_chunk_kv, chunk_key, chunk_nbytes, dtype_name
 from kvblend.kvstore.chunk_kv import ChunkKV
 from kvblend.kvstore.key import ChunkKey
+from kvblend.kvstore.residency import Residency
 from kvblend.kvstore.store import ChunkKVStore, Fetched
 from kvblend.model.hf import DecoderModel
 from kvblend.model.registry import kvblend_home, load_model
@@ -38,8 +39,6 @@ from kvblend.types import GenOutput, PromptIds
 from kvblend.vocab import DRAFTERS, MODES, PROXIES, TIERS
 
 log = logging.getLogger(__name__)
-
-_KNOWN_CHUNKS = 65536  # token ids remembered per chunk key, so a chunk found corrupt anywhere can be rebuilt
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,8 +84,6 @@ class Engine:
             gpu_budget_bytes=config.budget_bytes("gpu"), cpu_budget_bytes=config.budget_bytes("cpu"),
             disk_budget_bytes=config.budget_bytes("disk"), device=self.model.device, model_name=self.model.name,
         )
-        self._known: OrderedDict[str, tuple[tuple[int, ...], str, tuple[int, ...]]] = OrderedDict()
-        self.store.builder = self._rebuild  # a chunk found missing or corrupt anywhere on the read path heals
         tok = self.model.tokenizer
         # the fixed chunk context (chunk_sink auto / none / text); prefix contexts come with each prompt
         self.sink_ids = () if config.chunk_sink == "prefix" else chunk_context_ids(tok, config.chunk_sink)
@@ -130,43 +127,27 @@ class Engine:
             return self.sink_ids
         return chunk_context_ids(self.model.tokenizer, "prefix", prefix_ids)
 
-    def chunk_key(self, token_ids: Sequence[int], prefix_ids: Sequence[int] | None = None, text: str = "") -> ChunkKey:
-        """The chunk's content key; the engine remembers its ids so the store can rebuild it when needed."""
-        context = self.chunk_context(prefix_ids)
-        key = chunk_key(self.model, token_ids, context)
-        known = self._known.get(key.digest)
-        if known is None or (text and not known[1]):
-            self._known[key.digest] = (tuple(int(i) for i in token_ids), text, tuple(context))
-            if len(self._known) > _KNOWN_CHUNKS:
-                self._known.popitem(last=False)
-        else:
-            self._known.move_to_end(key.digest)
-        return key
-
-    def _rebuild(self, key: ChunkKey) -> ChunkKV | None:
-        known = self._known.get(key.digest)
-        if known is None:
-            return None
-        ids, text, context = known
-        return build_chunk_kv(self.model, ids, context, text)
+    def chunk_key(self, token_ids: Sequence[int], prefix_ids: Sequence[int] | None = None) -> ChunkKey:
+        """The chunk's content key: its token ids and the context it is prefilled after."""
+        return chunk_key(self.model, token_ids, self.chunk_context(prefix_ids))
 
     def _builder(self, token_ids: Sequence[int], text: str, prefix_ids: Sequence[int] | None = None):
+        """The builder of one chunk (prefilled alone after its context), for ChunkKVStore.get(build=...)."""
         context = self.chunk_context(prefix_ids)
         return lambda: build_chunk_kv(self.model, token_ids, context, text)
 
     def ensure_chunk(self, token_ids: Sequence[int], text: str = "", tier: str = "disk",
                      prefix_ids: Sequence[int] | None = None) -> ChunkKV:
         """The chunk's cached KV, built (prefilled after its context) and stored if missing or corrupt."""
-        return self.store.get_or_build(self.chunk_key(token_ids, prefix_ids, text),
-                                       self._builder(token_ids, text, prefix_ids), tier)
+        return self.store.get(self.chunk_key(token_ids, prefix_ids), tier,
+                              build=self._builder(token_ids, text, prefix_ids)).chunk
 
     def _texts(self, prompt: PromptIds, chunk_texts: Sequence[str] | None) -> list[str]:
         return list(chunk_texts) if chunk_texts is not None else [""] * len(prompt.chunk_ids)
 
     def keys(self, prompt: PromptIds, chunk_texts: Sequence[str] | None = None) -> list[ChunkKey]:
         """The prompt's chunk keys, in prompt order."""
-        return [self.chunk_key(ids, prompt.prefix_ids, t) for ids, t in zip(prompt.chunk_ids,
-                                                                            self._texts(prompt, chunk_texts))]
+        return [self.chunk_key(ids, prompt.prefix_ids) for ids in prompt.chunk_ids]
 
     def stage(self, prompt: PromptIds, chunk_texts: Sequence[str] | None, tier: str,
               skip: Sequence[ChunkKey] = ()) -> None:
@@ -177,15 +158,16 @@ class Engine:
             raise ValueError(f"unknown tier '{tier}'; use one of {', '.join(TIERS)}")
         skipped = {k.digest for k in skip}
         for ids, text in zip(prompt.chunk_ids, self._texts(prompt, chunk_texts)):
-            key = self.chunk_key(ids, prompt.prefix_ids, text)
+            key = self.chunk_key(ids, prompt.prefix_ids)
             if key.digest in skipped:
                 continue
+            build = self._builder(ids, text, prompt.prefix_ids)
             if key not in self.store:  # missing: build it (a stored file is verified when it is read, not here)
-                self.store.ensure(key, self._builder(ids, text, prompt.prefix_ids), tier="disk")
+                self.store.get(key, "disk", build=build)
             try:
                 self.store.stage(key, tier)
             except ChunkCorruptError:  # found corrupt while copying it up: rebuild, stage again
-                self.store.ensure(key, self._builder(ids, text, prompt.prefix_ids), tier="disk")
+                self.store.get(key, "disk", build=build)
                 self.store.stage(key, tier)
 
     def prefetch(self, prompt: PromptIds, chunk_texts: Sequence[str] | None = None,
@@ -197,7 +179,7 @@ class Engine:
         (ChunkKVStore.prefetch). The chunks' data is the same wherever they are found, so answers do not
         change; the request that follows records the tier it found each chunk on. Returns the Future of the
         keys made resident."""
-        keys = self.keys(prompt, chunk_texts)  # here, not in the worker: the key table is not shared
+        keys = self.keys(prompt, chunk_texts)
         skipped = {k.digest for k in keep}
         todo = [k for k in keys if k.digest not in skipped]
         if self._prefetcher is None:
@@ -216,31 +198,32 @@ class Engine:
             self.answer(short, texts[:1], mode=mode, sampling=sampling)
         self.warmed_up = True
 
-    def _fetch(self, keys: Sequence[ChunkKey], ids_texts, prefix_ids, clock: RequestClock,
-               tier_of: Callable[[int], str], pin: Callable[[int], bool]) -> tuple[list[Fetched], list[ChunkKV | None]]:
-        """Bring each chunk to the tier tier_of(i) (pinning those pin(i) asks for right after their fetch);
-        fetch time goes to clock.fetch_ms, build time of missing/corrupt chunks is excluded from it."""
-        fetched: list[Fetched] = []
-        chunks: list[ChunkKV | None] = []
+    def _place(self, prompt: PromptIds, keys: Sequence[ChunkKey], scores: Sequence[float] | None,
+               gpu_chunks: int) -> Placement:
+        """The layout: the `gpu_chunks` best chunks by score (scores None: prompt order) resident."""
+        scores = [0.0] * len(keys) if scores is None else list(scores)
+        return place(keys, [len(i) for i in prompt.chunk_ids], scores, first_position=len(prompt.prefix_ids),
+                     gpu_chunks=gpu_chunks)
+
+    def _residency(self, prompt: PromptIds, texts: Sequence[str], placement: Placement,
+                   gpu_chunks: int) -> Residency:
+        """The request's placement and pins within gpu_chunks and the GPU byte budget; each chunk comes with its
+        builder from this request's token ids, so a chunk found missing or corrupt (a promotion included) heals."""
+        builders = [self._builder(ids, t, prompt.prefix_ids) for ids, t in zip(prompt.chunk_ids, texts)]
+        nbytes = [chunk_nbytes(self.model, len(ids)) for ids in prompt.chunk_ids]
+        return Residency(self.store, placement.slots, gpu_chunks, builders, nbytes)
+
+    def _fetch(self, residency: Residency, clock: RequestClock) -> tuple[list[Fetched], list[ChunkKV | None]]:
+        """Load each chunk to its tier through the request's Residency (resident ones to the GPU tier, pinned;
+        placeholders to the CPU tier); fetch time goes to clock.fetch_ms, build time of missing/corrupt chunks is
+        excluded from it."""
         t0 = time.perf_counter()
-        built_ms = 0.0
+        keys = [s.key for s in residency.slots]
         # chunks only on disk: read + verify them in parallel threads while the loop below takes them in order
         self.store.disk.prefetch([k for k in keys if self.store.tier_of(k) == "disk"])
-        try:
-            for i, (key, (ids, text)) in enumerate(zip(keys, ids_texts)):
-                got = self.store.ensure(key, self._builder(ids, text, prefix_ids), tier=tier_of(i))
-                if pin(i):
-                    self.store.pin(key)
-                built_ms += got.build_ms
-                fetched.append(got)
-                chunks.append(got.chunk if tier_of(i) == "gpu" else None)
-        except BaseException:
-            for i, got in enumerate(fetched):
-                if pin(i):
-                    self.store.unpin(got.key)
-            raise
-        clock.fetch_ms += elapsed_ms(t0, self.model.device) - built_ms
-        return fetched, chunks
+        fetched = [residency.load(i) for i in range(len(keys))]
+        clock.fetch_ms += elapsed_ms(t0, self.model.device) - sum(f.build_ms for f in fetched)
+        return fetched, [f.chunk if residency.is_resident(i) else None for i, f in enumerate(fetched)]
 
     def _start(self, prompt: PromptIds, chunk_texts: Sequence[str] | None, start_tier: str | None):
         """A request's start, shared by every answer path: texts, staging (before the clock), the clock, the
@@ -253,14 +236,13 @@ class Engine:
         keys = self.keys(prompt, texts)
         return texts, build0, clock, keys
 
-    def _gather(self, mode: str, keys: Sequence[ChunkKey], prompt: PromptIds, texts: Sequence[str],
-                clock: RequestClock, tier_of: Callable[[int], str], pin: Callable[[int], bool]):
-        """(fetched or None, chunks or None, per-chunk tier labels): full prefill computes every chunk, so it
-        fetches nothing and records where each chunk happened to be; other modes fetch through _fetch."""
-        if mode == "full":
+    def _gather(self, keys: Sequence[ChunkKey], residency: Residency | None, clock: RequestClock):
+        """(fetched or None, chunks or None, per-chunk tier labels): full prefill (no residency) computes every
+        chunk, so it fetches nothing and records where each chunk happened to be; other modes load through the
+        request's Residency."""
+        if residency is None:
             return None, None, [self.store.tier_of(k) or "absent" for k in keys]
-        fetched, chunks = self._fetch(keys, list(zip(prompt.chunk_ids, texts)), prompt.prefix_ids, clock,
-                                      tier_of=tier_of, pin=pin)
+        fetched, chunks = self._fetch(residency, clock)
         return fetched, chunks, [self._tier_label(f) for f in fetched]
 
     def _annotate(self, out: GenOutput, clock: RequestClock, fetched: Sequence[Fetched] | None, tiers: Sequence[str],
@@ -278,8 +260,12 @@ class Engine:
     # answers ----------------------------------------------------------------------------------------
     def answer(self, prompt: PromptIds, chunk_texts: Sequence[str] | None = None, mode: str | None = None,
                ratio: float | None = None, sampling: SamplingParams | None = None,
-               on_token: Callable[[int], bool | None] | None = None, start_tier: str | None = None) -> GenOutput:
+               on_token: Callable[[int], bool | None] | None = None, start_tier: str | None = None,
+               scores: Sequence[float] | None = None) -> GenOutput:
         """Prefill (full / reuse / blend) and decode. TTFT as kvblend/clock.py defines it.
+        GPU chunk budget: reuse and blend keep at most config.gpu_chunks chunks resident (the best by `scores`;
+        None: prompt order), within the GPU tier's byte budget; the others are placeholders (their positions
+        reserved, never attended: plain decoding promotes nothing). Full prefill computes every chunk.
         start_tier: stage every chunk on this tier first (before the clock), for comparisons.
         on_token: streaming callback, see generation.generate.generate."""
         c = self.config
@@ -287,28 +273,47 @@ class Engine:
         ratio = c.ratio if ratio is None else ratio
         sampling = sampling or self.sampling()
         texts, build0, clock, keys = self._start(prompt, chunk_texts, start_tier)
-        fetched, chunks, tiers = self._gather(mode, keys, prompt, texts, clock, tier_of=lambda i: "gpu",
-                                              pin=lambda i: True)
-        pinned = keys if fetched is not None else []
-        try:
+        residency = None
+        if mode != "full":
+            residency = self._residency(prompt, texts, self._place(prompt, keys, scores, c.gpu_chunks), c.gpu_chunks)
+        with residency or nullcontext():  # every pin released after the prefill, an exception included
+            fetched, chunks, tiers = self._gather(keys, residency, clock)
+            resident = None
+            if residency is not None and residency.placeholders:
+                resident = [residency.is_resident(i) for i in range(len(keys))]
             result = prefill(self.runner, prompt, chunks, mode=mode, ratio=ratio, check_layer=c.check_layer,
-                             selection=self.selection, extra_capacity=sampling.max_new_tokens,
+                             selection=self.selection, extra_capacity=sampling.max_new_tokens, resident=resident,
                              prior=self._prior(prompt, mode))
-        finally:
-            for key in pinned:
-                self.store.unpin(key)
         clock.build_ms = self.store.stats.build_ms - build0
         out = generate(self.model, result, sampling, clock.ttft_start(), self.newline, on_token=on_token)
         return self._annotate(out, clock, fetched, tiers, build0)
 
+    def _spec_mode(self, o: SpecOptions, n: int) -> tuple[int, str, float, str | None]:
+        """(gpu_chunks, prefill mode, ratio, proxy or None) of a speculative answer over n chunks."""
+        c = self.config
+        gpu_chunks = min(o.gpu_chunks, n)
+        mode = o.mode or ("blend" if c.mode == "full" and gpu_chunks < n else c.mode)
+        if mode == "full" and gpu_chunks < n:
+            raise ValueError("placeholders need mode reuse or blend (full prefill computes every chunk)")
+        ratio = c.ratio if o.ratio is None else o.ratio
+        proxy = None if o.proxy == "none" or mode == "full" else o.proxy  # full: every chunk resident already
+        return gpu_chunks, mode, ratio, proxy
+
+    def _drafter(self, o: SpecOptions, prompt: PromptIds, draft_model: DecoderModel | None, extra: int):
+        from kvblend.generation.drafters import ModelDrafter, NgramDrafter
+
+        if o.drafter == "model":
+            return ModelDrafter(draft_model, prompt, extra_capacity=extra)
+        return NgramDrafter([list(ids) for ids in prompt.chunk_ids])
+
     def answer_speculative(self, prompt: PromptIds, chunk_texts: Sequence[str] | None, scores: Sequence[float],
                            options: SpecOptions | None = None, *, draft_model: DecoderModel | None = None,
                            sampling: SamplingParams | None = None, start_tier: str | None = None):
-        """Tiered speculative answer: the top options.gpu_chunks chunks (by score) are resident, the rest are CPU
-        placeholders that options.proxy promotes during decoding ("none": never). The top options.pinned_top
-        resident chunks are never demoted. TTFT as kvblend/clock.py defines it (a warm-start round included).
-        Returns (GenOutput, steps, trace, placement)."""
-        from kvblend.generation.drafters import ModelDrafter, NgramDrafter
+        """Tiered speculative answer: the top options.gpu_chunks chunks (by score, within the GPU byte budget) are
+        resident, the rest are CPU placeholders that options.proxy promotes during decoding ("none": never). The
+        top options.pinned_top resident chunks are never demoted. The request's Residency holds placement and
+        pins; every pin is released at the end. TTFT as kvblend/clock.py defines it (a warm-start round
+        included). Returns (GenOutput, steps, trace, placement), placement as the request started."""
         from kvblend.generation.promotion import Promoter
         from kvblend.generation.speculative import speculative_generate
 
@@ -316,38 +321,26 @@ class Engine:
         if o.drafter == "model" and draft_model is None:
             raise ValueError("drafter 'model' needs a draft model (--draft-model)")
         c = self.config
-        n = len(prompt.chunk_ids)
-        gpu_chunks = min(o.gpu_chunks, n)
-        mode = o.mode or ("blend" if c.mode == "full" and gpu_chunks < n else c.mode)
-        if mode == "full" and gpu_chunks < n:
-            raise ValueError("placeholders need mode reuse or blend (full prefill computes every chunk)")
-        ratio = c.ratio if o.ratio is None else o.ratio
-        proxy = None if o.proxy == "none" or mode == "full" else o.proxy  # full: every chunk resident already
+        gpu_chunks, mode, ratio, proxy = self._spec_mode(o, len(prompt.chunk_ids))
         sampling = sampling or self.sampling()
         texts, build0, clock, keys = self._start(prompt, chunk_texts, start_tier)
-        placement: Placement = place(keys, [len(i) for i in prompt.chunk_ids], scores,
-                                     first_position=len(prompt.prefix_ids), gpu_chunks=gpu_chunks)
-        resident = [not s.is_placeholder for s in placement.slots]
-        fetched: list[Fetched] | None = None
+        placement = self._place(prompt, keys, scores, gpu_chunks)
+        residency = None if mode == "full" else self._residency(prompt, texts, placement, gpu_chunks)
+        placement = placement if residency is None else Placement(residency.slots)  # after the byte budget
         promoter = None
-        try:
-            fetched, chunks, tiers = self._gather(mode, keys, prompt, texts, clock,
-                                                  tier_of=lambda i: "gpu" if resident[i] else "cpu",
-                                                  pin=lambda i: resident[i])
+        with residency or nullcontext():  # every pin released at the end, an exception included
+            fetched, chunks, tiers = self._gather(keys, residency, clock)
             extra = sampling.max_new_tokens + o.k + 2
             result = prefill(self.runner, prompt, chunks, mode=mode, ratio=ratio, check_layer=c.check_layer,
-                             selection=self.selection, extra_capacity=extra, resident=resident,
+                             selection=self.selection, extra_capacity=extra,
+                             resident=[not s.is_placeholder for s in placement.slots],
                              prior=self._prior(prompt, mode, draft_model))
-            if o.drafter == "model":
-                spec = ModelDrafter(draft_model, prompt, extra_capacity=extra)
-            else:
-                spec = NgramDrafter([list(ids) for ids in prompt.chunk_ids])
+            spec = self._drafter(o, prompt, draft_model, extra)
             probe: list | None = [] if proxy == "key_bounds" else None
             if proxy is not None:
                 ranked = sorted(placement.resident, key=lambda s: -s.score)
-                promoter = Promoter(self.model, self.store, placement.slots, proxy, threshold=o.threshold,
-                                    gpu_chunks=gpu_chunks, pinned=[s.index for s in ranked[:o.pinned_top]],
-                                    drafter=spec, probe=probe)
+                promoter = Promoter(self.model, residency, proxy, threshold=o.threshold,
+                                    pinned=[s.index for s in ranked[:o.pinned_top]], drafter=spec, probe=probe)
                 if o.warm_start:
                     logits = promoter.warm_start(result.state, prompt.flat(),
                                                  prompt.num_tokens - len(prompt.query_ids))
@@ -357,13 +350,6 @@ class Engine:
             out, steps = speculative_generate(self.model, result, spec, sampling, clock.ttft_start(),
                                               prompt_ids=prompt, k=0 if o.drafter == "none" else o.k,
                                               newline=self.newline, on_step=promoter, probe=probe)
-        finally:
-            if promoter is not None:
-                promoter.release()  # the promoter owns the resident pins from its construction on
-            else:
-                for slot, _ in zip(placement.slots, fetched or ()):
-                    if not slot.is_placeholder:
-                        self.store.unpin(slot.key)
         self._annotate(out, clock, fetched, tiers, build0)
         trace = promoter.trace if promoter is not None else []
         return out, steps, trace, placement

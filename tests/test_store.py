@@ -42,7 +42,7 @@ def test_round_trip_with_metadata(tmp_path, tiny_llama):
     store.put(chunk)
     fresh = make_store(tmp_path)  # a new process: nothing in memory
     assert fresh.tier_of(chunk.key) == "disk"
-    got = fresh.get(chunk.key, tier="gpu")
+    got = fresh.get(chunk.key, tier="gpu").chunk
     assert torch.equal(got.kv, chunk.kv) and got.token_ids == chunk.token_ids and got.text == "some text"
     assert fresh.tier_of(chunk.key) == "gpu"
     import json
@@ -73,7 +73,7 @@ def test_corrupt_file_is_reported_and_rebuilt(tmp_path, damage):
     assert store.stats.corrupt == 1 and sum(store.stats.hits.values()) == 0  # corrupt is never a hit
     assert not tensor_path.exists() and not meta_path.exists()  # never used again
     with pytest.raises(ChunkMissingError):
-        store.get(chunk.key)  # the file is gone and no builder knows the chunk
+        store.get(chunk.key)  # the file is gone and no builder was passed
     built = []
     store2 = make_store(tmp_path)
     store2.put(chunk)
@@ -81,7 +81,7 @@ def test_corrupt_file_is_reported_and_rebuilt(tmp_path, damage):
     data[-5] ^= 0x01
     tensor_path.write_bytes(bytes(data))
     store3 = make_store(tmp_path)
-    got = store3.get_or_build(chunk.key, lambda: built.append(1) or chunk)
+    got = store3.get(chunk.key, build=lambda: built.append(1) or chunk).chunk
     assert built == [1] and torch.equal(got.kv, chunk.kv) and store3.stats.corrupt == 1
 
 
@@ -168,19 +168,19 @@ def test_fetch_outcomes_missing_hit_and_tier(tmp_path):
     assert fresh.stats.hits == {"disk": 1, "gpu": 1} and fresh.stats.misses == 0
 
 
-def test_ensure_builds_only_missing_or_corrupt(tmp_path):
+def test_get_builds_only_missing_or_corrupt(tmp_path):
     chunk = fake_chunk(4)
     store = make_store(tmp_path)
     built = []
     build = lambda: built.append(1) or chunk  # noqa: E731
-    first = store.ensure(chunk.key, build, tier="cpu")
+    first = store.get(chunk.key, "cpu", build=build)
     assert (first.outcome, first.built) == ("missing", True) and built == [1] and store.stats.built == 1
-    again = store.ensure(chunk.key, build, tier="cpu")
+    again = store.get(chunk.key, "cpu", build=build)
     assert (again.outcome, again.built, again.found_tier) == ("hit", False, "cpu") and built == [1]
     fresh = make_store(tmp_path)
     tensor_path = fresh.disk.paths(chunk.key.digest)[0]
     tensor_path.write_bytes(tensor_path.read_bytes()[:-3])
-    healed = fresh.ensure(chunk.key, build, tier="gpu")
+    healed = fresh.get(chunk.key, "gpu", build=build)
     assert (healed.outcome, healed.built) == ("corrupt", True) and built == [1, 1]
     assert fresh.stats.corrupt == 1 and fresh.stats.built == 1 and not fresh.stats.hits
     assert make_store(tmp_path).fetch(chunk.key).outcome == "hit"  # the rebuilt file verifies
@@ -192,24 +192,45 @@ def test_budget_exceeded_is_never_a_rebuild(tmp_path):
     store.put(big)  # on disk: the GPU tier cannot hold it
     built = []
     with pytest.raises(BudgetExceededError):
-        store.ensure(big.key, lambda: built.append(1) or big, tier="gpu")
+        store.get(big.key, "gpu", build=lambda: built.append(1) or big)
     with pytest.raises(BudgetExceededError):
         store.get(big.key, tier="gpu")
     assert built == [] and store.stats.built == 0 and store.stats.misses == 0 and store.stats.corrupt == 0
 
 
-def test_get_heals_a_corrupt_chunk_through_the_registered_builder(tmp_path):
+def test_get_heals_a_corrupt_chunk_through_the_builder_passed_and_raises_without_one(tmp_path):
+    from kvblend.errors import ChunkCorruptError
+
     chunk = fake_chunk(6)
     make_store(tmp_path).put(chunk)
+
+    def damaged_store():
+        store = make_store(tmp_path)
+        tensor_path = store.disk.paths(chunk.key.digest)[0]
+        data = bytearray(tensor_path.read_bytes())
+        data[-1] ^= 0x10
+        tensor_path.write_bytes(bytes(data))
+        return store
+
+    with pytest.raises(ChunkCorruptError, match="no builder"):
+        damaged_store().get(chunk.key, tier="cpu")
+    make_store(tmp_path).put(chunk)
+    store = damaged_store()
+    assert not hasattr(store, "builder")  # the store calls back into nobody
+    got = store.get(chunk.key, tier="cpu", build=lambda: chunk)
+    assert (got.outcome, got.built) == ("corrupt", True) and torch.equal(got.chunk.kv, chunk.kv)
+    assert store.stats.corrupt == 1 and store.stats.built == 1
+    assert store.tier_of(chunk.key) == "cpu" and store.stats.build_ms > 0 and got.build_ms > 0
+
+
+def test_stored_nbytes(tmp_path):
+    chunk = fake_chunk(8)
     store = make_store(tmp_path)
-    tensor_path = store.disk.paths(chunk.key.digest)[0]
-    data = bytearray(tensor_path.read_bytes())
-    data[-1] ^= 0x10
-    tensor_path.write_bytes(bytes(data))
-    store.builder = lambda key: chunk if key == chunk.key else None
-    got = store.get(chunk.key, tier="cpu")
-    assert torch.equal(got.kv, chunk.kv) and store.stats.corrupt == 1 and store.stats.built == 1
-    assert store.tier_of(chunk.key) == "cpu" and store.stats.build_ms > 0
+    assert store.stored_nbytes(chunk.key) == 0
+    store.put(chunk)
+    assert store.stored_nbytes(chunk.key) == chunk.nbytes  # on disk
+    store.fetch(chunk.key, "gpu")
+    assert store.stored_nbytes(chunk.key) == chunk.nbytes
 
 
 @pytest.mark.parametrize("tier", ["gpu", "cpu", "disk"])

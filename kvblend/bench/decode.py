@@ -387,6 +387,22 @@ def fp32_exactness(args, device, prompts, max_new: int, k: int) -> dict:
     return out
 
 
+def _staged_store(root: Path, model, chunks, resident, first_position: int):
+    """A store with unbounded tiers holding `chunks` (the resident ones on the GPU tier, the others on the CPU
+    tier) and their slots in prompt order from first_position."""
+    from kvblend.fusion.layout import ChunkSlot
+    from kvblend.kvstore.store import ChunkKVStore
+
+    big = 1 << 40
+    store = ChunkKVStore(root, big, big, big, device=model.device, model_name=model.name)
+    slots, start = [], first_position
+    for i, ck in enumerate(chunks):
+        store.put(ck, "gpu" if resident[i] else "cpu")
+        slots.append(ChunkSlot(i, ck.key, start, ck.num_tokens, 1.0, "gpu" if resident[i] else "cpu"))
+        start += ck.num_tokens
+    return store, slots
+
+
 def promotion_overhead(model, prompt, params, num_steps: int, repeats: int) -> dict:
     """Median target step time (one token per step, the decode path of the device) with a chunk promotion in
     flight at every step vs without: chunks 0..n-3 resident, the last two CPU placeholders (pinned memory on
@@ -398,7 +414,7 @@ def promotion_overhead(model, prompt, params, num_steps: int, repeats: int) -> d
     from kvblend.generation.sampling import SamplingParams
     from kvblend.generation.speculative import speculative_generate
     from kvblend.kvstore.builder import build_chunk_kv
-    from kvblend.kvstore.store import ChunkKVStore
+    from kvblend.kvstore.residency import Residency
 
     n = len(prompt.chunk_ids)
     chunks = [build_chunk_kv(model, ids) for ids in prompt.chunk_ids]
@@ -416,28 +432,26 @@ def promotion_overhead(model, prompt, params, num_steps: int, repeats: int) -> d
     times: dict[str, list[float]] = {"without": [], "with": []}
     info: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
-        big = 1 << 40
-        store = ChunkKVStore(Path(tmp), big, big, big, device=model.device, model_name=model.name)
-        slots = _stage(store, chunks, resident, len(prompt.prefix_ids))
+        store, slots = _staged_store(Path(tmp), model, chunks, resident, len(prompt.prefix_ids))
         for r in range(repeats + 1):  # round 0: warm-up
             for mode in ("without", "with"):
                 pre = prefill(model, prompt, [c if res else None for c, res in zip(chunks, resident)], mode="reuse",
                               resident=resident, extra_capacity=num_steps + ahead)
                 promoter = None
+                residency = Residency(store, slots, gpu_chunks=n - 1, nbytes=[c.nbytes for c in chunks])
                 if mode == "with":
                     for s in slots:
-                        if not s.is_placeholder:
-                            store.pin(s.key)
-                    promoter = Scripted(model, store, slots, proxy="ngram_source", threshold=0.5,
-                                        gpu_chunks=n - 1, pinned=[i for i in range(n - 2)])
+                        residency.load(s.index)  # the resident ones pinned, as a request's start does
+                    promoter = Scripted(model, residency, proxy="ngram_source", threshold=0.5,
+                                        pinned=[i for i in range(n - 2)])
                 sync(model.device)
                 out, steps = speculative_generate(model, pre, NgramDrafter([]), params, time.perf_counter(),
                                                   prompt_ids=prompt, k=0, on_step=promoter)
+                residency.release()
                 if promoter is not None:
                     promoted = sum(len(t.promoted) for t in promoter.trace)
                     info = {"promotions": promoted, "steps": len(steps),
                             "bytes_per_promotion": chunks[-1].nbytes}
-                    promoter.release()
                     for s in slots[n - 2:]:  # back to the CPU tier only: the next run copies them again
                         store.demote(s.key)
                 if r:

@@ -210,6 +210,9 @@ def real_prompt(engine, num_chunks: int = 5):
     return engine.prompt(data.template.prefix, texts, data.template.format_query(sample.question)), texts
 
 
+EVERY_CHUNK = 1 << 20  # gpu_chunks of the end-to-end engines: every chunk resident, as the blend timed here
+
+
 def measure(model, prompt, texts, args, device, label: str, home: Path, real: bool) -> dict[str, Any]:
     import torch
 
@@ -325,7 +328,7 @@ def measure(model, prompt, texts, args, device, label: str, home: Path, real: bo
     # ---- (b) end to end through Engine.answer, chunks staged on each tier ------------------------------
     config = EngineConfig(home=str(home / label), gpu_budget="64GiB", cpu_budget="64GiB", disk_budget="200GiB",
                           chunk_sink="none" if model.tokenizer is None else "auto", mode="blend", ratio=r0,
-                          max_new_tokens=1, stop_on_newline=False,
+                          max_new_tokens=1, stop_on_newline=False, gpu_chunks=EVERY_CHUNK,
                           # the selection of the blend@r rows: plain CacheBlend, K deviation at check layer 1,
                           # not the engine's default variant (the *_default_selection rows time that)
                           score_on="k", select_layers=1, select_first_tokens=0, check_layer=1,
@@ -341,7 +344,7 @@ def measure(model, prompt, texts, args, device, label: str, home: Path, real: bo
                 return engine.answer(p, ts, mode="full", sampling=sampling)
             engine.stage(p, ts, "disk" if tier.startswith("disk") else tier)
             if tier == "disk_cold":
-                keys = [engine.chunk_key(c, p.prefix_ids, t) for c, t in zip(p.chunk_ids, ts or [""] * 99)]
+                keys = [engine.chunk_key(c, p.prefix_ids) for c in p.chunk_ids]
                 evict_from_page_cache([engine.store.disk.paths(k.digest)[0] for k in keys])
             return engine.answer(p, ts, mode=mode, ratio=r0 if mode == "blend" else None, sampling=sampling)
         return run
@@ -355,7 +358,8 @@ def measure(model, prompt, texts, args, device, label: str, home: Path, real: bo
     # chunks on the GPU tier: what a user gets without flags, timed beside plain CacheBlend
     default_engine = Engine(EngineConfig(home=str(home / f"{label}-default"), gpu_budget="64GiB",
                                          cpu_budget="64GiB", disk_budget="200GiB", mode="blend", ratio=r0,
-                                         max_new_tokens=1, stop_on_newline=False), model=model)
+                                         max_new_tokens=1, stop_on_newline=False,
+                                         gpu_chunks=EVERY_CHUNK), model=model)
 
     def default_variant() -> Any:
         default_engine.stage(prompt, texts, "gpu")

@@ -4,8 +4,10 @@ The target attends to the GPU-resident chunks; the others are placeholders that 
 (rows masked out of attention). After each verification pass a proxy scores every chunk; chunks whose
 score passes a threshold are fetched to the GPU tier *now* (pinned memory + a side CUDA stream on GPU)
 and fused into the target's KV at their reserved positions at the *next* pass, so the copy overlaps a
-decoding step. When the GPU chunk budget is full, the least useful unpinned resident chunk is demoted
-(its rows masked again, its KV moved to the CPU tier).
+decoding step. Placement, pins and the GPU chunk budget (chunk count and bytes) are the request's Residency
+(kvstore/residency.py): it fetches and pins a promoted chunk, the Promoter writes its KV into the target's state.
+When the budget is full, the least useful resident chunk that is not kept (pinned_top) is demoted (its rows masked
+again, its KV moved to the CPU tier).
 
 Proxies (all return one score per chunk in [0, 1], higher = more likely needed):
   draft_attention  each chunk's share of the attention the draft model's newest query gives to chunks (the
@@ -30,7 +32,7 @@ from kvblend.model.layers import forward_tokens
 from kvblend.model.rope import rerotate
 from kvblend.kvstore.chunk_kv import ChunkKV
 from kvblend.fusion.layout import ChunkSlot
-from kvblend.kvstore.store import ChunkKVStore
+from kvblend.kvstore.residency import Residency
 from kvblend.model.hf import DecoderModel
 from kvblend import vocab
 
@@ -132,18 +134,19 @@ class StepTrace:
 
 
 class Promoter:
-    """on_step hook for speculative_generate: fuses last step's requested chunks, scores, requests new ones."""
+    """on_step hook for speculative_generate: fuses last step's requested chunks, scores, requests new ones.
+    residency: the request's placement and pins (the Promoter never pins or unpins itself; the engine releases
+    the residency at the end of the request). pinned: slots never demoted (the best resident ones)."""
 
-    def __init__(self, target: DecoderModel, store: ChunkKVStore, slots: Sequence[ChunkSlot], proxy: str | None,
-                 threshold: float = 0.3, gpu_chunks: int = 2, pinned: Sequence[int] = (), drafter=None,
-                 probe: list | None = None):
+    def __init__(self, target: DecoderModel, residency: Residency, proxy: str | None, threshold: float = 0.3,
+                 pinned: Sequence[int] = (), drafter=None, probe: list | None = None):
         if proxy is not None and proxy not in PROXIES:
             raise ValueError(f"unknown proxy '{proxy}'; use one of {', '.join(PROXIES)}")
-        self.target, self.store, self.slots = target, store, list(slots)
-        self.proxy, self.threshold, self.gpu_chunks = proxy, threshold, gpu_chunks
+        self.target, self.residency, self.store = target, residency, residency.store
+        self.slots: list[ChunkSlot] = list(residency.slots)
+        self.proxy, self.threshold = proxy, threshold
         self.pinned = set(pinned)
         self.drafter, self.probe = drafter, probe
-        self.resident = {s.index for s in slots if not s.is_placeholder}
         self.pending: dict[int, tuple[ChunkKV, torch.cuda.Event | None]] = {}
         self.layers = _probe_layers(target.shape.num_layers)
         self.bounds: dict[int, KeyBounds] = {}
@@ -152,8 +155,12 @@ class Promoter:
         self.stream = torch.cuda.Stream() if target.device.type == "cuda" else None
         if proxy == "key_bounds":  # summaries of every chunk, computed once from its cached keys
             for s in self.slots:
-                chunk = store.get(s.key, tier="cpu" if s.is_placeholder else "gpu")
-                self.bounds[s.index] = KeyBounds.of(chunk, s.start, target, self.layers)
+                self.bounds[s.index] = KeyBounds.of(residency.read(s.index), s.start, target, self.layers)
+
+    @property
+    def resident(self) -> set[int]:
+        """Slots resident on the GPU tier (fused, or requested and fused at the next pass)."""
+        return set(self.residency.resident)
 
     def _scores(self, state: KVState) -> dict[int, float]:
         if self.proxy == "draft_attention":
@@ -179,13 +186,14 @@ class Promoter:
         return {}
 
     def _fetch(self, slot: ChunkSlot) -> tuple[ChunkKV, torch.cuda.Event | None]:
-        """Start the CPU -> GPU copy (async on CUDA: pinned source, side stream); the store accounts bytes."""
+        """Promote the slot in the Residency (fetch to the GPU tier, pin; a corrupt chunk is rebuilt there) and
+        start the CPU -> GPU copy (async on CUDA: pinned source, side stream); the store accounts bytes."""
         if self.stream is None:
-            return self.store.get(slot.key, tier="gpu"), None
+            return self.residency.promote(slot.index).chunk, None
         # no wait on the main stream: that would queue the copy behind the pass running now (a stall at the
         # next boundary); the source is pinned host memory, the destination new device memory
         with torch.cuda.stream(self.stream):
-            chunk = self.store.get(slot.key, tier="gpu")
+            chunk = self.residency.promote(slot.index).chunk
             # re-rotate to the slot's positions here too, so the fuse at the step boundary is a plain copy
             k = rerotate(chunk.k, slot.start - chunk.rope_offset, self.target.inv_freq)
             chunk = ChunkKV(chunk.key, chunk.token_ids, torch.stack((k, chunk.v)), rope_offset=slot.start,
@@ -194,17 +202,25 @@ class Promoter:
             event.record(self.stream)
         return chunk, event
 
-    def _victim(self, scores: dict[int, float]) -> int | None:
-        """The least useful resident chunk that may be demoted (never a pinned one)."""
-        candidates = [i for i in self.resident if i not in self.pinned]
-        return min(candidates, key=lambda i: (scores.get(i, 0.0), -i)) if candidates else None
+    def _victims(self, idx: int, scores: dict[int, float]) -> list[int] | None:
+        """The resident chunks to demote so that `idx` fits the Residency's chunk and byte budgets, least useful
+        first (never a pinned one, nor one whose copy is in flight); None when that takes demoting a chunk at
+        least as useful as `idx`, or nothing demotable makes room."""
+        candidates = sorted((i for i in self.residency.resident if i not in self.pinned and i not in self.pending),
+                            key=lambda i: (scores.get(i, 0.0), -i))
+        victims: list[int] = []
+        for v in candidates:
+            if self.residency.can_promote(idx, without=victims):
+                break
+            if scores.get(v, 0.0) >= scores[idx]:
+                return None
+            victims.append(v)
+        return victims if self.residency.can_promote(idx, without=victims) else None
 
     def _demote(self, state: KVState, idx: int) -> None:
         slot = self.slots[idx]
         state.set_valid(slot.start, slot.start + slot.num_tokens, False)
-        self.store.unpin(slot.key)
-        self.store.demote(slot.key)
-        self.resident.discard(idx)
+        self.residency.demote(idx)
 
     def _fuse_pending(self, state: KVState, rec: StepTrace) -> None:
         """Fuse every requested chunk into the target's KV at its reserved positions."""
@@ -213,30 +229,28 @@ class Promoter:
                 torch.cuda.current_stream().wait_event(event)
                 chunk.kv.record_stream(torch.cuda.current_stream())  # allocated on the side stream
             promote_chunk(self.target, state, chunk, self.slots[idx].start)
-            self.resident.add(idx)
             rec.promoted.append(idx)
         self.pending.clear()
 
     def _request(self, state: KVState, rec: StepTrace) -> None:
         """Start fetching the chunks over the threshold, best first, demoting less useful ones for room."""
-        wanted = sorted((i for i, v in rec.scores.items() if v >= self.threshold and i not in self.resident),
+        resident = self.resident
+        wanted = sorted((i for i, v in rec.scores.items() if v >= self.threshold and i not in resident),
                         key=lambda i: -rec.scores[i])
         for idx in wanted:
-            if len(self.resident) + len(self.pending) >= self.gpu_chunks:
-                victim = self._victim(rec.scores)
-                if victim is None or rec.scores.get(victim, 0.0) >= rec.scores[idx]:
-                    break  # nothing demotable, or it is at least as useful as the candidate
+            victims = self._victims(idx, rec.scores)
+            if victims is None:
+                break  # nothing demotable, or only chunks at least as useful as the candidate
+            for victim in victims:
                 self._demote(state, victim)
                 rec.demoted.append(victim)
-            slot = self.slots[idx]
-            self.store.pin(slot.key)
-            self.pending[idx] = self._fetch(slot)
+            self.pending[idx] = self._fetch(self.slots[idx])
             rec.requested.append(idx)
 
     def _record(self, rec: StepTrace, t0: float, moved_before: int) -> None:
         rec.bytes_moved = sum(self.store.stats.bytes_moved.values()) - moved_before
         rec.hook_ms = (time.perf_counter() - t0) * 1e3
-        rec.gpu_chunks = sorted(self.resident | set(self.pending))
+        rec.gpu_chunks = sorted(self.resident)
         rec.cpu_chunks = sorted({s.index for s in self.slots} - set(rec.gpu_chunks))
         rec.gpu_bytes = self.store.used_bytes()["gpu"]
         self.trace.append(rec)
@@ -298,11 +312,3 @@ class Promoter:
             return None
         state.truncate(query_start)
         return forward_tokens(self.target, state, list(prompt_ids[query_start:]), num_logits=1)[-1]
-
-    def release(self) -> None:
-        """Unpin every resident or requested chunk. The promoter owns the placement's pins: the caller
-        must not also call store.release(placement)."""
-        for idx in self.resident | set(self.pending):
-            self.store.unpin(self.slots[idx].key)
-        self.pending.clear()
-        self.resident.clear()

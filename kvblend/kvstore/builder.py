@@ -33,3 +33,10 @@ def build_chunk_kv(model: DecoderModel, token_ids: Sequence[int], sink_ids: Sequ
     kv = torch.stack([state.k[:, :, len(sink):], state.v[:, :, len(sink):]]).contiguous()
     return ChunkKV(key=chunk_key(model, ids, sink), token_ids=ids, kv=kv, rope_offset=len(sink),
                    sink_ids=sink, text=text)
+
+
+def chunk_nbytes(model: DecoderModel, num_tokens: int) -> int:
+    """Bytes of the cached KV of a chunk of `num_tokens` tokens (layout 2LHTD in the model's dtype), known
+    before the chunk is fetched or built."""
+    s = model.shape
+    return 2 * s.num_layers * s.num_kv_heads * int(num_tokens) * s.head_dim * model.dtype.itemsize

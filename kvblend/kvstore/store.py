@@ -7,20 +7,19 @@ hold copies. A pinned chunk (in use by a blend or a promotion) is never evicted 
 Read verbs and their outcomes (LMCache-style):
   fetch(key, tier)            -> Fetched: the chunk made resident on `tier`, or no chunk with outcome "missing"
                                  (not stored) or "corrupt" (its file failed verification: removed, never used)
-  lookup(key, tier)           -> the chunk or None (fetch(...).chunk)
-  ensure(key, build, tier)    -> Fetched with a chunk: build() runs only for a missing or corrupt chunk
-  get(key, tier)              -> the chunk; a missing or corrupt one is rebuilt through `self.builder` when the
-                                 engine registered one (so a corrupt file found anywhere on the read path, even
-                                 by a promotion, heals and the request goes on), else ChunkMissingError /
-                                 ChunkCorruptError
+  lookup(key, tier)           -> the chunk or None (fetch(...).chunk): reads that must never build
+  get(key, tier, build=None)  -> Fetched with a chunk: build() (the caller's builder of that chunk: it knows its
+                                 token ids) runs only for a missing or corrupt chunk, timed into build_ms; without
+                                 a builder, ChunkMissingError / ChunkCorruptError. The store knows no token ids
+                                 and calls back into nobody: a request's Residency passes its chunks' builders
   prefetch(keys, tier, keep)  -> ahead of a request (a background thread): disk-only chunks made resident on a memory
                                  tier as far as its budget allows, evicting nothing pinned or in `keep`; never a hit
 Over-budget is never a "missing" outcome: BudgetExceededError propagates from every verb and nothing is rebuilt.
 A corrupt chunk counts in stats.corrupt, never as a hit; a missing one in stats.misses.
 
 Thread safety: every verb holds the store's lock (an RLock) while it reads or changes which chunk lives where, so a
-prefetch thread and the request thread can share one store. Chunk builds (ensure / get) and the prefetch's file
-reads run outside the lock.
+prefetch thread and the request thread can share one store. Chunk builds (get) and the prefetch's file reads
+run outside the lock.
 """
 
 from __future__ import annotations
@@ -62,8 +61,8 @@ def _locked(method):
 class StoreStats:
     hits: Counter = field(default_factory=Counter)  # per tier a chunk was found on (verified)
     misses: int = 0  # not in the store at all
-    corrupt: int = 0  # failed verification on load (file removed; rebuilt when a builder is known)
-    built: int = 0  # chunks built by ensure() / get() for a missing or corrupt outcome
+    corrupt: int = 0  # failed verification on load (file removed; rebuilt when the reader passed a builder)
+    built: int = 0  # chunks built by get() for a missing or corrupt outcome
     build_ms: float = 0.0  # wall time of those builds (prefill alone + write), never part of a TTFT
     evictions: Counter = field(default_factory=Counter)  # per tier
     bytes_moved: Counter = field(default_factory=Counter)  # e.g. "cpu->gpu"
@@ -86,7 +85,7 @@ class Fetched:
     chunk: ChunkKV | None
     outcome: Outcome
     found_tier: str | None  # tier the chunk was read from ("gpu" | "cpu" | "disk"); None unless a hit
-    built: bool = False  # ensure()/get() built it after a missing or corrupt outcome
+    built: bool = False  # get() built it after a missing or corrupt outcome
     build_ms: float = 0.0
 
 
@@ -104,8 +103,6 @@ class ChunkKVStore:
         self.stats = StoreStats()
         self._pins: Counter = Counter()
         self._lock = threading.RLock()
-        # key -> ChunkKV for keys whose token ids the owner knows (the engine sets it); used by get()
-        self.builder: Callable[[ChunkKey], ChunkKV | None] | None = None
 
     # pins -------------------------------------------------------------------------------------
     @_locked
@@ -131,6 +128,14 @@ class ChunkKVStore:
             if key.digest in self.tiers[name]:
                 return name
         return "disk" if key.digest in self.disk else None
+
+    @_locked
+    def stored_nbytes(self, key: ChunkKey) -> int:
+        """The chunk's size in bytes as stored (fastest tier holding it), 0 when it is not stored."""
+        found = self.tier_of(key)
+        if found is None:
+            return 0
+        return self.disk.nbytes(key.digest) if found == "disk" else self.tiers[found].nbytes(key.digest)
 
     def __contains__(self, key: ChunkKey) -> bool:
         return self.tier_of(key) is not None
@@ -281,12 +286,18 @@ class ChunkKVStore:
         """The chunk resident on `tier`, or None when it is missing or corrupt."""
         return self.fetch(key, tier).chunk
 
-    def ensure(self, key: ChunkKey, build: Callable[[], ChunkKV], tier: str = "gpu") -> Fetched:
-        """fetch(), building and storing the chunk when (and only when) it is missing or corrupt.
-        The build is timed into Fetched.build_ms and stats.build_ms; budget errors are never a rebuild."""
+    def get(self, key: ChunkKey, tier: str = "gpu", build: Callable[[], ChunkKV] | None = None) -> Fetched:
+        """fetch(), building and storing the chunk when (and only when) it is missing or corrupt and `build` is
+        given (without it: ChunkMissingError / ChunkCorruptError). The build is timed into Fetched.build_ms and
+        stats.build_ms; budget errors are never a rebuild."""
         got = self.fetch(key, tier)
         if got.chunk is not None:
             return got
+        if build is None:
+            if got.outcome == "corrupt":
+                raise ChunkCorruptError(f"chunk {key}: its file was corrupt (removed) and no builder was given; "
+                                        f"build it again")
+            raise ChunkMissingError(f"chunk {key} is not in the store; build it first")
         t0 = time.perf_counter()
         chunk = build()
         if chunk.key != key:
@@ -295,32 +306,9 @@ class ChunkKVStore:
         ms = (time.perf_counter() - t0) * 1e3
         self.stats.built += 1
         self.stats.build_ms += ms
+        if got.outcome == "corrupt":
+            log.info("chunk %s was corrupt on the read path; rebuilt in %.1f ms", key, ms)
         return Fetched(key, chunk, got.outcome, None, built=True, build_ms=ms)
-
-    def get_or_build(self, key: ChunkKey, build: Callable[[], ChunkKV], tier: str = "gpu") -> ChunkKV:
-        """ensure(...).chunk."""
-        return self.ensure(key, build, tier).chunk
-
-    def get(self, key: ChunkKey, tier: str = "gpu") -> ChunkKV:
-        """The chunk resident on `tier`. Missing or corrupt: rebuilt through self.builder when it knows the key,
-        otherwise ChunkMissingError / ChunkCorruptError."""
-        got = self.fetch(key, tier)
-        if got.chunk is not None:
-            return got.chunk
-        t0 = time.perf_counter()
-        chunk = self.builder(key) if self.builder is not None else None
-        if chunk is None:
-            if got.outcome == "corrupt":
-                raise ChunkCorruptError(f"chunk {key}: its file was corrupt (removed) and no builder knows its "
-                                        f"token ids; build it again")
-            raise ChunkMissingError(f"chunk {key} is not in the store; build it first")
-        if chunk.key != key:
-            raise StoreError(f"builder returned chunk {chunk.key} for key {key}")
-        chunk = self.put(chunk, tier)
-        self.stats.built += 1
-        self.stats.build_ms += (time.perf_counter() - t0) * 1e3
-        log.info("chunk %s was %s on the read path; rebuilt", key, got.outcome)
-        return chunk
 
     @_locked
     def stage(self, key: ChunkKey, tier: str) -> None:

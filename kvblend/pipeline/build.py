@@ -29,12 +29,12 @@ def run_build(config: EngineConfig, engine=None, progress: bool = True) -> Path:
     unique: dict = {}
     for plan in plans:
         for ids, text in zip(plan.prompt.chunk_ids, plan.chunk_texts):
-            key = engine.chunk_key(ids, plan.prompt.prefix_ids, text)
+            key = engine.chunk_key(ids, plan.prompt.prefix_ids)
             unique.setdefault(key, (ids, text, plan.prompt.prefix_ids))
     outcomes = {"hit": 0, "missing": 0, "corrupt": 0}
     for key, (ids, text, prefix_ids) in tqdm(unique.items(), desc="building chunk KV", unit="chunk",
                                              disable=not progress):
-        got = engine.store.ensure(key, engine._builder(ids, text, prefix_ids), tier="disk")  # verified read
+        got = engine.store.get(key, "disk", build=engine._builder(ids, text, prefix_ids))  # verified read
         outcomes[got.outcome] += 1
     if outcomes["corrupt"]:
         log.warning("%d corrupt chunk files were rebuilt", outcomes["corrupt"])

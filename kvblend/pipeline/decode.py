@@ -115,11 +115,12 @@ def answer_plans(engine, plans: Sequence[SamplePlan], mode: str, sampling, start
                 engine.stage(nxt.prompt, nxt.chunk_texts, start_tier, skip=in_flight)
                 pending = engine.prefetch(nxt.prompt, nxt.chunk_texts, keep=in_flight)
             out = engine.answer(plan.prompt, plan.chunk_texts, mode=mode, sampling=sampling,
-                                start_tier=None if prefetch else start_tier)
+                                start_tier=None if prefetch else start_tier, scores=plan.scores)
             again = None
             if warm:
                 again = out if mode == "full" else engine.answer(plan.prompt, plan.chunk_texts, mode=mode,
-                                                                 sampling=first_token, start_tier="gpu")
+                                                                 sampling=first_token, start_tier="gpu",
+                                                                 scores=plan.scores)
             done.append(Answered(out, again, made, waited))
     finally:
         if pending is not None:
