@@ -461,21 +461,6 @@ def promotion_overhead(model, prompt, params, num_steps: int, repeats: int) -> d
             "steps_per_run": num_steps, "method": "median step time per run, median over runs"}
 
 
-def _stage(store, chunks, resident: list[bool], start: int) -> list:
-    """Put each chunk on the gpu tier (resident) or the cpu tier; their ChunkSlots, placed from `start` on."""
-    from kvblend.fusion.layout import ChunkSlot
-
-    slots = []
-    for ck, res in zip(chunks, resident):
-        tier = "gpu" if res else "cpu"
-        store.put(ck, tier)
-        slots.append(ChunkSlot(len(slots), ck.key, start, ck.num_tokens, 1.0, tier))
-        start += ck.num_tokens
-    return slots
-
-
-# ------------------------------------------------------------------------------------------- reporting
-
 def summary_entries(result: dict, source: str) -> dict[str, dict]:
     from kvblend.bench.summary import entry
 
