@@ -215,7 +215,7 @@ def run_static_front(runner: ModelRunner, state: KVState, plan: FrontPlan, ids: 
 
     # warm-up and capture with n = 0: no real row, so the check layers write scratch rows only and the
     # cached chunk rows already placed in the buffer stay intact
-    g = runner.graphs.get(("front", buf.id, plan.key), make, body, lambda inp: inp.scalars.zero_()) \
+    g = runner.graphs.get(("front", buf.id, plan.key), make, lambda: body, lambda inp: inp.scalars.zero_()) \
         if capture else None
     inp = g.io if g is not None else make()
     inp.fill(plan, ids, offsets, plan.policy.first_tokens)

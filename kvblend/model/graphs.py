@@ -55,17 +55,17 @@ class GraphCache:
     def enabled(self) -> bool:
         return self.device.type == "cuda" and self.failed is None
 
-    def get(self, key: Hashable, make_io: Callable[[], Any], body: Callable[[Any], None],
+    def get(self, key: Hashable, make_io: Callable[[], Any], make_body: Callable[[], Callable[[Any], None]],
             prepare: Callable[[Any], None] | None = None) -> Captured | None:
         """The graph of `key`, captured on first use (make_io() -> static tensors; prepare(io): make the
         warm-up and capture runs harmless, e.g. point every write at scratch rows); None once capture has
-        failed or off CUDA (run body eagerly instead)."""
+        failed or off CUDA (run the body eagerly instead). make_body() is called only to capture."""
         if not self.enabled:
             return None
         g = self.graphs.get(key)
         if g is None:
             try:
-                g = self._capture(make_io, body, prepare)
+                g = self._capture(make_io, make_body(), prepare)
             except RuntimeError as exc:
                 self.failed = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 log.warning("CUDA graph capture failed (%s); running eagerly from now on", self.failed)

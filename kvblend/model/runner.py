@@ -237,7 +237,7 @@ class ModelRunner:
         key = ("recompute", buf.id, row_bucket(pos.shape[0]), n_pad, first, kernel)
         make = lambda: PaddedRows.empty(model, key[2], n_pad, kernel)  # noqa: E731
         body = _padded_body(model, buf.full, first)
-        g = self.graphs.get(key, make, body, lambda r: r.scratch_only(buf.scratch_start)) \
+        g = self.graphs.get(key, make, lambda: body, lambda r: r.scratch_only(buf.scratch_start)) \
             if path == "graph" else None
         rows = g.io if g is not None else make()
         rows.fill(state, h, pos, cos, sin, num_keys, buf.scratch_start)
@@ -258,13 +258,8 @@ class ModelRunner:
         padded = padded or (self.static_eager and graphs is None)
         static = use or padded
         if static and state.buffer is None:
-            self._adopt(state)
-        return StepRunner(self, state, graphs=use, padded=padded and not use, max_graph_tokens=max_graph_tokens)
-
-    def _adopt(self, state: KVState) -> None:
-        with torch.inference_mode():
             self.arena.adopt(state)
-
+        return StepRunner(self, state, graphs=use, padded=padded and not use, max_graph_tokens=max_graph_tokens)
 
 _ATTACH_LOCK = threading.Lock()
 

@@ -91,18 +91,17 @@ class StepRunner:
         buf = self.state.buffer
         if not t or buf is None or not (self.graphs or self.padded):
             return None, None
-        body = _step_body(self.runner, buf.full, t)
-        if self.padded or t > self.max_graph_tokens:
-            if not self.padded:
-                return None, None
-            io = StepIO.empty(self.runner, t, pinned=False)
-            return io, body
+        if self.padded:
+            return StepIO.empty(self.runner, t, pinned=False), _step_body(self.runner, buf.full, t)
+        if t > self.max_graph_tokens:
+            return None, None
         before = self.runner.graphs.captures
 
         def prepare(io: StepIO) -> None:  # warm-up / capture at a start whose T rows exist; they are
             io.inp[t] = max(0, min(self.state.length, buf.rows - t))  # rewritten before anything reads them
-        g = self.runner.graphs.get(("step", buf.id, t), lambda: StepIO.empty(self.runner, t, pinned=True), body,
-                                   prepare)
+        # the body (and its key-position / RoPE tables) is built only to capture, never per step
+        g = self.runner.graphs.get(("step", buf.id, t), lambda: StepIO.empty(self.runner, t, pinned=True),
+                                   lambda: _step_body(self.runner, buf.full, t), prepare)
         if g is None:
             return None, None
         if self.runner.graphs.captures > before:
