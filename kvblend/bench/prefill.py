@@ -214,33 +214,60 @@ EVERY_CHUNK = 1 << 20  # gpu_chunks of the end-to-end engines: every chunk resid
 
 
 def measure(model, prompt, texts, args, device, label: str, home: Path, real: bool) -> dict[str, Any]:
-    import torch
-
-    from kvblend.config import EngineConfig
-    from kvblend.engine import Engine
-    from dataclasses import replace
-
-    from kvblend.config import DEFAULT_SELECTION, SelectionPolicy
-    from kvblend.fusion.blend import prefill
-    from kvblend.fusion.placement import place_chunks
-    from kvblend.generation.sampling import SamplingParams
+    """Every timing of one model and prompt: (a) prefill alone with its checks and stages, (b) end to end,
+    the chunk-count sweep (random-weight shapes only)."""
     from kvblend.kvstore.builder import build_chunk_kv
-    from kvblend.model.kv import allocate_state
-    from kvblend.model.runner import ModelRunner, runner_of
 
     s = model.shape
     res: dict[str, Any] = {"label": label, "real_weights": real, "num_tokens": prompt.num_tokens,
                            "num_chunks": len(prompt.chunk_ids), "num_chunk_tokens": sum(map(len, prompt.chunk_ids)),
                            "model_shape": {k: getattr(s, k) for k in s.__slots__}, "errors": {}}
-    cuda = device.type == "cuda"
-    ratios = args.ratios
-    r0 = 0.15 if 0.15 in ratios else ratios[0]
+    r0 = 0.15 if 0.15 in args.ratios else args.ratios[0]
     res["blend_ratio_for_targets"] = r0
-
-    # ---- (a) prefill alone, chunks resident ---------------------------------------------------------
     chunks = [build_chunk_kv(model, ids) for ids in prompt.chunk_ids]
     sync(device)
     res["chunk_kv_mib"] = sum(c.nbytes for c in chunks) / 2**20
+    cases, pinned, hf_forward = _prefill_cases(model, prompt, chunks, args.ratios, r0, device)
+    res["checks"] = _prefill_checks(model, prompt, chunks, pinned, r0, hf_forward)
+    times = round_robin(cases, args.warmup, args.iters, device)
+    res["prefill"] = {k: summarise(v) for k, v in times.items()}
+    for k, m in res["prefill"].items():
+        if k.startswith("place_"):
+            m["gbs"] = res["chunk_kv_mib"] * 2**20 / (m["median_ms"] / 1e3) / 1e9
+    if args.profile and device.type == "cuda":
+        res["profile"] = {name: profile_case(cases[name], device)
+                          for name in (f"blend@{r0:g}", f"blend@{r0:g}_no_graphs")}
+    res["stages_blend"] = _blend_stages(model, prompt, chunks, r0, args)
+    answer_on, e2e_cases, warm = _e2e_cases(model, prompt, texts, args, home, label, r0)
+    try:
+        warm()
+        res["e2e"] = {k: summarise(v) for k, v in round_robin(
+            e2e_cases, min(args.warmup, 2), 2 if args.quick else max(3, args.iters // 2), device, _ttft).items()}
+    except Exception as exc:  # noqa: BLE001 (recorded in the JSON, the rest of the run goes on)
+        log.exception("end-to-end cases failed")
+        res["errors"]["e2e"], res["e2e"] = f"{type(exc).__name__}: {exc}", {}
+    res["chunks_sweep"] = _chunk_sweep(model, answer_on, args, device, res["errors"]) \
+        if args.chunk_counts and model.tokenizer is None else {}
+    return res
+
+
+def _plain():
+    from kvblend.config import SelectionPolicy
+
+    return SelectionPolicy("k")
+
+
+def _prefill_cases(model, prompt, chunks, ratios, r0: float, device):
+    """(cases, pinned chunks or None, hf_forward): the prefill-alone cases, timed round robin. blend@r rows time
+    plain CacheBlend (K deviation at check layer 1); *_default_selection rows the engine's default variant."""
+    from dataclasses import replace
+
+    import torch
+
+    from kvblend.config import DEFAULT_SELECTION
+    from kvblend.fusion.blend import prefill
+    from kvblend.model.runner import ModelRunner, runner_of
+
     ids = torch.tensor(prompt.flat(), dtype=torch.long, device=device)
     fwd_params = __import__("inspect").signature(model.hf_model.forward).parameters
     hf_kwargs = {"use_cache": True, **({"logits_to_keep": 1} if "logits_to_keep" in fwd_params else {})}
@@ -249,45 +276,53 @@ def measure(model, prompt, texts, args, device, label: str, home: Path, real: bo
         with torch.inference_mode():
             return model.hf_model(input_ids=ids[None], **hf_kwargs).logits
 
-    # blend@r rows time plain CacheBlend (K deviation at check layer 1); *_default_selection the default variant
-    plain = SelectionPolicy("k")
-    runner = runner_of(model)
-    cases: dict[str, Callable[[], Any]] = {
-        "hf_forward": hf_forward,
-        "full": lambda: prefill(model, prompt, None, mode="full"),
-        "reuse": lambda: prefill(model, prompt, chunks, mode="reuse"),
-    }
+    plain, runner = _plain(), runner_of(model)
+    cases: dict[str, Callable[[], Any]] = {"hf_forward": hf_forward,
+                                           "full": lambda: runner.full_prefill(prompt),
+                                           "reuse": lambda: prefill(model, prompt, chunks, mode="reuse")}
     for r in ratios:
         cases[f"blend@{r:g}"] = (lambda r=r: prefill(model, prompt, chunks, mode="blend", ratio=r, selection=plain))
-    pinned = None
-    if cuda:
-        cases[f"blend@{r0:g}_no_graphs"] = lambda: prefill(model, prompt, chunks, mode="blend", ratio=r0,
-                                                           selection=plain, recompute="plain")
-        cases["reuse_no_graphs"] = lambda: prefill(model, prompt, chunks, mode="reuse", recompute="plain")
-        # the blend front (check layers + selection) eagerly vs as one CUDA graph (fusion/front_graph.py), with
-        # plain CacheBlend selection and with the engine's default selection policy
-        policy = DEFAULT_SELECTION
-        eager_front = ModelRunner(model, replace(runner.runtime, front_graph=False))  # same model, eager front
-        cases[f"blend@{r0:g}_eager_front"] = lambda: prefill(eager_front, prompt, chunks, mode="blend", ratio=r0,
-                                                             selection=plain)
-        cases[f"blend@{r0:g}_default_selection"] = lambda: prefill(model, prompt, chunks, mode="blend", ratio=r0,
-                                                                   selection=policy)
-        cases[f"blend@{r0:g}_default_selection_eager_front"] = lambda: prefill(
-            eager_front, prompt, chunks, mode="blend", ratio=r0, selection=policy)
-        pinned = [c.to("cpu", pin=True) for c in chunks]
-        sync(device)
-        cases[f"blend@{r0:g}_pinned"] = lambda: prefill(model, prompt, pinned, mode="blend", ratio=r0,
-                                                        selection=plain)
-        starts, st = [], len(prompt.prefix_ids)
-        for c in pinned:
-            starts.append((c, st))
-            st += c.num_tokens
-        place_state = allocate_state(model, prompt.num_tokens)
-        cases["place_pinned"] = lambda: place_chunks(place_state, starts, model)
-        gpu_starts = [(c, b) for c, (_, b) in zip(chunks, starts)]
-        cases["place_gpu"] = lambda: place_chunks(place_state, gpu_starts, model)
+    if device.type != "cuda":
+        return cases, None, hf_forward
+    b = f"blend@{r0:g}"
+    eager_front = ModelRunner(model, replace(runner.runtime, front_graph=False))  # same model, eager front
+    for name, target, policy, recompute in (
+            (b + "_no_graphs", model, plain, "plain"), (b + "_eager_front", eager_front, plain, None),
+            (b + "_default_selection", model, DEFAULT_SELECTION, None),
+            (b + "_default_selection_eager_front", eager_front, DEFAULT_SELECTION, None)):
+        cases[name] = (lambda t=target, pol=policy, rc=recompute: prefill(
+            t, prompt, chunks, mode="blend", ratio=r0, selection=pol, **({"recompute": rc} if rc else {})))
+    cases["reuse_no_graphs"] = lambda: prefill(model, prompt, chunks, mode="reuse", recompute="plain")
+    pinned = [c.to("cpu", pin=True) for c in chunks]
+    sync(device)
+    cases[b + "_pinned"] = lambda: prefill(model, prompt, pinned, mode="blend", ratio=r0, selection=plain)
+    cases.update(_placement_cases(model, prompt, chunks, pinned))
+    return cases, pinned, hf_forward
 
-    # correctness on this device, before timing: graph path vs plain path, pinned vs resident
+
+def _placement_cases(model, prompt, chunks, pinned) -> dict[str, Callable[[], Any]]:
+    """Chunk placement alone (copy + re-rotation into a request's KV), from pinned host memory and from GPU."""
+    from kvblend.fusion.placement import place_chunks
+    from kvblend.model.kv import allocate_state
+
+    starts, st = [], len(prompt.prefix_ids)
+    for c in pinned:
+        starts.append((c, st))
+        st += c.num_tokens
+    place_state = allocate_state(model, prompt.num_tokens)
+    gpu_starts = [(c, b) for c, (_, b) in zip(chunks, starts)]
+    return {"place_pinned": lambda: place_chunks(place_state, starts, model),
+            "place_gpu": lambda: place_chunks(place_state, gpu_starts, model)}
+
+
+def _prefill_checks(model, prompt, chunks, pinned, r0: float, hf_forward) -> dict[str, Any]:
+    """Correctness on this device, before timing: graph path vs plain path, pinned vs resident, full vs hf."""
+    import torch
+
+    from kvblend.fusion.blend import prefill
+    from kvblend.model.runner import runner_of
+
+    plain = _plain()
     with torch.inference_mode():
         ref = prefill(model, prompt, chunks, mode="blend", ratio=r0, selection=plain, recompute="plain")
         got = prefill(model, prompt, chunks, mode="blend", ratio=r0, selection=plain)
@@ -297,105 +332,98 @@ def measure(model, prompt, texts, args, device, label: str, home: Path, real: bo
         if pinned is not None:
             pin_out = prefill(model, prompt, pinned, mode="blend", ratio=r0, selection=plain)
             checks["blend_pinned_vs_resident_max_abs_logit_diff"] = (pin_out.logits - got.logits).abs().max().item()
-        full = prefill(model, prompt, None, mode="full")
+        full = runner_of(model).full_prefill(prompt)
         hf_last = hf_forward()[0, -1].float()
         checks["full_vs_hf_max_abs_logit_diff"] = (full.logits - hf_last).abs().max().item()
         checks["full_vs_hf_same_argmax"] = int(full.logits.argmax()) == int(hf_last.argmax())
-    checks["graph_capture_failed"] = runner.graphs.failed
-    res["checks"] = checks
-    del ref, got, full
+    checks["graph_capture_failed"] = runner_of(model).graphs.failed
+    return checks
 
-    times = round_robin(cases, args.warmup, args.iters, device)
-    res["prefill"] = {k: summarise(v) for k, v in times.items()}
-    for k, m in res["prefill"].items():
-        if k.startswith("place_"):
-            m["gbs"] = res["chunk_kv_mib"] * 2**20 / (m["median_ms"] / 1e3) / 1e9
 
-    if args.profile and cuda:
-        res["profile"] = {name: profile_case(cases[name], device) for name in (f"blend@{r0:g}", f"blend@{r0:g}_no_graphs")}
+def _blend_stages(model, prompt, chunks, r0: float, args) -> dict[str, Any]:
+    """One blend prefill split into stages (medians over --iters, after --warmup)."""
+    from kvblend.fusion.blend import prefill
 
-    # one blend prefill split into stages (medians over iters)
-    stage_runs: list[dict] = []
+    runs: list[dict] = []
     for i in range(args.warmup + args.iters):
         t: dict = {}
-        prefill(model, prompt, chunks, mode="blend", ratio=r0, selection=plain, timings=t)
+        prefill(model, prompt, chunks, mode="blend", ratio=r0, selection=_plain(), timings=t)
         if i >= args.warmup:
-            stage_runs.append(t)
-    res["stages_blend"] = {k: percentile([r[k] for r in stage_runs], 50) for k in stage_runs[0]
-                           if isinstance(stage_runs[0][k], float)}
-    res["stages_blend"]["recompute_path"] = stage_runs[0].get("recompute_path")
+            runs.append(t)
+    out: dict[str, Any] = {k: percentile([r[k] for r in runs], 50) for k in runs[0] if isinstance(runs[0][k], float)}
+    out["recompute_path"] = runs[0].get("recompute_path")
+    return out
 
-    # ---- (b) end to end through Engine.answer, chunks staged on each tier ------------------------------
-    config = EngineConfig(home=str(home / label), gpu_budget="64GiB", cpu_budget="64GiB", disk_budget="200GiB",
-                          chunk_sink="none" if model.tokenizer is None else "auto", mode="blend", ratio=r0,
-                          max_new_tokens=1, stop_on_newline=False, gpu_chunks=EVERY_CHUNK,
-                          # the selection of the blend@r rows: plain CacheBlend, K deviation at check layer 1,
-                          # not the engine's default variant (the *_default_selection rows time that)
-                          score_on="k", select_layers=1, select_first_tokens=0, check_layer=1,
-                          **{f: getattr(runner.runtime, f) for f in ("cuda_graphs", "front_graph", "attention",
-                                                                     "flex_compile")})
-    engine = Engine(config, model=model)
+
+def _ttft(out, _wall) -> float:
+    return out.ttft_ms
+
+
+def _e2e_engine(model, home: Path, r0: float, plain: bool):
+    """An engine over `model` with every chunk GPU-resident; plain: plain CacheBlend selection (the blend@r
+    rows), else the engine's default variant (what a user gets without flags)."""
+    from kvblend.config import EngineConfig
+    from kvblend.engine import Engine
+    from kvblend.model.runner import runner_of
+
+    runtime = runner_of(model).runtime
+    extra = dict(chunk_sink="none" if model.tokenizer is None else "auto", score_on="k", select_layers=1,
+                 select_first_tokens=0, check_layer=1) if plain else {}
+    config = EngineConfig(home=str(home), gpu_budget="64GiB", cpu_budget="64GiB", disk_budget="200GiB",
+                          mode="blend", ratio=r0, max_new_tokens=1, stop_on_newline=False, gpu_chunks=EVERY_CHUNK,
+                          **{f: getattr(runtime, f) for f in ("cuda_graphs", "front_graph", "attention",
+                                                              "flex_compile")}, **extra)
+    return Engine(config, model=model)
+
+
+def _e2e_cases(model, prompt, texts, args, home: Path, label: str, r0: float):
+    """(answer_on, cases, warm_up): `Engine.answer` with every chunk staged on one tier before the clock."""
+    from kvblend.generation.sampling import SamplingParams
+
+    engine = _e2e_engine(model, home / label, r0, plain=True)
+    default_engine = _e2e_engine(model, home / f"{label}-default", r0, plain=False)
     sampling = SamplingParams(max_new_tokens=1, stop_on_newline=False)
-    e2e, sweep = {}, {}
 
-    def answer_on(p, ts, tier: str, mode: str) -> Callable[[], Any]:
+    def answer_on(p, ts, tier: str, mode: str, eng=engine) -> Callable[[], Any]:
         def run():
             if mode == "full":
-                return engine.answer(p, ts, mode="full", sampling=sampling)
-            engine.stage(p, ts, "disk" if tier.startswith("disk") else tier)
+                return eng.answer(p, ts, mode="full", sampling=sampling)
+            eng.stage(p, ts, "disk" if tier.startswith("disk") else tier)
             if tier == "disk_cold":
-                keys = [engine.chunk_key(c, p.prefix_ids) for c in p.chunk_ids]
-                evict_from_page_cache([engine.store.disk.paths(k.digest)[0] for k in keys])
-            return engine.answer(p, ts, mode=mode, ratio=r0 if mode == "blend" else None, sampling=sampling)
+                keys = [eng.chunk_key(c, p.prefix_ids) for c in p.chunk_ids]
+                evict_from_page_cache([eng.store.disk.paths(k.digest)[0] for k in keys])
+            return eng.answer(p, ts, mode=mode, ratio=r0 if mode == "blend" else None, sampling=sampling)
         return run
 
-    ttft = (lambda out, _wall: out.ttft_ms)
-    e2e_cases = {"full": answer_on(prompt, texts, "gpu", "full")}
+    cases = {"full": answer_on(prompt, texts, "gpu", "full")}
     for tier in args.tiers:
         for mode in ("reuse", "blend"):
-            e2e_cases[f"{mode}@{tier}"] = answer_on(prompt, texts, tier, mode)
-    # the engine's default blend variant (EngineConfig defaults: chunk context, selection signal, check layers),
-    # chunks on the GPU tier: what a user gets without flags, timed beside plain CacheBlend
-    default_engine = Engine(EngineConfig(home=str(home / f"{label}-default"), gpu_budget="64GiB",
-                                         cpu_budget="64GiB", disk_budget="200GiB", mode="blend", ratio=r0,
-                                         max_new_tokens=1, stop_on_newline=False,
-                                         gpu_chunks=EVERY_CHUNK), model=model)
+            cases[f"{mode}@{tier}"] = answer_on(prompt, texts, tier, mode)
+    cases["blend_default_variant@gpu"] = answer_on(prompt, texts, "gpu", "blend", eng=default_engine)
 
-    def default_variant() -> Any:
-        default_engine.stage(prompt, texts, "gpu")
-        return default_engine.answer(prompt, texts, mode="blend", ratio=r0, sampling=sampling)
-
-    e2e_cases["blend_default_variant@gpu"] = default_variant
-    if hasattr(engine, "warm_up"):
+    def warm() -> None:
         engine.warm_up(prompt, texts)
         default_engine.warm_up(prompt, texts)
-    try:
-        e2e = {k: summarise(v) for k, v in
-               round_robin(e2e_cases, min(args.warmup, 2), 2 if args.quick else max(3, args.iters // 2), device,
-                           ttft).items()}
-    except Exception as exc:  # noqa: BLE001 (recorded in the JSON, the rest of the run goes on)
-        log.exception("end-to-end cases failed")
-        res["errors"]["e2e"] = f"{type(exc).__name__}: {exc}"
-    res["e2e"] = e2e
+    return answer_on, cases, warm
 
-    # TTFT vs number of chunks per tier (256-token random chunks; blend at r0)
-    if args.chunk_counts and model.tokenizer is None:
-        for count in args.chunk_counts:
-            p = random_prompt(s.vocab_size, args.prefix_tokens, count, 256, args.query_tokens, args.seed + count)
-            if p.num_tokens + 2 > s.max_position_embeddings:
-                continue
-            sc = {"full": answer_on(p, None, "gpu", "full")}
-            for tier in args.tiers:
-                sc[f"blend@{tier}"] = answer_on(p, None, tier, "blend")
-            try:
-                got = round_robin(sc, 0 if args.quick else 1, 1 if args.quick else max(2, args.iters // 3), device,
-                                  ttft)
-                sweep[str(count)] = {k: summarise(v) for k, v in got.items()}
-            except Exception as exc:  # noqa: BLE001
-                log.exception("chunk sweep failed")
-                res["errors"][f"sweep_{count}"] = f"{type(exc).__name__}: {exc}"
-    res["chunks_sweep"] = sweep
-    return res
+
+def _chunk_sweep(model, answer_on, args, device, errors: dict) -> dict[str, Any]:
+    """TTFT vs number of chunks per tier (256-token random chunks; blend at the target ratio)."""
+    s, sweep = model.shape, {}
+    for count in args.chunk_counts:
+        p = random_prompt(s.vocab_size, args.prefix_tokens, count, 256, args.query_tokens, args.seed + count)
+        if p.num_tokens + 2 > s.max_position_embeddings:
+            continue
+        sc = {"full": answer_on(p, None, "gpu", "full")}
+        for tier in args.tiers:
+            sc[f"blend@{tier}"] = answer_on(p, None, tier, "blend")
+        try:
+            got = round_robin(sc, 0 if args.quick else 1, 1 if args.quick else max(2, args.iters // 3), device, _ttft)
+            sweep[str(count)] = {k: summarise(v) for k, v in got.items()}
+        except Exception as exc:  # noqa: BLE001
+            log.exception("chunk sweep failed")
+            errors[f"sweep_{count}"] = f"{type(exc).__name__}: {exc}"
+    return sweep
 
 
 def profile_case(fn: Callable[[], Any], device, reps: int = 3, top: int = 15) -> dict[str, Any]:
@@ -536,17 +564,30 @@ def tables(doc: dict) -> str:
 
 
 def plot(doc: dict, folder: Path, tag: str) -> list[Path]:
+    """The PNG figures of a results document: TTFT vs ratio, TTFT vs number of chunks, blend stages."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     folder.mkdir(parents=True, exist_ok=True)
-    made: list[Path] = []
     results = [r for r in doc.get("results", []) if "prefill" in r]
-    if not results:
-        return made
-    # TTFT vs ratio (prefill alone), one panel per model
+    made: list[Path] = []
+    for name, draw, rows in (("prefill_ttft_vs_ratio", _plot_ratio, results),
+                             ("prefill_ttft_vs_chunks", _plot_chunks, [r for r in results if r.get("chunks_sweep")]),
+                             ("prefill_stages", _plot_stages, results)):
+        if not rows:
+            continue
+        fig = draw(plt, rows)
+        fig.tight_layout()
+        made.append(folder / f"{name}_{tag}.png")
+        fig.savefig(made[-1], dpi=110)
+        plt.close(fig)
+    return made
+
+
+def _plot_ratio(plt, results: list[dict]):
+    """TTFT vs ratio (prefill alone), one panel per model."""
     fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.6), squeeze=False)
     for ax, r in zip(axes[0], results):
         pts = sorted((float(k.split("@")[1]), m["median_ms"]) for k, m in r["prefill"].items()
@@ -560,33 +601,29 @@ def plot(doc: dict, folder: Path, tag: str) -> list[Path]:
         ax.set_ylabel("prefill ms (median)")
         ax.set_ylim(bottom=0)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    made.append(folder / f"prefill_ttft_vs_ratio_{tag}.png")
-    fig.savefig(made[-1], dpi=110)
-    plt.close(fig)
-    # TTFT vs number of chunks, per tier
-    sw = [r for r in results if r.get("chunks_sweep")]
-    if sw:
-        fig, axes = plt.subplots(1, len(sw), figsize=(4.2 * len(sw), 3.6), squeeze=False)
-        for ax, r in zip(axes[0], sw):
-            counts = sorted(int(c) for c in r["chunks_sweep"])
-            names = list(r["chunks_sweep"][str(counts[0])])
-            for name in names:
-                ax.plot(counts, [r["chunks_sweep"][str(c)][name]["median_ms"] for c in counts], "o-", label=name)
-            ax.set_title(f"{r['label']}: Engine.answer TTFT", fontsize=9)
-            ax.set_xlabel("chunks (256 tokens each)")
-            ax.set_ylabel("TTFT ms (median)")
-            ax.set_ylim(bottom=0)
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        made.append(folder / f"prefill_ttft_vs_chunks_{tag}.png")
-        fig.savefig(made[-1], dpi=110)
-        plt.close(fig)
-    # stacked stages of one blend prefill
+    return fig
+
+
+def _plot_chunks(plt, results: list[dict]):
+    """TTFT vs number of chunks, per tier, one panel per model."""
+    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.6), squeeze=False)
+    for ax, r in zip(axes[0], results):
+        counts = sorted(int(c) for c in r["chunks_sweep"])
+        for name in r["chunks_sweep"][str(counts[0])]:
+            ax.plot(counts, [r["chunks_sweep"][str(c)][name]["median_ms"] for c in counts], "o-", label=name)
+        ax.set_title(f"{r['label']}: Engine.answer TTFT", fontsize=9)
+        ax.set_xlabel("chunks (256 tokens each)")
+        ax.set_ylabel("TTFT ms (median)")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=7)
+    return fig
+
+
+def _plot_stages(plt, results: list[dict]):
+    """Stacked stages of one blend prefill per model, beside the (overlapped) chunk placement."""
     fig, ax = plt.subplots(figsize=(4.4 + 1.4 * len(results), 3.8))
-    stages = ["place", "layers_before_check", "check_and_select", "recompute_layers", "lm_head", "copy_out"]
     bottoms = [0.0] * len(results)
-    for stage in stages:
+    for stage in ("place", "layers_before_check", "check_and_select", "recompute_layers", "lm_head", "copy_out"):
         vals = [float(r.get("stages_blend", {}).get(stage, 0.0)) for r in results]
         ax.bar(range(len(results)), vals, bottom=bottoms, label=stage)
         bottoms = [b + v for b, v in zip(bottoms, vals)]
@@ -597,11 +634,7 @@ def plot(doc: dict, folder: Path, tag: str) -> list[Path]:
     ax.set_ylabel("ms (median, device events)")
     ax.set_title("one blend prefill, by stage", fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    made.append(folder / f"prefill_stages_{tag}.png")
-    fig.savefig(made[-1], dpi=110)
-    plt.close(fig)
-    return made
+    return fig
 
 
 def _finish(doc: dict, args, source: str) -> int:
