@@ -46,28 +46,41 @@ PLOT_DIR = "docs/results/bench"
 # (model_type, config kwargs) of random-weight models of real shapes: the one shape type (kvblend/model/shape.py)
 SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
     **{name: (PRESETS[preset].model_type, PRESETS[preset].hf_config())
-       for name, preset in (("llama3-8b", "llama-3-8b"), ("qwen2.5-1.5b", "qwen2.5-1.5b"),
-                            ("smollm2-135m", "smollm2-135m"))},
+       for name, preset in (("llama3-8b", "llama-3-8b"), ("llama3.1-8b", "llama-3.1-8b"),
+                            ("qwen2.5-1.5b", "qwen2.5-1.5b"), ("smollm2-135m", "smollm2-135m"))},
     "tiny": ("llama", dict(
         hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
         vocab_size=256, max_position_embeddings=2048)),
 }
 TIERS = ("gpu", "cpu", "disk_warm", "disk_cold")
-TARGETS = {  # key: (target, better, what)
-    "P1_8b_blend_speedup": (5.0, "higher", "llama3-8b shape, chunks GPU-resident: full / blend@0.15 prefill"),
-    "P1b_1p5b_blend_speedup": (3.0, "higher", "qwen2.5-1.5b shape, same"),
-    "P1c_smollm2_e2e_speedup": (3.0, "higher", "real SmolLM2 bf16, Engine.answer TTFT, chunks on the GPU tier: "
-                                               "full / blend@0.15"),
-    "P1d_full_vs_hf": (1.0, "lower", "kvblend full prefill / transformers forward (the larger of real SmolLM2 "
-                                     "and the llama3-8b shape)"),
-    "P2_pinned_vs_gpu": (1.1, "lower", "llama3-8b shape blend@0.15 prefill: chunks in pinned host memory / on GPU"),
+TARGETS = {  # key: (target, better, what); each measured only by the run its definition asks for
+    "P1_8b_7k_plain_speedup": (5.5, "higher", "llama3-8b shape, 14 x 512 chunks GPU-resident, Engine.answer TTFT: "
+                                              "full / plain CacheBlend blend@0.15"),
+    "P1_8b_7k_default_speedup": (5.0, "higher", "same, the EngineConfig default variant"),
+    "P1_8b_3k_default_speedup": (4.0, "higher", "llama3-8b shape, 6 x 512, default variant, e2e"),
+    "P1_8b_32k_default_speedup": (4.5, "higher", "llama3.1-8b shape, 64 x 512, default variant, e2e"),
+    "P1b_1p5b_7k_default_speedup": (4.0, "higher", "qwen2.5-1.5b shape, 14 x 512, default variant, e2e"),
+    "P1c_smollm2_vs_hf": (4.0, "higher", "real SmolLM2, 10 musique_s passages: transformers forward / default "
+                                         "blend e2e TTFT"),
+    "P1d_full_vs_hf": (0.9, "lower", "kvblend full prefill / transformers forward, worse of the llama3-8b shape at "
+                                     "14 x 512 and real SmolLM2"),
+    "P0_baseline_consistency": (1.05, "lower", "e2e full / prefill-alone full, worst case of the run"),
+    "P2_pinned_vs_gpu": (1.1, "lower", "llama3-8b shape 14 x 512 blend@0.15 prefill: chunks in pinned host memory "
+                                       "/ on GPU"),
     "P2b_disk_vs_gpu": (1.5, "lower", "real SmolLM2, Engine.answer TTFT blend@0.15: chunks on disk (warm page "
                                       "cache) / on the GPU tier"),
-    "P3_h2d_fraction": (0.8, "higher", "pinned chunk placement (copy + re-rotation, bytes / time) / the card's "
-                                       "measured pinned host->device bandwidth"),
+    "P3_h2d_fraction": (0.85, "higher", "pinned chunk placement (copy + re-rotation, bytes / time) / the card's "
+                                        "measured pinned host->device bandwidth"),
     "P6_cpu_speedup": (3.0, "higher", "CPU, real SmolLM2 fp32, Engine.answer TTFT on the demo prompt: "
                                       "full / blend@0.15"),
 }
+RETIRED = ("P1_8b_blend_speedup", "P1b_1p5b_blend_speedup", "P1c_smollm2_e2e_speedup")  # issue 8's keys
+# (key, results label, chunks per prompt, e2e case) of the e2e speedups over full
+E2E_SPEEDUPS = (("P1_8b_7k_plain_speedup", "llama3-8b", 14, "blend@gpu"),
+                ("P1_8b_7k_default_speedup", "llama3-8b", 14, "blend_default_variant@gpu"),
+                ("P1_8b_3k_default_speedup", "llama3-8b", 6, "blend_default_variant@gpu"),
+                ("P1_8b_32k_default_speedup", "llama3.1-8b", 64, "blend_default_variant@gpu"),
+                ("P1b_1p5b_7k_default_speedup", "qwen2.5-1.5b", 14, "blend_default_variant@gpu"))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -79,6 +92,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"comma list of {', '.join(SHAPES)} or none (default: cuda llama3-8b,qwen2.5-1.5b,"
                         f"smollm2-135m; cpu smollm2-135m)")
     p.add_argument("--real", choices=("smollm2",), default=None, help="also the real SmolLM2 weights, demo prompt")
+    p.add_argument("--real-passages", type=int, default=5,
+                   help="musique_s passages of the real-weights prompt (default 5; 10 for P1c_smollm2_vs_hf)")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                    help="default bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--iters", type=int, default=None, help="timed rounds (default 10; --quick 3)")
@@ -201,7 +216,7 @@ def build_random(shape: str, device, dtype, seed: int):
 
 
 def real_prompt(engine, num_chunks: int = 5):
-    """The demo workload: musique_s sample 0, its first 5 passages as chunks."""
+    """The demo workload: musique_s sample 0, its first `num_chunks` passages as chunks."""
     from kvblend.data.datasets import load_dataset
 
     data = load_dataset("musique_s", limit=1)
@@ -246,6 +261,11 @@ def measure(model, prompt, texts, args, device, label: str, home: Path, real: bo
     except Exception as exc:  # noqa: BLE001 (recorded in the JSON, the rest of the run goes on)
         log.exception("end-to-end cases failed")
         res["errors"]["e2e"], res["e2e"] = f"{type(exc).__name__}: {exc}", {}
+    if res["e2e"].get("full"):  # the e2e baseline must be the prefill-alone one plus the request's overhead
+        ratio = res["e2e"]["full"]["median_ms"] / res["prefill"]["full"]["median_ms"]
+        res["checks"]["e2e_full_vs_prefill_full"] = ratio
+        if ratio > 1.05:
+            log.warning("%s: end-to-end full is %.2fx the prefill-alone full (> 1.05)", label, ratio)
     res["chunks_sweep"] = _chunk_sweep(model, answer_on, args, device, res["errors"]) \
         if args.chunk_counts and model.tokenizer is None else {}
     return res
@@ -279,6 +299,7 @@ def _prefill_cases(model, prompt, chunks, ratios, r0: float, device):
     plain, runner = _plain(), runner_of(model)
     cases: dict[str, Callable[[], Any]] = {"hf_forward": hf_forward,
                                            "full": lambda: runner.full_prefill(prompt),
+                                           "full_plain_loop": lambda: runner.full_prefill(prompt, static=False),
                                            "reuse": lambda: prefill(model, prompt, chunks, mode="reuse")}
     for r in ratios:
         cases[f"blend@{r:g}"] = (lambda r=r: prefill(model, prompt, chunks, mode="blend", ratio=r, selection=plain))
@@ -458,12 +479,12 @@ def _med(d: dict, *path) -> float | None:
 
 
 def summary_entries(doc: dict, source: str) -> dict[str, dict]:
-    """The P* targets this results document measured (each only under the conditions its definition asks)."""
+    """The targets this results document measured (each only under the conditions its definition asks)."""
     from kvblend.bench.summary import entry
 
     device = doc.get("device", "")
     dev_label = doc.get("env", {}).get("gpu") or doc.get("env", {}).get("cpu") or device
-    by = {r["label"]: r for r in doc.get("results", []) if "prefill" in r}
+    rows = [r for r in doc.get("results", []) if "prefill" in r]
     out: dict[str, dict] = {}
 
     def put(key: str, measured: float | None, **extra):
@@ -472,50 +493,54 @@ def summary_entries(doc: dict, source: str) -> dict[str, dict]:
         target, better, what = TARGETS[key]
         out[key] = entry(measured, target, better, source, device=dev_label, what=what, **extra)
 
-    cuda_bf16 = device == "cuda" and doc.get("dtype") == "bfloat16"
-    if cuda_bf16:
-        for key, label in (("P1_8b_blend_speedup", "llama3-8b"), ("P1b_1p5b_blend_speedup", "qwen2.5-1.5b")):
-            r = by.get(label)
-            if r:
-                b = f"blend@{r['blend_ratio_for_targets']:g}"
-                put(key, _med(r, "prefill", "full") / _med(r, "prefill", b),
-                    full_ms=_med(r, "prefill", "full"), blend_ms=_med(r, "prefill", b),
-                    blend_no_graphs_ms=_med(r, "prefill", b + "_no_graphs"))
-        real = by.get("smollm2-real")
-        if real and real.get("e2e"):
-            b = "blend@gpu"
-            full, blend = _med(real, "e2e", "full"), _med(real, "e2e", b)
-            if full and blend:
-                put("P1c_smollm2_e2e_speedup", full / blend, full_ttft_ms=full, blend_ttft_ms=blend)
-            warm = _med(real, "e2e", "blend@disk_warm")
-            if warm and blend:
-                put("P2b_disk_vs_gpu", warm / blend, disk_warm_ttft_ms=warm, gpu_ttft_ms=blend)
-        ratios = {}
-        for label in ("smollm2-real", "llama3-8b"):
-            r = by.get(label)
-            if r:
-                ratios[label] = _med(r, "prefill", "full") / _med(r, "prefill", "hf_forward")
-        if ratios:
-            put("P1d_full_vs_hf", max(ratios.values()), per_model=ratios)
-        r = by.get("llama3-8b")
-        if r:
-            b = f"blend@{r['blend_ratio_for_targets']:g}"
-            pin = _med(r, "prefill", b + "_pinned")
-            if pin:
-                put("P2_pinned_vs_gpu", pin / _med(r, "prefill", b), pinned_ms=pin, gpu_ms=_med(r, "prefill", b))
-            ceil = doc.get("env", {}).get("measured_ceilings", {}).get("h2d_pinned_gbs")
-            place = r["prefill"].get("place_pinned")
-            if ceil and place:
-                put("P3_h2d_fraction", place["gbs"] / ceil, placed_gbs=place["gbs"], card_pinned_gbs=ceil,
-                    chunk_kv_mib=r["chunk_kv_mib"])
-    if device == "cpu" and doc.get("dtype") == "float32":
-        real = by.get("smollm2-real")
-        if real and real.get("e2e"):
-            full, blend = _med(real, "e2e", "full"), _med(real, "e2e", "blend@gpu")
-            if full and blend:
-                put("P6_cpu_speedup", full / blend, full_ttft_ms=full, blend_ttft_ms=blend,
-                    torch_threads=doc.get("env", {}).get("torch_threads"))
+    def find(label: str, chunks: int | None = None) -> dict | None:
+        return next((r for r in rows if r["label"] == label and chunks in (None, r["num_chunks"])), None)
+
+    consistency = {f"{r['label']} x{r['num_chunks']}": _med(r, "e2e", "full") / _med(r, "prefill", "full")
+                   for r in rows if _med(r, "e2e", "full")}
+    if consistency:
+        put("P0_baseline_consistency", max(consistency.values()), per_run=consistency)
+    if device == "cuda" and doc.get("dtype") == "bfloat16":
+        _cuda_entries(put, find, doc.get("env", {}).get("measured_ceilings", {}).get("h2d_pinned_gbs"))
+    real = find("smollm2-real")
+    if device == "cpu" and doc.get("dtype") == "float32" and real and real.get("e2e"):
+        full, blend = _med(real, "e2e", "full"), _med(real, "e2e", "blend@gpu")
+        if full and blend:
+            put("P6_cpu_speedup", full / blend, full_ttft_ms=full, blend_ttft_ms=blend,
+                torch_threads=doc.get("env", {}).get("torch_threads"))
     return out
+
+
+def _cuda_entries(put, find, ceil: float | None) -> None:
+    for key, label, chunks, case in E2E_SPEEDUPS:
+        r = find(label, chunks)
+        if r and _med(r, "e2e", case):
+            put(key, _med(r, "e2e", "full") / _med(r, "e2e", case), full_ttft_ms=_med(r, "e2e", "full"),
+                blend_ttft_ms=_med(r, "e2e", case), prefill_full_ms=_med(r, "prefill", "full"),
+                hf_forward_ms=_med(r, "prefill", "hf_forward"))
+    real = find("smollm2-real")
+    if real and real.get("e2e") and real["num_chunks"] == 10:
+        blend = _med(real, "e2e", "blend_default_variant@gpu")
+        if blend:
+            put("P1c_smollm2_vs_hf", _med(real, "prefill", "hf_forward") / blend, default_ttft_ms=blend,
+                hf_forward_ms=_med(real, "prefill", "hf_forward"))
+    if real and real.get("e2e") and _med(real, "e2e", "blend@disk_warm"):
+        warm, blend = _med(real, "e2e", "blend@disk_warm"), _med(real, "e2e", "blend@gpu")
+        put("P2b_disk_vs_gpu", warm / blend, disk_warm_ttft_ms=warm, gpu_ttft_ms=blend)
+    ratios = {f"{r['label']} x{r['num_chunks']}": _med(r, "prefill", "full") / _med(r, "prefill", "hf_forward")
+              for r in (find("llama3-8b", 14), real) if r}
+    if ratios:
+        put("P1d_full_vs_hf", max(ratios.values()), per_model=ratios)
+    r = find("llama3-8b", 14)
+    if r:
+        b = f"blend@{r['blend_ratio_for_targets']:g}"
+        pin = _med(r, "prefill", b + "_pinned")
+        if pin:
+            put("P2_pinned_vs_gpu", pin / _med(r, "prefill", b), pinned_ms=pin, gpu_ms=_med(r, "prefill", b))
+        place = r["prefill"].get("place_pinned")
+        if ceil and place:
+            put("P3_h2d_fraction", place["gbs"] / ceil, placed_gbs=place["gbs"], card_pinned_gbs=ceil,
+                chunk_kv_mib=r["chunk_kv_mib"])
 
 
 def tables(doc: dict) -> str:
@@ -644,7 +669,7 @@ def _finish(doc: dict, args, source: str) -> int:
 
         entries = summary_entries(doc, source)
         if entries:
-            update_summary(args.summary, entries)
+            update_summary(args.summary, entries, retire=RETIRED)
         for k, e in entries.items():
             print(f"{k}: {e['measured']:.3f} (target {e['better']} {e['target']}; {'met' if e['met'] else 'missed'})")
         if not entries:
@@ -718,7 +743,7 @@ def _model_and_prompt(label: str, real: bool, device, dtype, args, tmp: str):
 
     model = load_model("smollm2-135m-instruct", str(dtype).removeprefix("torch."), device.type)
     probe = Engine(EngineConfig(home=str(Path(tmp) / "probe"), device=device.type), model=model)
-    prompt, texts = real_prompt(probe)
+    prompt, texts = real_prompt(probe, args.real_passages)
     return model, prompt, texts
 
 

@@ -2,7 +2,8 @@
 graphs (model/graphs.py), and runs tokens through the layer body of model/layers.py.
 
 Verbs:
-  forward(ids)            full prefill of a prompt into a new state (plain causal attention, every layer)
+  forward(ids)            full prefill of a prompt into a new state (every layer; on CUDA the plain loop or
+                          the captured padded computation, whichever was measured faster for its size)
   append(state, ids)      append tokens at state.length and return logits (chunk builds, drafters, probes)
   run_layers(...)         a set of query rows through layers first..L-1 (a blend's recompute set): plain,
                           padded (the captured computation, eagerly) or a CUDA graph replay
@@ -31,7 +32,7 @@ from kvblend.model.attention import AttnMask, build_mask, resolve_kernel, set_fl
 from kvblend.model.graphs import GraphCache
 from kvblend.model.hf import DecoderModel
 from kvblend.model.kv import MAX_PAD, KVArena, KVState, StaticKV, allocate_state
-from kvblend.model.layers import attn_mask, causal_mask, forward_tokens, run_layers
+from kvblend.model.layers import attn_mask, causal_mask, forward_tokens, lm_logits, run_layers
 from kvblend.model.steps import StepRunner
 from kvblend.model.rope import rope_cos_sin
 from kvblend.types import BlendStats, PrefillResult
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 KEY_BUCKET = 256  # key-count bucket of the padded recompute computation
 RECOMPUTE_PATHS = ("auto", "plain", "padded", "graph")
 MAX_GRAPH_TOKENS = 16  # decode / verification steps of up to this many tokens are captured
+FULL_GRAPH_MAX_ROWS = 8192  # a captured full prefill holds a dense [rows, keys] mask: at most 64 MiB
 
 
 def row_bucket(r: int) -> int:
@@ -160,6 +162,7 @@ class ModelRunner:
         self.graphs = GraphCache(model, self.runtime.max_graphs)
         self.arena = KVArena(model, on_free=self._buffer_freed)
         self.lock = threading.Lock()  # one request at a time through the static buffers' graphs
+        self._full_paths: dict[int, str] = {}  # row bucket -> "graph" | "plain", measured (_choose_full_path)
 
     def _buffer_freed(self, buf: StaticKV) -> None:
         self.graphs.drop(lambda key: isinstance(key, tuple) and len(key) > 1 and key[1] == buf.id)
@@ -186,12 +189,54 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, token_ids: Sequence[int], extra_capacity: int = 0,
                 static: bool | None = None) -> tuple[KVState, torch.Tensor]:
-        """Full prefill: (state with room for extra_capacity more tokens, fp32 logits [V] of the last token)."""
+        """Full prefill: (state with room for extra_capacity more tokens, fp32 logits [V] of the last token).
+        In a static buffer with graphs, prompts of up to FULL_GRAPH_MAX_ROWS rows may run as the captured
+        padded computation (the recompute layers from layer 0) when that was measured faster (_full_path)."""
         if not token_ids:
             raise ValueError("nothing to prefill: the prompt is empty")
         check_length(self.model, len(token_ids) + extra_capacity)
         state = self.new_state(len(token_ids) + extra_capacity, static)
+        path = self._full_path(state, len(token_ids))
+        if path == "auto":  # first prompt of this size: time both, keep the faster for the bucket
+            path = self._choose_full_path(state, token_ids)
+        if path in ("graph", "padded"):
+            return state, self._full_captured(state, token_ids, path)
         return state, forward_tokens(self.model, state, token_ids, num_logits=1)[-1]
+
+    def _full_path(self, state: KVState, n: int) -> str:
+        if state.buffer is None or row_bucket(n) > FULL_GRAPH_MAX_ROWS:
+            return "plain"
+        if not self.use_graphs:  # static_eager: the captured computation, eagerly (tests it on any device)
+            return "padded" if self.static_eager else "plain"
+        return self._full_paths.get(row_bucket(n), "auto")
+
+    def _full_captured(self, state: KVState, token_ids: Sequence[int], path: str = "graph") -> torch.Tensor:
+        n, model = len(token_ids), self.model
+        pos = torch.arange(n, device=model.device)
+        cos, sin = rope_cos_sin(model.inv_freq, pos, model.dtype)
+        ids = torch.tensor(list(token_ids), dtype=torch.long, device=model.device)
+        h = self.run_layers(state, model.embed_tokens(ids), pos, cos, sin, 0, n, path=path)
+        state.length = n
+        return lm_logits(model, h)[-1]
+
+    def _choose_full_path(self, state: KVState, token_ids: Sequence[int]) -> str:
+        """Time the plain layer loop and the captured computation on this prompt (after a warm-up call of
+        each) and keep the faster for its row bucket: a small model is launch-bound (the graph wins), a
+        large one compute-bound (plain causal attention wins). Leaves the state prefilled."""
+        times = {}
+        for path in ("graph", "plain", "graph", "plain"):
+            state.length = 0
+            t0 = time.perf_counter()
+            if path == "graph":
+                self._full_captured(state, token_ids)
+            else:
+                forward_tokens(self.model, state, token_ids, num_logits=1)
+            times[path] = elapsed_ms(t0, self.model.device)
+        best = min(times, key=times.get) if not self.graphs.failed else "plain"
+        self._full_paths[row_bucket(len(token_ids))] = best
+        log.info("%s: full prefill of %d rows: captured %.2f ms, plain %.2f ms: %s", self.model.name,
+                 row_bucket(len(token_ids)), times["graph"], times["plain"], best)
+        return best
 
     def full_prefill(self, prompt, extra_capacity: int = 0, static: bool | None = None) -> PrefillResult:
         """forward() of a prompt (PromptIds or token ids) as a PrefillResult (mode full), timed."""
