@@ -163,8 +163,9 @@ def test_disk_load_never_uses_a_corrupt_file(tmp_path, tiny_llama, prefetch, old
 
 @pytest.mark.parametrize("n", [5, 64, 130])
 def test_captured_full_prefill_equals_the_plain_loop(tiny_model, n):
-    """The full prefill CUDA takes when it is faster (the padded recompute computation from layer 0, pad rows
-    first): here run eagerly in a static buffer; the same logits and KV rows as the plain causal loop."""
+    """The full prefill CUDA takes when it is faster (the prompt padded at the end to its row bucket, causal
+    attention, one graph per bucket): here run eagerly in a static buffer; the same logits and KV rows as the
+    plain causal loop, and decoding after it the same."""
     from kvblend.model.runner import ModelRunner
 
     ids = torch.randint(0, tiny_model.shape.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist()

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 KEY_BUCKET = 256  # key-count bucket of the padded recompute computation
 RECOMPUTE_PATHS = ("auto", "plain", "padded", "graph")
 MAX_GRAPH_TOKENS = 16  # decode / verification steps of up to this many tokens are captured
-FULL_GRAPH_MAX_ROWS = 8192  # a captured full prefill holds a dense [rows, keys] mask: at most 64 MiB
+FULL_GRAPH_MAX_ROWS = 8192  # longer prompts are compute-bound: the plain loop, no graph memory held
 
 
 def row_bucket(r: int) -> int:
@@ -147,6 +147,40 @@ def _padded_body(model: DecoderModel, full: KVState, first: int):
     return body
 
 
+@dataclass(slots=True)
+class FullRows:
+    """Static inputs of a captured full prefill: token ids padded to n_pad, RoPE tables, the last real row."""
+
+    ids: torch.Tensor  # [n_pad] long
+    cos: torch.Tensor  # [n_pad, D]
+    sin: torch.Tensor
+    last: torch.Tensor  # [1] long: n - 1
+    out: torch.Tensor  # [1, hidden]
+
+    @staticmethod
+    def empty(model: DecoderModel, n_pad: int) -> "FullRows":
+        dev = model.device
+        cos, sin = rope_cos_sin(model.inv_freq, torch.arange(n_pad, device=dev), model.dtype)
+        return FullRows(ids=torch.zeros(n_pad, dtype=torch.long, device=dev), cos=cos, sin=sin,
+                        last=torch.zeros(1, dtype=torch.long, device=dev),
+                        out=torch.zeros(1, model.shape.hidden_size, dtype=model.dtype, device=dev))
+
+    def fill(self, token_ids: Sequence[int]) -> None:
+        n = len(token_ids)
+        self.ids.zero_()
+        self.ids[:n].copy_(torch.tensor(list(token_ids), dtype=torch.long), non_blocking=True)
+        self.last.fill_(n - 1)
+
+
+def _full_body(model: DecoderModel, full: KVState):
+    def body(rows: FullRows) -> None:
+        n_pad = rows.ids.shape[0]
+        h = run_layers(model, full, model.embed_tokens(rows.ids), rows.cos, rows.sin,
+                       range(model.shape.num_layers), slice(0, n_pad), None, n_pad, causal_prefix=True)
+        rows.out.copy_(h.index_select(0, rows.last))
+    return body
+
+
 # ------------------------------------------------------------------------------------------ the runner
 class ModelRunner:
     """One per model: its static KV buffers, its graphs, the verbs of the module docstring."""
@@ -190,8 +224,8 @@ class ModelRunner:
     def forward(self, token_ids: Sequence[int], extra_capacity: int = 0,
                 static: bool | None = None) -> tuple[KVState, torch.Tensor]:
         """Full prefill: (state with room for extra_capacity more tokens, fp32 logits [V] of the last token).
-        In a static buffer with graphs, prompts of up to FULL_GRAPH_MAX_ROWS rows may run as the captured
-        padded computation (the recompute layers from layer 0) when that was measured faster (_full_path)."""
+        In a static buffer with graphs, prompts of up to FULL_GRAPH_MAX_ROWS rows run captured (padded at the
+        end, causal attention: _full_captured) where that was measured faster for their size (_full_path)."""
         if not token_ids:
             raise ValueError("nothing to prefill: the prompt is empty")
         check_length(self.model, len(token_ids) + extra_capacity)
@@ -211,18 +245,28 @@ class ModelRunner:
         return self._full_paths.get(row_bucket(n), "auto")
 
     def _full_captured(self, state: KVState, token_ids: Sequence[int], path: str = "graph") -> torch.Tensor:
-        n, model = len(token_ids), self.model
-        pos = torch.arange(n, device=model.device)
-        cos, sin = rope_cos_sin(model.inv_freq, pos, model.dtype)
-        ids = torch.tensor(list(token_ids), dtype=torch.long, device=model.device)
-        h = self.run_layers(state, model.embed_tokens(ids), pos, cos, sin, 0, n, path=path)
+        """The full prefill as one captured computation per row bucket: the prompt padded at the end to
+        row_bucket(n) rows, plain causal attention over them (pad rows sit after every real row, so no real
+        row sees them; their K/V land in rows [n, n_pad), which decoding overwrites before it attends to
+        them); logits of row n - 1. path "padded": the same computation eagerly."""
+        n, model, buf = len(token_ids), self.model, state.buffer
+        n_pad = row_bucket(n)
+        make = lambda: FullRows.empty(model, n_pad)  # noqa: E731
+        g = self.graphs.get(("full", buf.id, n_pad), make, lambda: _full_body(model, buf.full)) \
+            if path == "graph" else None
+        io = g.io if g is not None else make()
+        io.fill(token_ids)
+        if g is not None:
+            g.replay()
+        else:
+            _full_body(model, buf.full)(io)
         state.length = n
-        return lm_logits(model, h)[-1]
+        return lm_logits(model, io.out)[-1]
 
     def _choose_full_path(self, state: KVState, token_ids: Sequence[int]) -> str:
         """Time the plain layer loop and the captured computation on this prompt (after a warm-up call of
         each) and keep the faster for its row bucket: a small model is launch-bound (the graph wins), a
-        large one compute-bound (plain causal attention wins). Leaves the state prefilled."""
+        large one may not be. Leaves the state prefilled by the plain loop (the caller runs the winner)."""
         times = {}
         for path in ("graph", "plain", "graph", "plain"):
             state.length = 0
@@ -232,6 +276,7 @@ class ModelRunner:
             else:
                 forward_tokens(self.model, state, token_ids, num_logits=1)
             times[path] = elapsed_ms(t0, self.model.device)
+        state.length = 0
         best = min(times, key=times.get) if not self.graphs.failed else "plain"
         self._full_paths[row_bucket(len(token_ids))] = best
         log.info("%s: full prefill of %d rows: captured %.2f ms, plain %.2f ms: %s", self.model.name,
