@@ -27,5 +27,8 @@ elif [ "$part" = real ]; then
   run preal 200 $B prefill --device cuda --ratios 0.15 --chunk-counts "" --shapes none --real smollm2 \
       --real-passages 10 --iters 8 --tiers gpu,cpu,disk_warm --out "$OUT/speed/prefill_real10.json"
   run decode 240 $B decode --device cuda --real smollm2 --out "$OUT/speed/decode.json"
+elif [ "$part" = p14 ]; then
+  run p14 200 $B prefill "${common[@]}" --shapes llama3-8b,qwen2.5-1.5b --chunks 14 --iters 5 --warmup 2 --tiers gpu \
+      --out "$OUT/speed/prefill_14x512.json"
 fi
 for f in "$OUT"/speed/*.log; do echo "== $f"; grep -vE "^\s*$" "$f" | grep -E "^\|.*(full|blend|reuse|hf_forward|place)" | head -30; done
