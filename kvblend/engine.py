@@ -116,10 +116,14 @@ class Engine:
         return SamplingParams(max_new_tokens=c.max_new_tokens or max_new_tokens or 32, temperature=c.temperature,
                               top_p=c.top_p, stop_on_newline=c.stop_on_newline, seed=c.seed)
 
-    def prompt(self, prefix_text: str, chunk_texts: Sequence[str], query_text: str) -> PromptIds:
+    def prompt(self, prefix_text: str, chunk_texts: Sequence[str], query_text: str,
+               trust_messages: bool = False) -> PromptIds:
+        """Token ids of the prompt; special-token strings in chunks (and, unless trust_messages, in the prefix and
+        query text) are plain text, never control tokens (kvblend/data/prompt.py)."""
         if self.model.tokenizer is None:
             raise ValueError(f"{self.model.name} has no tokenizer; pass token ids (PromptIds) instead of text")
-        return build_prompt(self.model.tokenizer, prefix_text, chunk_texts, query_text, self.config.chat_template)
+        return build_prompt(self.model.tokenizer, prefix_text, chunk_texts, query_text, self.config.chat_template,
+                            trust_messages)
 
     # chunks -----------------------------------------------------------------------------------------
     def chunk_context(self, prefix_ids: Sequence[int] | None = None) -> tuple[int, ...]:
@@ -135,10 +139,17 @@ class Engine:
         return chunk_key(self.model, token_ids, self.chunk_context(prefix_ids), salt)
 
     def _builder(self, token_ids: Sequence[int], text: str, prefix_ids: Sequence[int] | None = None,
-                 salt: str = ""):
-        """The builder of one chunk (prefilled alone after its context), for ChunkKVStore.get(build=...)."""
+                 salt: str = "", on_build: Callable[[], None] | None = None):
+        """The builder of one chunk (prefilled alone after its context), for ChunkKVStore.get(build=...);
+        on_build runs first (it may raise to stop the request, e.g. over a budget of build time)."""
         context = self.chunk_context(prefix_ids)
-        return lambda: build_chunk_kv(self.model, token_ids, context, text, salt)
+
+        def build() -> ChunkKV:
+            if on_build is not None:
+                on_build()
+            return build_chunk_kv(self.model, token_ids, context, text, salt)
+
+        return build
 
     def ensure_chunk(self, token_ids: Sequence[int], text: str = "", tier: str = "disk",
                      prefix_ids: Sequence[int] | None = None, salt: str = "") -> ChunkKV:
@@ -210,10 +221,11 @@ class Engine:
                      gpu_chunks=gpu_chunks)
 
     def _residency(self, prompt: PromptIds, texts: Sequence[str], placement: Placement,
-                   gpu_chunks: int, salt: str = "") -> Residency:
+                   gpu_chunks: int, salt: str = "", on_build: Callable[[], None] | None = None) -> Residency:
         """The request's placement and pins within gpu_chunks and the GPU byte budget; each chunk comes with its
         builder from this request's token ids, so a chunk found missing or corrupt (a promotion included) heals."""
-        builders = [self._builder(ids, t, prompt.prefix_ids, salt) for ids, t in zip(prompt.chunk_ids, texts)]
+        builders = [self._builder(ids, t, prompt.prefix_ids, salt, on_build)
+                    for ids, t in zip(prompt.chunk_ids, texts)]
         nbytes = [chunk_nbytes(self.model, len(ids)) for ids in prompt.chunk_ids]
         return Residency(self.store, placement.slots, gpu_chunks, builders, nbytes)
 
@@ -266,14 +278,16 @@ class Engine:
     def answer(self, prompt: PromptIds, chunk_texts: Sequence[str] | None = None, mode: str | None = None,
                ratio: float | None = None, sampling: SamplingParams | None = None,
                on_token: Callable[[int], bool | None] | None = None, start_tier: str | None = None,
-               scores: Sequence[float] | None = None, salt: str = "") -> GenOutput:
+               scores: Sequence[float] | None = None, salt: str = "",
+               on_build: Callable[[], None] | None = None) -> GenOutput:
         """Prefill (full / reuse / blend) and decode. TTFT as kvblend/clock.py defines it.
         GPU chunk budget: reuse and blend keep at most config.gpu_chunks chunks resident (the best by `scores`;
         None: prompt order), within the GPU tier's byte budget; the others are placeholders (their positions
         reserved, never attended: plain decoding promotes nothing). Full prefill computes every chunk.
         start_tier: stage every chunk on this tier first (before the clock), for comparisons.
         on_token: streaming callback, see generation.generate.generate. salt: the caller's isolation salt (its
-        chunks are keyed apart from every other salt's, kvblend.kvstore.key.ChunkKey)."""
+        chunks are keyed apart from every other salt's, kvblend.kvstore.key.ChunkKey). on_build: called before each
+        missing or corrupt chunk is built; it may raise to stop the request (chunks built so far stay stored)."""
         c = self.config
         mode = mode or c.mode
         ratio = c.ratio if ratio is None else ratio
@@ -282,7 +296,7 @@ class Engine:
         residency = None
         if mode != "full":
             residency = self._residency(prompt, texts, self._place(prompt, keys, scores, c.gpu_chunks), c.gpu_chunks,
-                                        salt)
+                                        salt, on_build)
         with residency or nullcontext():  # every pin released after the prefill, an exception included
             fetched, chunks, tiers = self._gather(keys, residency, clock)
             resident = None
