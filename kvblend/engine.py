@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 from kvblend.clock import RequestClock
 from kvblend.config import EngineConfig
 from kvblend.data.prompt import build_prompt, chunk_context_ids
-from kvblend.errors import ChunkCorruptError
+from kvblend.errors import ChunkCorruptError, ConfigError
 from kvblend.fusion.blend import prefill
 from kvblend.fusion.layout import Placement, place
 from kvblend.fusion.select import draft_attention_prior
@@ -86,6 +86,7 @@ class Engine:
             store_text=config.store_text, chunk_shape=(self.model.shape.num_layers, self.model.shape.num_kv_heads,
                                                        self.model.shape.head_dim),
         )
+        self._check_budgets()
         tok = self.model.tokenizer
         # the fixed chunk context (chunk_sink auto / none / text); prefix contexts come with each prompt
         self.sink_ids = () if config.chunk_sink == "prefix" else chunk_context_ids(tok, config.chunk_sink)
@@ -94,6 +95,15 @@ class Engine:
         self.warmed_up = False
         self._prefetcher: ThreadPoolExecutor | None = None  # Engine.prefetch's one worker thread
         self._draft: DecoderModel | None = None  # config.draft_model, loaded when a draft selection signal asks
+
+    def _check_budgets(self) -> None:
+        """A memory tier whose budget holds not even one token's KV of this model is a configuration error."""
+        one_token = chunk_nbytes(self.model, 1)
+        for tier in ("gpu", "cpu"):
+            budget = self.store.budgets()[tier]
+            if budget < one_token:
+                raise ConfigError(f"{tier}_budget: {budget} bytes hold no chunk KV of {self.model.name} (one token "
+                                  f"takes {one_token} bytes); raise --{tier}-budget")
 
     def draft_model(self) -> DecoderModel:
         """The draft model of config.draft_model (loaded once; same dtype and device settings as the target)."""

@@ -80,12 +80,15 @@ class Rollback:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         for path, backup in self._saved.items():
-            if exc_type is None:
-                if backup is not None:
-                    backup.unlink(missing_ok=True)
-            elif backup is not None:
-                os.replace(backup, path)
-            else:
-                path.unlink(missing_ok=True)
+            try:
+                if exc_type is None:
+                    if backup is not None:
+                        backup.unlink(missing_ok=True)
+                elif backup is not None:
+                    os.replace(backup, path)
+                else:
+                    path.unlink(missing_ok=True)
+            except OSError as err:  # the job's own error is the one to report
+                log.warning("%s: could not be restored (%s)", path, err)
         if exc_type is not None:
             log.info("the job failed: %d result files restored as they were", len(self._saved))
