@@ -68,14 +68,19 @@ class Rollback:
         return path.with_name(f".{path.name}.rollback")
 
     def __enter__(self) -> "Rollback":
-        for path in self.paths:
-            backup = self._backup(path)
-            backup.unlink(missing_ok=True)
-            if path.exists():
-                os.link(path, backup)
-                self._saved[path] = backup
-            else:
-                self._saved[path] = None
+        try:
+            for path in self.paths:
+                backup = self._backup(path)
+                if backup.exists():
+                    backup.unlink()
+                if path.is_file():
+                    os.link(path, backup)
+                    self._saved[path] = backup
+                else:
+                    self._saved[path] = None
+        except BaseException:
+            self.__exit__(None, None, None)  # drop the backups made so far
+            raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -85,7 +90,10 @@ class Rollback:
                     if backup is not None:
                         backup.unlink(missing_ok=True)
                 elif backup is not None:
-                    os.replace(backup, path)
+                    if path.exists() and os.path.samefile(backup, path):
+                        backup.unlink()  # not rewritten (and rename() between two links of one file does nothing)
+                    else:
+                        os.replace(backup, path)
                 else:
                     path.unlink(missing_ok=True)
             except OSError as err:  # the job's own error is the one to report
