@@ -39,10 +39,16 @@ def create_app(worker: Worker, served_model: str, policy: GuardPolicy | None = N
                limits: RequestLimits | None = None) -> FastAPI:
     """The routes behind the Guard (policy: default loopback Hosts, no keys, no cross-site Origins)."""
     app = FastAPI(title="kvblend", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(Guard, policy=policy or GuardPolicy(), count=worker.metrics.count_request)
+    _add_info_routes(app, worker, served_model)
+    _add_chat_route(app, worker, served_model, limits or RequestLimits(context_tokens=worker.context))
+    return app
+
+
+def _add_info_routes(app: FastAPI, worker: Worker, served_model: str) -> None:
+    """Error handlers, /health, /v1/models, /metrics."""
     metrics = worker.metrics
     started = int(time.time())
-    limits = limits or RequestLimits(context_tokens=worker.context)
-    app.add_middleware(Guard, policy=policy or GuardPolicy(), count=metrics.count_request)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -73,6 +79,10 @@ def create_app(worker: Worker, served_model: str, policy: GuardPolicy | None = N
     async def prometheus():
         return PlainTextResponse(metrics.render(worker.depth(), worker.max_queue),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def _add_chat_route(app: FastAPI, worker: Worker, served_model: str, limits: RequestLimits) -> None:
+    metrics = worker.metrics
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -110,28 +120,29 @@ def create_app(worker: Worker, served_model: str, policy: GuardPolicy | None = N
                 extra["retrieved"] = payload["retrieved"]
             return JSONResponse(completion_body(req, served_model, payload["text"], payload["finish_reason"],
                                                 payload["usage"], extra))
-        return StreamingResponse(_stream(job, req), media_type="text/event-stream",
+        return StreamingResponse(_stream(job, req, served_model), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def _stream(job: Job, req):
-        try:
-            yield sse(chunk_body(req, served_model, {"role": "assistant", "content": ""}))
-            while True:
-                kind, payload = await job.events.get()
-                if kind == "delta":
-                    yield sse(chunk_body(req, served_model, {"content": payload}))
-                elif kind == "error":  # after the stream started: an error event, then [DONE]
-                    yield sse(payload.body())
-                    break
-                else:
-                    yield sse(chunk_body(req, served_model, {}, finish_reason=payload["finish_reason"]))
-                    if req.include_usage:
-                        yield sse(chunk_body(req, served_model, {}, usage=payload["usage"], with_choice=False))
-                    job.finished = True
-                    break
-            yield sse("[DONE]")
-        finally:
-            if not job.finished:
-                job.cancel()
 
-    return app
+async def _stream(job: Job, req, served_model: str):
+    """The SSE events of a streaming answer; the job is cancelled if the client leaves first."""
+    try:
+        yield sse(chunk_body(req, served_model, {"role": "assistant", "content": ""}))
+        while True:
+            kind, payload = await job.events.get()
+            if kind == "delta":
+                yield sse(chunk_body(req, served_model, {"content": payload}))
+            elif kind == "error":  # after the stream started: an error event, then [DONE]
+                yield sse(payload.body())
+                break
+            else:
+                yield sse(chunk_body(req, served_model, {}, finish_reason=payload["finish_reason"]))
+                if req.include_usage:
+                    yield sse(chunk_body(req, served_model, {}, usage=payload["usage"], with_choice=False))
+                job.finished = True
+                break
+        yield sse("[DONE]")
+    finally:
+        if not job.finished:
+            job.cancel()
+
