@@ -155,7 +155,8 @@ class EngineConfig:
     # chunk store
     gpu_budget: str = "4GiB"
     cpu_budget: str = "16GiB"
-    disk_budget: str = "50GiB"
+    disk_budget: str = "50GiB"  # capped by the filesystem's free space at run time
+    store_text: bool = False  # keep each chunk's text in its sidecar (default: token ids and a hash only)
     gpu_chunks: int = 2  # chunks resident on the GPU tier (best by retrieval score); the rest are CPU placeholders
     start_tier: str = "cpu"  # tier every chunk is staged on before each timed answer of a comparison: gpu | cpu | disk
     warm_ttft: bool = True  # decode/run: also time each first token with the chunks GPU-resident (a 2nd prefill)

@@ -17,6 +17,10 @@ Read verbs and their outcomes (LMCache-style):
 Over-budget is never a "missing" outcome: BudgetExceededError propagates from every verb and nothing is rebuilt.
 A corrupt chunk counts in stats.corrupt, never as a hit; a missing one in stats.misses.
 
+A disk that cannot take a chunk (full, a quota, read-only, or its budget capped by the free space and held by pinned
+chunks) is not an error: put() keeps the chunk on the memory tiers only, counts stats.disk_write_errors, logs one
+warning when the disk stops taking writes and sets disk_problem (None again after the next successful write).
+
 Thread safety: every verb holds the store's lock (an RLock) while it reads or changes which chunk lives where, so a
 prefetch thread and the request thread can share one store. Chunk builds (get) and the prefetch's file reads
 run outside the lock.
@@ -67,6 +71,9 @@ class StoreStats:
     evictions: Counter = field(default_factory=Counter)  # per tier
     bytes_moved: Counter = field(default_factory=Counter)  # e.g. "cpu->gpu"
     prefetched: int = 0  # chunks a prefetch made resident ahead of a request (not hits: the request counts those)
+    disk_write_errors: int = 0  # chunks the disk could not take (kept on the memory tiers only)
+    leftovers_removed: int = 0  # files of dead writers removed at start-up (temp files, tensors without sidecar)
+    expired: int = 0  # chunks removed for being unused longer than the store's TTL
 
     def as_dict(self) -> dict:
         hits = sum(self.hits.values())
@@ -74,7 +81,8 @@ class StoreStats:
         return {"hits": dict(self.hits), "misses": self.misses, "corrupt": self.corrupt, "built": self.built,
                 "build_ms": round(self.build_ms, 3), "evictions": dict(self.evictions),
                 "bytes_moved": dict(self.bytes_moved), "prefetched": self.prefetched,
-                "hit_rate": (hits / total) if total else None}
+                "disk_write_errors": self.disk_write_errors, "leftovers_removed": self.leftovers_removed,
+                "expired": self.expired, "hit_rate": (hits / total) if total else None}
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +99,10 @@ class Fetched:
 
 class ChunkKVStore:
     def __init__(self, root: Path, gpu_budget_bytes: int, cpu_budget_bytes: int, disk_budget_bytes: int,
-                 device: torch.device | str = "cpu", model_name: str = ""):
+                 device: torch.device | str = "cpu", model_name: str = "", store_text: bool = False,
+                 chunk_shape: tuple[int, int, int] | None = None):
+        """store_text: keep each chunk's text in its sidecar (default: token ids and a hash only); chunk_shape:
+        (layers, kv heads, head dim) a stored chunk must have to be used (None: not checked)."""
         device = torch.device(device)
         cuda = device.type == "cuda"
         self.model_name = model_name
@@ -99,8 +110,9 @@ class ChunkKVStore:
             "gpu": MemoryTier("gpu", device, gpu_budget_bytes),
             "cpu": MemoryTier("cpu", torch.device("cpu"), cpu_budget_bytes, pin_memory=cuda),
         }
-        self.disk = DiskTier(Path(root), disk_budget_bytes)
-        self.stats = StoreStats()
+        self.disk = DiskTier(Path(root), disk_budget_bytes, store_text=store_text, chunk_shape=chunk_shape)
+        self.stats = StoreStats(leftovers_removed=self.disk.leftovers_removed)
+        self.disk_problem: str | None = None  # why the disk takes no chunks now (None: it does)
         self._pins: Counter = Counter()
         self._lock = threading.RLock()
 
@@ -153,18 +165,55 @@ class ChunkKVStore:
     def summary(self) -> dict:
         return {"stats": self.stats.as_dict(), "used_bytes": self.used_bytes(), "budget_bytes": self.budgets(),
                 "num_chunks": {"gpu": len(self.tiers["gpu"]), "cpu": len(self.tiers["cpu"]),
-                               "disk": len(self.disk)}}
+                               "disk": len(self.disk)}, "disk_problem": self.disk_problem}
 
     # writes -----------------------------------------------------------------------------------
     @_locked
     def put(self, chunk: ChunkKV, tier: str = "disk") -> ChunkKV:
-        """Store a chunk on disk and, if asked, also resident on a memory tier."""
-        if chunk.key.digest not in self.disk:
+        """Store a chunk on disk and, if asked, also resident on a memory tier. A disk that cannot take it: the
+        chunk goes to the memory tiers only (`tier`, or the CPU tier when `tier` is disk; see the module doc)."""
+        on_disk = chunk.key.digest in self.disk or self._save_to_disk(chunk)
+        if tier == "disk":
+            if on_disk:
+                return chunk
+            try:
+                return self._put_memory(chunk, "cpu")
+            except BudgetExceededError:
+                return chunk  # kept nowhere: the next request builds it again
+        return self._put_memory(chunk, tier)
+
+    def _save_to_disk(self, chunk: ChunkKV) -> bool:
+        """Write the chunk to disk; False (counted, warned once) when the disk cannot take it."""
+        try:
             self._make_room_on_disk(chunk.nbytes)
             self.disk.save(chunk, self.model_name)
-        if tier == "disk":
-            return chunk
-        return self._put_memory(chunk, tier)
+        except (OSError, BudgetExceededError) as exc:
+            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+            self.stats.disk_write_errors += 1
+            if self.disk_problem is None:
+                log.warning("chunk store %s: the disk takes no more chunks (%s); serving from the memory tiers",
+                            self.disk.root, detail)
+            self.disk_problem = f"disk writes failing ({detail}); chunks kept on the memory tiers only"
+            return False
+        if self.disk_problem is not None:
+            log.warning("chunk store %s: disk writes work again", self.disk.root)
+            self.disk_problem = None
+        return True
+
+    @_locked
+    def expire(self, max_age_s: float) -> int:
+        """Remove every unpinned chunk (all tiers) not used for more than max_age_s seconds; how many."""
+        removed = 0
+        for digest in self.disk.expired(max_age_s):
+            if self._pins[digest]:
+                continue
+            self.disk.remove(digest)
+            for t in self.tiers.values():
+                if digest in t:
+                    t.remove(digest)
+            removed += 1
+        self.stats.expired += removed
+        return removed
 
     @_locked
     def _put_memory(self, chunk: ChunkKV, tier: str) -> ChunkKV:
