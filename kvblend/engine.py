@@ -35,7 +35,7 @@ from kvblend.kvstore.store import ChunkKVStore, Fetched
 from kvblend.model.hf import DecoderModel
 from kvblend.model.registry import kvblend_home, load_model
 from kvblend.model.runner import attach_runner, elapsed_ms
-from kvblend.types import GenOutput, PromptIds
+from kvblend.types import GenOutput, PrefillResult, PromptIds
 from kvblend.vocab import DRAFTERS, MODES, PROXIES, TIERS
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,17 @@ class SpecOptions:
         base = cls(gpu_chunks=config.gpu_chunks, drafter=config.drafter, proxy=config.proxy,
                    threshold=config.promote_threshold, k=config.spec_k)
         return replace(base, **overrides) if overrides else base
+
+
+@dataclass(slots=True)
+class StartedAnswer:
+    """A request after its prefill (Engine.start_answer): decode from result, then Engine.finish_answer."""
+
+    result: PrefillResult
+    clock: RequestClock
+    fetched: Sequence[Fetched] | None
+    tiers: Sequence[str]
+    build0: float
 
 
 class Engine:
@@ -298,6 +309,18 @@ class Engine:
         on_token: streaming callback, see generation.generate.generate. salt: the caller's isolation salt (its
         chunks are keyed apart from every other salt's, kvblend.kvstore.key.ChunkKey). on_build: called before each
         missing or corrupt chunk is built; it may raise to stop the request (chunks built so far stay stored)."""
+        sampling = sampling or self.sampling()
+        started = self.start_answer(prompt, chunk_texts, mode, ratio, sampling, start_tier, scores, salt, on_build)
+        out = generate(self.model, started.result, sampling, started.clock.ttft_start(), self.newline,
+                       on_token=on_token)
+        return self.finish_answer(started, out)
+
+    def start_answer(self, prompt: PromptIds, chunk_texts: Sequence[str] | None = None, mode: str | None = None,
+                     ratio: float | None = None, sampling: SamplingParams | None = None,
+                     start_tier: str | None = None, scores: Sequence[float] | None = None, salt: str = "",
+                     on_build: Callable[[], None] | None = None) -> "StartedAnswer":
+        """answer() up to its prefill (arguments as there): the prefilled state and logits, and what
+        finish_answer() needs to annotate the decoded output (continuous batching decodes in between)."""
         c = self.config
         mode = mode or c.mode
         ratio = c.ratio if ratio is None else ratio
@@ -316,8 +339,10 @@ class Engine:
                              selection=self.selection, extra_capacity=sampling.max_new_tokens, resident=resident,
                              prior=self._prior(prompt, mode))
         clock.build_ms = self.store.stats.build_ms - build0
-        out = generate(self.model, result, sampling, clock.ttft_start(), self.newline, on_token=on_token)
-        return self._annotate(out, clock, fetched, tiers, build0)
+        return StartedAnswer(result, clock, fetched, tiers, build0)
+
+    def finish_answer(self, started: "StartedAnswer", out: GenOutput) -> GenOutput:
+        return self._annotate(out, started.clock, started.fetched, started.tiers, started.build0)
 
     def _spec_mode(self, o: SpecOptions, n: int) -> tuple[int, str, float, str | None]:
         """(gpu_chunks, prefill mode, ratio, proxy or None) of a speculative answer over n chunks."""

@@ -50,7 +50,7 @@ def server(tiny_folder, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     corpus = root / "corpus.jsonl"
     corpus.write_text("".join(json.dumps(r) + "\n" for r in CORPUS))
-    with ServerProcess(["--model", str(tiny_folder), "--dtype", "float32", "--max-queue", "8",
+    with ServerProcess(["--model", str(tiny_folder), "--dtype", "float32", "--max-queue", "8", "--max-batch", "2",
                         "--corpus", str(corpus)], root / "server.log",
                        env={"KVBLEND_HOME": str(root / "home")}, startup_timeout_s=180) as srv:
         srv.home = root / "home"
@@ -262,15 +262,22 @@ def test_eight_concurrent_clients_three_requests_each(server, client):
     assert after['kvblend_requests_total{outcome="ok"}'] - before['kvblend_requests_total{outcome="ok"}'] == 24
 
 
-def test_full_queue_gets_429_and_a_disconnected_stream_frees_the_worker(server):
-    before = metrics(server)
-    long = http.client.HTTPConnection(server.host, server.port, timeout=60)
-    long.request("POST", "/v1/chat/completions", json.dumps(
+def _long_stream(server) -> http.client.HTTPConnection:
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
+    conn.request("POST", "/v1/chat/completions", json.dumps(
         {"messages": [{"role": "user", "content": "go on forever"}], "max_tokens": CONTEXT - 100,
          "temperature": 0, "stream": True}).encode(), {"Content-Type": "application/json"})
-    resp = long.getresponse()
+    resp = conn.getresponse()
     assert resp.status == 200
-    resp.fp.readline()  # the first event: the worker is busy with this request now
+    resp.fp.readline()  # the first event: the request is decoding now
+    return conn
+
+
+def test_full_queue_gets_429_and_a_disconnected_stream_frees_the_worker(server):
+    """With both batch slots (--max-batch 2) held by endless streams, requests queue up to --max-queue, one
+    more gets 429; when the streams' clients leave, their decoding stops and the queued requests run."""
+    before = metrics(server)
+    longs = [_long_stream(server) for _ in range(2)]
     results: list[int] = []
 
     def waiter():
@@ -284,10 +291,14 @@ def test_full_queue_gets_429_and_a_disconnected_stream_frees_the_worker(server):
     while metrics(server)["kvblend_queue_depth"] < 8:
         assert time.monotonic() < deadline, "8 requests never queued"
         time.sleep(0.05)
+    while metrics(server)["kvblend_requests_running"] < 2:  # the second stream's prefill may still run
+        assert time.monotonic() < deadline, f"running: {metrics(server)['kvblend_requests_running']}"
+        time.sleep(0.05)
     status, data, headers = post(server, {"messages": [{"role": "user", "content": "one too many"}]})
     assert status == 429 and data["error"]["code"] == "queue_full" and int(headers["retry-after"]) >= 1
     t0 = time.monotonic()
-    long.close()  # the client goes away mid-stream: its decoding stops, the queued requests run
+    for conn in longs:
+        conn.close()  # the clients go away mid-stream: their decoding stops, the queued requests run
     for t in threads:
         t.join(timeout=60)
     assert results == [200] * 8
@@ -297,9 +308,9 @@ def test_full_queue_gets_429_and_a_disconnected_stream_frees_the_worker(server):
     def grew(key: str) -> float:
         return after[key] - before[key]
 
-    assert grew('kvblend_requests_total{outcome="cancelled"}') == 1
+    assert grew('kvblend_requests_total{outcome="cancelled"}') == 2
     assert grew('kvblend_requests_total{outcome="rejected_queue_full"}') == 1
-    assert grew('kvblend_tokens_total{kind="completion"}') == 16  # the cancelled request's tokens are not counted
+    assert grew('kvblend_tokens_total{kind="completion"}') == 16  # the cancelled requests' tokens are not counted
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -355,3 +366,20 @@ def test_bench_serve_bad_modes_is_one_line(capsys):
     assert main(["bench", "serve", "--modes", "full,turbo"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--modes" in err[0]
+
+
+def test_concurrent_requests_decoded_in_one_batch_answer_as_alone(server):
+    """Continuous batching on the live server: four greedy requests sent together (they share decode steps,
+    two at a time with --max-batch 2) return the text each returns when sent alone."""
+    bodies = [{"messages": [{"role": "user", "content": f"question {i}"}], "documents": [f"passage {i} " * (i + 3)],
+               "max_tokens": 6 + i, "temperature": 0} for i in range(4)]
+    alone = []
+    for b in bodies:
+        status, data, _ = post(server, b)
+        assert status == 200
+        alone.append((data["choices"][0]["message"]["content"], data["usage"]["completion_tokens"]))
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda b: post(server, b), bodies))
+    assert [s for s, _, _ in together] == [200] * 4
+    got = [(d["choices"][0]["message"]["content"], d["usage"]["completion_tokens"]) for _, d, _ in together]
+    assert got == alone and all(n > 0 for _, n in got)

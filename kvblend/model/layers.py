@@ -121,11 +121,33 @@ def layer_out(model: DecoderModel, layer: int, state: KVState, h: torch.Tensor, 
         if mask is None:
             mask = causal_mask(q_pos, num_keys, state)
         causal_prefix = False
-    s, lm = model.shape, model.layers[layer]
     out = _attend(model, layer, q, q_pos, state, num_keys, causal_prefix, mask)
-    r = q.shape[1]
-    h = h + lm.o_proj(out[0].transpose(0, 1).reshape(r, s.num_heads * s.head_dim))
+    return _residual_out(model, layer, h, out[0])
+
+
+def _residual_out(model: DecoderModel, layer: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """attn [H, r, D] -> o_proj, residual, post-norm MLP, residual: the layer's output rows [r, hidden]."""
+    s, lm = model.shape, model.layers[layer]
+    h = h + lm.o_proj(attn.transpose(0, 1).reshape(h.shape[0], s.num_heads * s.head_dim))
     return h + mlp(model, layer, lm.post_norm(h))
+
+
+def run_slot_layers(model: DecoderModel, k_slots: torch.Tensor, v_slots: torch.Tensor, h: torch.Tensor,
+                    cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One decode token for each of S sequences held in slots of one buffer (continuous batching): rows h
+    [S, hidden] at positions pos [S]; k_slots, v_slots [L, S, H_kv, R, D]: row s writes its K/V at
+    [layer, s, :, pos[s]] and attends to its own slot's keys allowed by mask [S, R] (a batch of one-row
+    queries, as FEW_ROWS). The layer body is the one above (qkv, then o_proj + MLP)."""
+    slots = torch.arange(h.shape[0], device=h.device)
+    for layer in range(model.shape.num_layers):
+        q, k, v = qkv(model, layer, h, cos, sin)  # [H, S, D], [H_kv, S, D]
+        k_slots[layer, slots, :, pos] = k.transpose(0, 1)
+        v_slots[layer, slots, :, pos] = v.transpose(0, 1)
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[:, :, None], k_slots[layer], v_slots[layer],
+                                             attn_mask=mask[:, None, None], scale=model.attn_scale,
+                                             enable_gqa=True)  # [S, H, 1, D]
+        h = _residual_out(model, layer, h, out[:, :, 0].transpose(0, 1))
+    return h
 
 
 def run_layers(model: DecoderModel, state: KVState, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

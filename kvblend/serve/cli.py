@@ -35,6 +35,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ratio", type=_ratio, default=None, help="default blend recompute ratio (default 0.15)")
     p.add_argument("--gpu-budget", dest="gpu_budget", default=None, help="chunk store GPU tier budget, e.g. 4GiB")
     p.add_argument("--cpu-budget", dest="cpu_budget", default=None, help="chunk store CPU tier budget")
+    p.add_argument("--max-batch", dest="max_batch", type=_positive_int, default=None,
+                   help="requests decoded together, continuous batching (default 8 on CUDA, 4 on CPU; 1: one request "
+                        "at a time)")
+    p.add_argument("--batch-rows", dest="batch_rows", type=_positive_int, default=None,
+                   help="KV rows per batch slot (default: the model's context, at most 8192); longer requests are "
+                        "decoded alone")
     p.add_argument("--max-queue", dest="max_queue", type=_positive_int, default=64,
                    help="requests that may wait for the worker; more get HTTP 429 (default 64)")
     p.add_argument("--max-tokens", dest="default_max_tokens", type=_positive_int, default=256,
@@ -156,7 +162,9 @@ def _serve(args: argparse.Namespace, config, policy, corpus) -> int:
     _say(args, f"loading {config.model} ...")
     engine = Engine(config)
     served = args.served_model_name or engine.model.name
+    max_batch = args.max_batch or (8 if engine.model.device.type == "cuda" else 4)
     limits = WorkerLimits(max_document_tokens=args.max_document_tokens, max_build_s=args.max_build_s,
+                          max_batch=max_batch, batch_rows=args.batch_rows,
                           trust_messages=args.trust_messages, store_ttl_s=args.store_ttl_s)
     worker = Worker(engine, ServerMetrics(), max_queue=args.max_queue, default_max_tokens=args.default_max_tokens,
                     corpus=corpus, limits=limits)

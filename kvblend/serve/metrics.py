@@ -105,7 +105,7 @@ class ServerMetrics:
                 lines.extend(hist.lines(name))
             metric("kvblend_queue_depth", "gauge", "requests waiting for the worker", [("", queue_depth)])
             metric("kvblend_queue_capacity", "gauge", "--max-queue", [("", queue_capacity)])
-            metric("kvblend_requests_running", "gauge", "requests the worker is answering (0 or 1)",
+            metric("kvblend_requests_running", "gauge", "requests decoding (continuous batching: up to --max-batch)",
                    [("", self.running)])
             self._store_metrics(metric)
             return "\n".join(lines) + "\n"

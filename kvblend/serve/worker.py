@@ -1,8 +1,11 @@
-"""The worker: one thread owns the engine (model + chunk store) and answers queued requests in order.
+"""The worker: one thread owns the engine (model + chunk store) and answers queued requests.
 
 The HTTP side (asyncio) validates a request, wraps it in a Job and puts it in a bounded FIFO queue (full:
 429). The worker tokenizes the prompt (the tokenizer is only ever used from this thread), checks it fits the
-context, answers it with Engine.answer and sends events back to the job's asyncio queue: ("accepted",
+context and prefills it (Engine.start_answer); with continuous batching (WorkerLimits.max_batch > 1) the
+request then joins the running batch (generation/batch.py: one decode step for every running request, new
+requests prefilled one at a time between steps), else it is decoded alone. Events go back to the job's
+asyncio queue: ("accepted",
 info) once the prompt is valid, ("delta", text) while streaming, then ("done", result) or ("error",
 ApiError). A job whose client left is skipped if still queued, or stops decoding at its next token.
 """
@@ -55,6 +58,11 @@ class WorkerLimits:
     trust_messages: bool = False  # --trust-message-special-tokens: parse special tokens in messages
     store_ttl_s: float | None = None  # --store-ttl: chunks unused this long are removed
     ttl_check_every_s: float = 10.0
+    max_batch: int = 1  # --max-batch: requests decoded together (continuous batching); 1 = one at a time
+    batch_rows: int | None = None  # --batch-rows: KV rows per batch slot (None: the model's context, <= 8192)
+
+
+_STOP = object()  # the queue's stop sentinel, as _next_job returns it
 
 
 class QueueFull(Exception):
@@ -76,6 +84,7 @@ class Worker:
         self.queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._service_s: list[float] = []  # recent service times, for Retry-After
         self._thread = threading.Thread(target=self._loop, name="kvblend-serve-worker", daemon=True)
+        self._batch = None  # the continuous batch (generation/batch.py), made on the first batched request
         self.model_name = engine.model.name
         self.context = engine.model.shape.max_position_embeddings
         c = engine.config  # the engine settings every answer uses (shown by /health, recorded by the benchmark)
@@ -113,32 +122,72 @@ class Worker:
 
         with torch.inference_mode():
             while True:
-                job = self.queue.get()
-                if job is None:
+                job = self._next_job()
+                if job is _STOP:
+                    if self._batch is not None:
+                        self._fail_running(ApiError(503, "the server is shutting down", code="shutting_down"))
                     return
-                if job.cancelled.is_set():
-                    self.metrics.count_request("cancelled")
-                    continue
-                t0 = time.perf_counter()
-                self.metrics.set_running(1)
-                try:
-                    self._answer(job)
-                except _Cancelled:
-                    self.metrics.count_request("cancelled")
-                except ApiError as exc:
-                    self.metrics.count_request("bad_request" if exc.status < 500 else "error")
-                    job.emit("error", exc)
-                except Exception as exc:  # keep serving; the client gets a 500 error object
-                    log.exception("request %s failed", job.request.request_id)
-                    self.metrics.count_request("error")
-                    job.emit("error", ApiError(500, f"internal error: {type(exc).__name__}: "
-                                                    f"{str(exc).splitlines()[0] if str(exc) else ''}",
-                                               code="internal_error"))
-                finally:
-                    self.metrics.set_running(0)
-                    self._service_s = (self._service_s + [time.perf_counter() - t0])[-64:]
-                    self._expire()
-                    self.metrics.publish_store(self.engine.store.summary())
+                if job is not None:
+                    self._serve(job)
+                if self._batch is not None and self._batch.running:
+                    self._step()
+
+    def _next_job(self):
+        """The next queued job: wait for one when nothing is decoding; between batch steps take one only if
+        a slot is free (None: go on decoding)."""
+        batch = self._batch
+        decoding = batch is not None and batch.running
+        if decoding and not batch.has_room:
+            return None
+        try:
+            job = self.queue.get(block=not decoding)
+        except queue.Empty:
+            return None
+        return _STOP if job is None else job
+
+    def _serve(self, job: Job) -> None:
+        """Prefill one job and start its decoding (in the batch or alone); errors answer the job only."""
+        if job.cancelled.is_set():
+            self.metrics.count_request("cancelled")
+            return
+        t0 = time.perf_counter()
+        try:
+            self._answer(job)
+        except Exception as exc:  # noqa: BLE001 (one job's failure; the worker keeps serving)
+            self._fail(job, exc)
+        finally:
+            self._after(t0)
+
+    def _fail(self, job: Job, exc: Exception) -> None:
+        if isinstance(exc, _Cancelled):
+            self.metrics.count_request("cancelled")
+        elif isinstance(exc, ApiError):
+            self.metrics.count_request("bad_request" if exc.status < 500 else "error")
+            job.emit("error", exc)
+        else:  # keep serving; the client gets a 500 error object
+            log.error("request %s failed", job.request.request_id, exc_info=exc)
+            self.metrics.count_request("error")
+            job.emit("error", ApiError(500, f"internal error: {type(exc).__name__}: "
+                                            f"{str(exc).splitlines()[0] if str(exc) else ''}", code="internal_error"))
+
+    def _after(self, t0: float) -> None:
+        self.metrics.set_running(len(self._batch.running) if self._batch is not None else 0)
+        self._service_s = (self._service_s + [time.perf_counter() - t0])[-64:]
+        self._expire()
+        self.metrics.publish_store(self.engine.store.summary())
+
+    def _step(self) -> None:
+        """One decode step of the running batch; a failure fails every request in it."""
+        try:
+            self._batch.step()
+        except Exception as exc:  # noqa: BLE001
+            log.error("decode step failed", exc_info=exc)
+            self._fail_running(exc)
+        self.metrics.set_running(len(self._batch.running))
+
+    def _fail_running(self, exc: Exception) -> None:
+        for job in self._batch.drop_all():
+            self._fail(job, exc)
 
     def _expire(self) -> None:
         """--store-ttl: remove the chunks unused for longer (at most every ttl_check_every_s)."""
@@ -221,6 +270,7 @@ class Worker:
         return on_token
 
     def _answer(self, job: Job) -> None:
+        from kvblend.generation.generate import generate
         from kvblend.generation.sampling import SamplingParams
 
         req, engine = job.request, self.engine
@@ -235,26 +285,61 @@ class Worker:
         job.emit("accepted", {"prompt_tokens": prompt.num_tokens})
         before = engine.store.summary()["stats"]
         stop_text, stopped_by = StopText(req.stop), []
-        out = engine.answer(prompt, texts, mode=mode, ratio=ratio, sampling=sampling, salt=salt,
-                            on_token=self._on_token(job, stop_text, stopped_by), on_build=self._build_guard(job))
+        started = engine.start_answer(prompt, texts, mode=mode, ratio=ratio, sampling=sampling, salt=salt,
+                                      on_build=self._build_guard(job))
+        store_delta = self._store_delta(before)  # this request's hits and misses, before others' builds
+        on_token = self._on_token(job, stop_text, stopped_by)
+
+        def done(out) -> None:
+            self._done(job, engine.finish_answer(started, out), docs, prompt, (mode, ratio), store_delta, queue_s,
+                       stop_text, stopped_by)
+
+        batch = self._batcher()
+        if batch is not None and batch.has_room and batch.fits(started.result):
+            batch.add(started.result, sampling, started.clock.ttft_start(), done, on_token, owner=job)
+        else:
+            done(generate(engine.model, started.result, sampling, started.clock.ttft_start(), engine.newline,
+                          on_token=on_token))
+
+    def _batcher(self):
+        """The continuous batch (made on first use), or None without batching."""
+        if self._batch is None and self.limits.max_batch > 1:
+            from kvblend.generation.batch import ContinuousBatch
+            from kvblend.model.slots import DecodeSlots
+
+            rows = self.limits.batch_rows or min(self.context, 8192)
+            slots = DecodeSlots(self.engine.runner, self.limits.max_batch, rows)
+            self._batch = ContinuousBatch(self.engine.model, slots, self.engine.newline)
+            log.info("continuous batching: %d slots of %d KV rows", self.limits.max_batch, rows)
+        return self._batch
+
+    def _done(self, job: Job, out, docs, prompt, how: tuple, store_delta: dict, queue_s: float, stop_text: StopText,
+              stopped_by: list[str]) -> None:
+        """A job's decoding ended: its last text delta, usage and the done event (or the cancellation)."""
+        req = job.request
         if stopped_by and stopped_by[0] == "cancelled":
             self.metrics.count_request("cancelled")
             return
         delta, text = stop_text.finish(out.text)
         if delta and req.stream:
             job.emit("delta", delta)
-        usage = self._usage(prompt, out, mode, ratio, before, queue_s)
+        usage = self._usage(prompt, out, how[0], how[1], store_delta, queue_s)
         finish = "length" if out.stop_reason == "length" and not stop_text.stopped else "stop"
         retrieved = [{"id": d.doc_id, "title": d.title, "score": d.score} for d in docs if d.doc_id]
         self.metrics.count_request("ok")
-        self.metrics.publish_store(engine.store.summary())  # before the client can see the answer
+        self.metrics.publish_store(self.engine.store.summary())  # before the client can see the answer
         job.emit("done", {"text": text, "finish_reason": finish, "usage": usage,
                           "retrieved": retrieved, "token_ids": list(out.token_ids)})
 
-    def _usage(self, prompt, out, mode: str, ratio: float, before: dict, queue_s: float) -> dict:
-        """The OpenAI usage object with kvblend's figures; the request's latencies and tokens go to the metrics."""
+    def _store_delta(self, before: dict) -> dict:
         after = self.engine.store.summary()["stats"]
-        hits = {t: after["hits"].get(t, 0) - before["hits"].get(t, 0) for t in ("gpu", "cpu", "disk")}
+        return {"hits": {t: after["hits"].get(t, 0) - before["hits"].get(t, 0) for t in ("gpu", "cpu", "disk")},
+                "misses": after["misses"] - before["misses"],
+                "corrupt": after.get("corrupt", 0) - before.get("corrupt", 0)}
+
+    def _usage(self, prompt, out, mode: str, ratio: float, delta: dict, queue_s: float) -> dict:
+        """The OpenAI usage object with kvblend's figures; the request's latencies and tokens go to the metrics."""
+        hits = delta["hits"]
         stats = out.blend
         chunk_tokens = sum(len(c) for c in prompt.chunk_ids)
         recomputed = stats.num_recomputed if stats is not None else prompt.num_tokens
@@ -267,8 +352,7 @@ class Worker:
             "kvblend": {
                 "mode": mode, "ratio": ratio if mode == "blend" else None, "chunks": len(prompt.chunk_ids),
                 "chunk_tokens": chunk_tokens, "recomputed_tokens": recomputed,
-                "chunk_hits": hits, "chunk_misses": after["misses"] - before["misses"],
-                "chunk_corrupt": after.get("corrupt", 0) - before.get("corrupt", 0),
+                "chunk_hits": hits, "chunk_misses": delta["misses"], "chunk_corrupt": delta["corrupt"],
                 "ttft_ms": round(out.ttft_ms, 3), "tpot_ms": round(out.tpot_ms, 3),
                 "prefill_ms": round(stats.prefill_ms, 3) if stats is not None else None,
                 "fetch_ms": round(out.fetch_ms, 3),  # reading cached chunks from their tiers (inside TTFT)
