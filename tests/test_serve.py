@@ -383,3 +383,22 @@ def test_concurrent_requests_decoded_in_one_batch_answer_as_alone(server):
     assert [s for s, _, _ in together] == [200] * 4
     got = [(d["choices"][0]["message"]["content"], d["usage"]["completion_tokens"]) for _, d, _ in together]
     assert got == alone and all(n > 0 for _, n in got)
+
+
+def test_bench_serve_mode_specs_and_batching_entries():
+    from kvblend.bench.serve import batching_entries, parse_mode
+
+    assert parse_mode("blend") == ("blend", None) and parse_mode("full:batch16") == ("full", 16)
+    for bad in ("blend:batch0", "blend:fast", "turbo:batch2"):
+        with pytest.raises(ValueError, match="MODE:batchN"):
+            parse_mode(bad)
+
+    def doc(conc, runs):
+        return {"settings": {"concurrency": conc}, "device": "cpu", "runs": {
+            k: {"throughput_rps": rps, "client_ttft_ms": {"p50": ttft}} for k, (rps, ttft) in runs.items()}}
+
+    got = batching_entries([doc(16, {"blend:batch1": (2.0, 900.0), "blend:batch16": (14.0, 120.0)}),
+                            doc(1, {"blend:batch16": (1.0, 80.0)})], "x.json")
+    assert got["S1_batched_throughput_x16"]["measured"] == 7.0 and got["S1_batched_throughput_x16"]["met"]
+    assert got["S2_ttft_p50_x16_vs_unloaded"]["measured"] == 1.5 and got["S2_ttft_p50_x16_vs_unloaded"]["met"]
+    assert batching_entries([doc(4, {"blend:batch1": (1.0, 1.0)})], "x") == {}

@@ -41,7 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m-instruct", help="named model or local HF folder")
     p.add_argument("--dtype", default="float32", help="server dtype (default float32: answers are compared)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--modes", default="full,blend", help="comma-separated modes, each on its own fresh server")
+    p.add_argument("--modes", default="full,blend",
+                   help="comma-separated modes, each on its own fresh server; MODE:batchN runs that server with "
+                        "--max-batch N (e.g. blend:batch1,blend:batch16: one at a time vs continuous batching)")
     p.add_argument("--ratio", type=float, default=0.15, help="blend recompute ratio")
     p.add_argument("--dataset", default="musique_s", help="where the passages and questions come from")
     p.add_argument("--pool", type=int, default=16, help="distinct passages in the workload")
@@ -59,7 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", default=None, help="write a PNG of TTFT p50/p90/p99 per mode")
     p.add_argument("--log-dir", default=None, help="keep the servers' logs here (default: a temp folder)")
     p.add_argument("--from-json", dest="from_json", default=None,
-                   help="no run: print the table (and --plot) of a serve JSON already measured")
+                   help="no run: print the tables (and --plot, of the first) of serve JSONs already measured (comma list)")
+    p.add_argument("--summary", nargs="?", const="docs/results/bench/summary.json", default=None,
+                   help="with --from-json: write S1_batched_throughput_x16 / S2_ttft_p50_x16_vs_unloaded")
 
 
 def _positive(args, *names) -> None:
@@ -143,17 +147,30 @@ def stream_request(host: str, port: int, body: dict, timeout: float = 900.0) -> 
         conn.close()
 
 
-def start_server(args, mode: str, log_dir: Path):
-    """A fresh `kvblend serve` in `mode` with its own empty chunk store (not waited for: see warm_up)."""
+def parse_mode(spec: str) -> tuple[str, int | None]:
+    """'blend' -> ('blend', None); 'blend:batch16' -> ('blend', 16); ValueError otherwise."""
+    from kvblend.vocab import MODES
+
+    mode, _, batch = spec.partition(":")
+    if mode not in MODES or (batch and not (batch.startswith("batch") and batch[5:].isdigit() and int(batch[5:]) > 0)):
+        raise ValueError(f"--modes: '{spec}' is not MODE or MODE:batchN with MODE one of {','.join(MODES)}")
+    return mode, int(batch[5:]) if batch else None
+
+
+def start_server(args, spec: str, log_dir: Path):
+    """A fresh `kvblend serve` for a mode spec (parse_mode) with its own empty chunk store (not waited for:
+    see warm_up)."""
     from kvblend.model.registry import NAMED_MODELS, converted_folder
     from kvblend.serve.process import ServerProcess
 
+    mode, batch = parse_mode(spec)
     home = Path(tempfile.mkdtemp(prefix=f"kvblend-bench-serve-{mode}-"))
     # a named model is converted under the user's KVBLEND_HOME: pass its folder, the fresh home holds only chunks
     model = str(converted_folder(NAMED_MODELS[args.model])) if args.model in NAMED_MODELS else args.model
     srv = ServerProcess(["--model", model, "--dtype", args.dtype, "--device", args.device, "--mode", mode,
-                         "--ratio", str(args.ratio), "--max-queue", str(max(64, args.concurrency * 2))],
-                        log_dir / f"server_{mode}.log", env={"KVBLEND_HOME": str(home)}, startup_timeout_s=600,
+                         "--ratio", str(args.ratio), "--max-queue", str(max(64, args.concurrency * 2)),
+                         *(["--max-batch", str(batch)] if batch else [])],
+                        log_dir / f"server_{spec.replace(':', '_')}.log", env={"KVBLEND_HOME": str(home)}, startup_timeout_s=600,
                         wait=False)
     return srv
 
@@ -264,9 +281,10 @@ def measure(args) -> dict:
 
     _positive(args, "pool", "docs", "requests", "duration", "concurrency", "rounds", "max_tokens")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = [m for m in modes if m not in MODES]
-    if bad or not modes:
+    if not modes:
         raise ValueError(f"--modes: expected a comma-separated subset of {','.join(MODES)}, got {args.modes!r}")
+    for m in modes:
+        parse_mode(m)
     workload = build_workload(args.dataset, args.pool, args.docs, args.zipf, args.requests, args.seed)
     log_dir = Path(args.log_dir) if args.log_dir else Path(tempfile.mkdtemp(prefix="kvblend-bench-serve-logs-"))
     runs = run_modes(args, modes, workload, log_dir)
@@ -286,6 +304,40 @@ def measure(args) -> dict:
         "workload": {k: v for k, v in workload.items() if k != "requests"},
         "runs": runs,
     }
+
+
+BATCH_TARGETS = {  # key: (target, better, what)
+    "S1_batched_throughput_x16": (6.0, "higher", "requests/s at concurrency 16, continuous batching / one at a time "
+                                                 "(blend:batchN vs blend:batch1, one run)"),
+    "S2_ttft_p50_x16_vs_unloaded": (2.0, "lower", "client TTFT p50 at concurrency 16 with batching / at concurrency 1"),
+}
+
+
+def batching_entries(docs: list[dict], source: str) -> dict[str, dict]:
+    """S1 / S2 from serve results: a run at concurrency 16 with blend:batch1 and blend:batchN (N > 1), and for
+    S2 also a run at concurrency 1 with the same batched spec."""
+    from kvblend.bench.summary import entry
+
+    out: dict[str, dict] = {}
+    at = {d["settings"]["concurrency"]: d for d in docs}
+    loaded = at.get(16)
+    if loaded is None:
+        return out
+    runs = loaded["runs"]
+    batched = next((k for k in runs if k.startswith("blend:batch") and k != "blend:batch1"), None)
+    dev = loaded.get("device_name") or loaded.get("device")
+    if batched and "blend:batch1" in runs:
+        a, b = runs[batched]["throughput_rps"], runs["blend:batch1"]["throughput_rps"]
+        t, better, what = BATCH_TARGETS["S1_batched_throughput_x16"]
+        out["S1_batched_throughput_x16"] = entry(a / b, t, better, source, device=dev, what=what, batched_rps=a,
+                                                 one_at_a_time_rps=b, batched=batched)
+    unloaded = at.get(1)
+    if batched and unloaded is not None and batched in unloaded["runs"]:
+        a, b = runs[batched]["client_ttft_ms"]["p50"], unloaded["runs"][batched]["client_ttft_ms"]["p50"]
+        t, better, what = BATCH_TARGETS["S2_ttft_p50_x16_vs_unloaded"]
+        out["S2_ttft_p50_x16_vs_unloaded"] = entry(a / b, t, better, source, device=dev, what=what,
+                                                   ttft_p50_x16_ms=a, ttft_p50_x1_ms=b)
+    return out
 
 
 def table(result: dict) -> str:
@@ -332,19 +384,35 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _write_summary(docs: list[dict], args) -> None:
+    from kvblend.bench.summary import update_summary
+
+    entries = batching_entries(docs, args.from_json)
+    if entries:
+        update_summary(args.summary, entries)
+    for k, e in entries.items():
+        print(f"{k}: {e['measured']:.3f} (target {e['better']} {e['target']}; {'met' if e['met'] else 'missed'})")
+    if not entries:
+        print("no S1 / S2 entry: needs a concurrency-16 run with blend:batch1 and blend:batchN (and, for S2, a "
+              "concurrency-1 run of blend:batchN)")
+
+
 def run(args: argparse.Namespace) -> int:
     from kvblend.io import atomic_write_json
 
     if args.from_json:
-        try:
-            result = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
-            table(result)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{args.from_json}: not a serve benchmark JSON ({type(exc).__name__}: {exc})") from None
-        print(table(result))
+        docs = []
+        for path in [x for x in args.from_json.split(",") if x]:
+            try:
+                docs.append(json.loads(Path(path).read_text(encoding="utf-8")))
+                print(f"{path}:\n{table(docs[-1])}\n")
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"{path}: not a serve benchmark JSON ({type(exc).__name__}: {exc})") from None
         if args.plot:
-            plot(result, Path(args.plot))
+            plot(docs[0], Path(args.plot))
             print(f"wrote {args.plot}")
+        if args.summary:
+            _write_summary(docs, args)
         return 0
     result = measure(args)
     out = Path(args.out)
