@@ -36,7 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-budget", dest="gpu_budget", default=None, help="chunk store GPU tier budget, e.g. 4GiB")
     p.add_argument("--cpu-budget", dest="cpu_budget", default=None, help="chunk store CPU tier budget")
     p.add_argument("--max-batch", dest="max_batch", type=_positive_int, default=None,
-                   help="requests decoded together, continuous batching (default 8 on CUDA, 4 on CPU; 1: one request "
+                   help="requests decoded together, continuous batching (default 8 on CUDA, 1 on CPU, where the slots' whole-buffer "
+                        "attention costs more than it saves; 1: one request "
                         "at a time)")
     p.add_argument("--batch-rows", dest="batch_rows", type=_positive_int, default=None,
                    help="KV rows per batch slot (default: the model's context, at most 8192); longer requests are "
@@ -162,7 +163,7 @@ def _serve(args: argparse.Namespace, config, policy, corpus) -> int:
     _say(args, f"loading {config.model} ...")
     engine = Engine(config)
     served = args.served_model_name or engine.model.name
-    max_batch = args.max_batch or (8 if engine.model.device.type == "cuda" else 4)
+    max_batch = args.max_batch or (8 if engine.model.device.type == "cuda" else 1)
     limits = WorkerLimits(max_document_tokens=args.max_document_tokens, max_build_s=args.max_build_s,
                           max_batch=max_batch, batch_rows=args.batch_rows,
                           trust_messages=args.trust_messages, store_ttl_s=args.store_ttl_s)
