@@ -83,6 +83,7 @@ class Engine:
             home / "chunks" / safe / dtype_name(self.model.dtype),
             gpu_budget_bytes=config.budget_bytes("gpu"), cpu_budget_bytes=config.budget_bytes("cpu"),
             disk_budget_bytes=config.budget_bytes("disk"), device=self.model.device, model_name=self.model.name,
+            remote=self._remote_tier(config),
         )
         tok = self.model.tokenizer
         # the fixed chunk context (chunk_sink auto / none / text); prefix contexts come with each prompt
@@ -92,6 +93,18 @@ class Engine:
         self.warmed_up = False
         self._prefetcher: ThreadPoolExecutor | None = None  # Engine.prefetch's one worker thread
         self._draft: DecoderModel | None = None  # config.draft_model, loaded when a draft selection signal asks
+
+    @staticmethod
+    def _remote_tier(config: EngineConfig):
+        """The shared remote chunk tier of config.remote_store, None without one."""
+        if not config.remote_store:
+            return None
+        from kvblend.kvstore.remote import RemoteTier
+
+        remote = RemoteTier(config.remote_store, config.budget_bytes("remote"), config.remote_ttl)
+        if remote.ping():
+            log.info("remote chunk store %s reachable", remote.url)
+        return remote
 
     def draft_model(self) -> DecoderModel:
         """The draft model of config.draft_model (loaded once; same dtype and device settings as the target)."""

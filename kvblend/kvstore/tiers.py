@@ -85,6 +85,59 @@ def _parse_safetensors(buf: torch.Tensor, name: str = "kv") -> tuple[torch.Tenso
     return data.view(dtype).view(shape), header.get("__metadata__", {})
 
 
+def encode_chunk(chunk: ChunkKV, model_name: str = "") -> tuple[bytes, dict]:
+    """A chunk as stored (on disk and in the remote tier): safetensors bytes and their metadata (sizes, SHA-256
+    and CRC-32 of the bytes, key, token ids, layout)."""
+    data = st_save({"kv": chunk.kv.detach().cpu().contiguous()}, metadata={"layout": LAYOUT})
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "key": {"model_fingerprint": chunk.key.model_fingerprint, "dtype": chunk.key.dtype,
+                "token_hash": chunk.key.token_hash, "digest": chunk.key.digest},
+        "model_name": model_name,
+        "text": chunk.text,
+        "token_ids": list(chunk.token_ids),
+        "num_tokens": chunk.num_tokens,
+        "sink_ids": list(chunk.sink_ids),
+        "rope_offset": chunk.rope_offset,
+        "layout": LAYOUT,
+        "layout_doc": "kv[0]=K (after RoPE, chunk-local positions from rope_offset), kv[1]=V; "
+                      "each [layers, kv_heads, tokens, head_dim]",
+        "shape": list(chunk.kv.shape),
+        "tensor_dtype": str(chunk.kv.dtype).removeprefix("torch."),
+        "nbytes": chunk.nbytes,
+        "file_bytes": len(data),
+        "file_sha256": hashlib.sha256(data).hexdigest(),
+        "file_crc32": zlib.crc32(data),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    return data, meta
+
+
+def verify_chunk(buf: torch.Tensor, meta: dict, digest: str) -> torch.Tensor:
+    """The KV tensor of stored bytes `buf` (uint8) once they check out against `meta` (size, CRC-32 or SHA-256,
+    key digest, layout, shape); ValueError / KeyError / TypeError / struct.error when anything does not."""
+    if buf.numel() != meta["file_bytes"]:
+        raise ValueError(f"truncated: {buf.numel()} of {meta['file_bytes']} bytes")
+    raw = memoryview(buf.numpy())
+    if "file_crc32" in meta:
+        if zlib.crc32(raw) != meta["file_crc32"]:
+            raise ValueError("crc32 mismatch")
+    elif hashlib.sha256(raw).hexdigest() != meta["file_sha256"]:
+        raise ValueError("sha256 mismatch")
+    if meta["key"]["digest"] != digest or meta["layout"] != LAYOUT:
+        raise ValueError("metadata does not match the requested key")
+    kv, _ = _parse_safetensors(buf)
+    if list(kv.shape) != meta["shape"] or kv.shape[3] != meta["num_tokens"]:
+        raise ValueError(f"tensor shape {list(kv.shape)} does not match metadata")
+    return kv
+
+
+def chunk_from_meta(key: ChunkKey, kv: torch.Tensor, meta: dict) -> ChunkKV:
+    """The ChunkKV of verified tensor `kv` with the token ids, sink and offset its metadata records."""
+    return ChunkKV(key=key, token_ids=tuple(meta["token_ids"]), kv=kv, rope_offset=int(meta["rope_offset"]),
+                   sink_ids=tuple(meta["sink_ids"]), text=meta.get("text", ""))
+
+
 class MemoryTier:
     """Chunks resident on `device`, in LRU order (oldest first)."""
 
@@ -168,29 +221,8 @@ class DiskTier:
     def save(self, chunk: ChunkKV, model_name: str = "") -> int:
         """Write the chunk (tensor file first, metadata JSON last as the commit mark); returns file bytes."""
         digest = chunk.key.digest
-        data = st_save({"kv": chunk.kv.detach().cpu().contiguous()}, metadata={"layout": LAYOUT})
+        data, meta = encode_chunk(chunk, model_name)
         tensor_path, meta_path = self.paths(digest)
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "key": {"model_fingerprint": chunk.key.model_fingerprint, "dtype": chunk.key.dtype,
-                    "token_hash": chunk.key.token_hash, "digest": digest},
-            "model_name": model_name,
-            "text": chunk.text,
-            "token_ids": list(chunk.token_ids),
-            "num_tokens": chunk.num_tokens,
-            "sink_ids": list(chunk.sink_ids),
-            "rope_offset": chunk.rope_offset,
-            "layout": LAYOUT,
-            "layout_doc": "kv[0]=K (after RoPE, chunk-local positions from rope_offset), kv[1]=V; "
-                          "each [layers, kv_heads, tokens, head_dim]",
-            "shape": list(chunk.kv.shape),
-            "tensor_dtype": str(chunk.kv.dtype).removeprefix("torch."),
-            "nbytes": chunk.nbytes,
-            "file_bytes": len(data),
-            "file_sha256": hashlib.sha256(data).hexdigest(),
-            "file_crc32": zlib.crc32(data),
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
         self._drop_pending(digest)  # a read started before this write must not be used
         atomic_write_bytes(tensor_path, data)
         atomic_write_json(meta_path, meta)
@@ -224,19 +256,7 @@ class DiskTier:
         tensor_path, meta_path = self.paths(digest)
         meta = json.loads(meta_path.read_text())
         buf = _read_file(tensor_path, self.pin_memory)
-        if buf.numel() != meta["file_bytes"]:
-            raise ValueError(f"truncated: {buf.numel()} of {meta['file_bytes']} bytes")
-        raw = memoryview(buf.numpy())
-        if "file_crc32" in meta:
-            if zlib.crc32(raw) != meta["file_crc32"]:
-                raise ValueError("crc32 mismatch")
-        elif hashlib.sha256(raw).hexdigest() != meta["file_sha256"]:
-            raise ValueError("sha256 mismatch")
-        if meta["key"]["digest"] != digest or meta["layout"] != LAYOUT:
-            raise ValueError("metadata does not match the requested key")
-        kv, _ = _parse_safetensors(buf)
-        if list(kv.shape) != meta["shape"] or kv.shape[3] != meta["num_tokens"]:
-            raise ValueError(f"tensor shape {list(kv.shape)} does not match metadata")
+        kv = verify_chunk(buf, meta, digest)
         return kv, meta
 
     def load(self, key: ChunkKey) -> ChunkKV:
@@ -263,8 +283,7 @@ class DiskTier:
 
     @staticmethod
     def _chunk(key: ChunkKey, kv: torch.Tensor, meta: dict) -> ChunkKV:
-        return ChunkKV(key=key, token_ids=tuple(meta["token_ids"]), kv=kv, rope_offset=int(meta["rope_offset"]),
-                       sink_ids=tuple(meta["sink_ids"]), text=meta.get("text", ""))
+        return chunk_from_meta(key, kv, meta)
 
     def _drop_pending(self, digest: str) -> None:
         pending = self._pending.pop(digest, None)

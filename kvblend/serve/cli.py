@@ -7,6 +7,7 @@ import logging
 import socket
 import sys
 
+from kvblend.argtypes import non_negative_int as _non_negative_int
 from kvblend.argtypes import port as _port
 from kvblend.argtypes import positive_int as _positive_int
 from kvblend.argtypes import ratio as _ratio
@@ -32,10 +33,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ratio", type=_ratio, default=None, help="default blend recompute ratio (default 0.15)")
     p.add_argument("--gpu-budget", dest="gpu_budget", default=None, help="chunk store GPU tier budget, e.g. 4GiB")
     p.add_argument("--cpu-budget", dest="cpu_budget", default=None, help="chunk store CPU tier budget")
+    p.add_argument("--remote-store", dest="remote_store", default=None,
+                   help="redis://HOST:PORT[/DB]: a Redis / Valkey server as the chunk tier shared by processes and "
+                        "replicas (behind local disk; unreachable: local tiers only, with a warning)")
+    p.add_argument("--remote-budget", dest="remote_budget", default=None, help="remote tier byte budget (64GiB)")
+    p.add_argument("--remote-ttl", dest="remote_ttl", type=_non_negative_int, default=None,
+                   help="seconds an unused remote chunk lives (default 604800; 0 = no expiry)")
     p.add_argument("--max-queue", dest="max_queue", type=_positive_int, default=64,
                    help="requests that may wait for the worker; more get HTTP 429 (default 64)")
     p.add_argument("--max-tokens", dest="default_max_tokens", type=_positive_int, default=256,
                    help="completion tokens when a request gives no max_tokens (default 256, clipped to the context)")
+
+
+SERVE_FLAGS = ("model", "dtype", "device", "mode", "ratio", "gpu_budget", "cpu_budget", "remote_store", "remote_budget",
+               "remote_ttl")
 
 
 def _check_listen(host: str, port: int) -> None:
@@ -56,7 +67,7 @@ def _check_listen(host: str, port: int) -> None:
 def run(args: argparse.Namespace) -> int:
     from kvblend.config import load_config
 
-    flags = {k: getattr(args, k) for k in ("model", "dtype", "device", "mode", "ratio", "gpu_budget", "cpu_budget")}
+    flags = {k: getattr(args, k) for k in SERVE_FLAGS}
     config = load_config(args.config, flags)
     _check_listen(args.host, args.port)
     corpus = None
@@ -79,6 +90,10 @@ def run(args: argparse.Namespace) -> int:
     worker = Worker(engine, ServerMetrics(), max_queue=args.max_queue, default_max_tokens=args.default_max_tokens,
                     corpus=corpus)
     worker.start()
+    remote = engine.store.remote
+    if remote is not None:
+        state = "reachable" if remote.reachable else "NOT reachable: local tiers only until it answers"
+        print(f"kvblend serve: remote chunk store {remote.url} ({state})", file=sys.stderr)
     app = create_app(worker, served)
     print(f"kvblend serve: {served} ({engine.model.dtype}, {engine.model.device}) on http://{args.host}:{args.port}"
           f"/v1 - mode {config.mode}, ratio {config.ratio}, max queue {args.max_queue}", file=sys.stderr, flush=True)

@@ -20,6 +20,7 @@ from typing import Any
 
 from kvblend.serve.metrics import ServerMetrics
 from kvblend.serve.protocol import ApiError, ChatRequest, Document, StopText
+from kvblend.vocab import HIT_TIERS
 
 log = logging.getLogger(__name__)
 
@@ -130,11 +131,11 @@ class Worker:
                            param="retrieval", code="no_corpus")
         return tuple(self.corpus.search(req.query, req.retrieval_top_k))
 
-    def _answer(self, job: Job) -> None:
+    def _prepare(self, req: ChatRequest):
+        """(documents, chunk texts, prompt, sampling, mode, ratio) of a request; ApiError when it does not fit."""
         from kvblend.generation.sampling import SamplingParams
 
-        req, engine = job.request, self.engine
-        queue_s = time.perf_counter() - job.enqueued_at
+        engine = self.engine
         docs = self._documents(req)
         # a string document is one chunk followed by a blank line, as the pipeline's passage template does
         texts = [d.text if d.doc_id else (f"{d.title}\n\n{d.text}\n\n" if d.title else f"{d.text}\n\n")
@@ -153,6 +154,36 @@ class Worker:
                                   stop_on_newline=False, seed=seed)
         mode = req.mode or engine.config.mode
         ratio = engine.config.ratio if req.ratio is None else req.ratio
+        return docs, texts, prompt, sampling, mode, ratio
+
+    @staticmethod
+    def _usage(prompt, out, mode: str, ratio: float, before: dict, after: dict, queue_s: float) -> dict:
+        """The response's usage object, kvblend's per-request figures under "kvblend"."""
+        hits = {t: after["hits"].get(t, 0) - before["hits"].get(t, 0) for t in HIT_TIERS}
+        stats = out.blend
+        chunk_tokens = sum(len(c) for c in prompt.chunk_ids)
+        recomputed = stats.num_recomputed if stats is not None else prompt.num_tokens
+        return {
+            "prompt_tokens": prompt.num_tokens, "completion_tokens": len(out.token_ids),
+            "total_tokens": prompt.num_tokens + len(out.token_ids),
+            "kvblend": {
+                "mode": mode, "ratio": ratio if mode == "blend" else None, "chunks": len(prompt.chunk_ids),
+                "chunk_tokens": chunk_tokens, "recomputed_tokens": recomputed,
+                "chunk_hits": hits, "chunk_misses": after["misses"] - before["misses"],
+                "chunk_corrupt": after.get("corrupt", 0) - before.get("corrupt", 0),
+                "ttft_ms": round(out.ttft_ms, 3), "tpot_ms": round(out.tpot_ms, 3),
+                "prefill_ms": round(stats.prefill_ms, 3) if stats is not None else None,
+                "fetch_ms": round(out.fetch_ms, 3),  # reading cached chunks from their tiers (inside TTFT)
+                "build_ms": round(out.build_ms, 3),  # prefilling missing chunks alone (outside ttft_ms)
+                "chunk_tiers": list(out.chunk_tiers),  # where each chunk came from ("built ...": a miss)
+                "queue_ms": round(queue_s * 1e3, 3),
+            },
+        }
+
+    def _answer(self, job: Job) -> None:
+        req, engine = job.request, self.engine
+        queue_s = time.perf_counter() - job.enqueued_at
+        docs, texts, prompt, sampling, mode, ratio = self._prepare(req)
         job.emit("accepted", {"prompt_tokens": prompt.num_tokens})
         before = engine.store.summary()["stats"]
         tokenizer = engine.model.tokenizer
@@ -181,33 +212,15 @@ class Worker:
         delta, text = stop_text.finish(out.text)
         if delta and req.stream:
             job.emit("delta", delta)
-        after = engine.store.summary()["stats"]
-        hits = {t: after["hits"].get(t, 0) - before["hits"].get(t, 0) for t in ("gpu", "cpu", "disk")}
-        stats = out.blend
-        chunk_tokens = sum(len(c) for c in prompt.chunk_ids)
-        recomputed = stats.num_recomputed if stats is not None else prompt.num_tokens
+        usage = self._usage(prompt, out, mode, ratio, before, engine.store.summary()["stats"], queue_s)
         finish = "length" if out.stop_reason == "length" and not stop_text.stopped else "stop"
-        usage = {
-            "prompt_tokens": prompt.num_tokens, "completion_tokens": len(out.token_ids),
-            "total_tokens": prompt.num_tokens + len(out.token_ids),
-            "kvblend": {
-                "mode": mode, "ratio": ratio if mode == "blend" else None, "chunks": len(prompt.chunk_ids),
-                "chunk_tokens": chunk_tokens, "recomputed_tokens": recomputed,
-                "chunk_hits": hits, "chunk_misses": after["misses"] - before["misses"],
-                "chunk_corrupt": after.get("corrupt", 0) - before.get("corrupt", 0),
-                "ttft_ms": round(out.ttft_ms, 3), "tpot_ms": round(out.tpot_ms, 3),
-                "prefill_ms": round(stats.prefill_ms, 3) if stats is not None else None,
-                "fetch_ms": round(out.fetch_ms, 3),  # reading cached chunks from their tiers (inside TTFT)
-                "build_ms": round(out.build_ms, 3),  # prefilling missing chunks alone (outside ttft_ms)
-                "chunk_tiers": list(out.chunk_tiers),  # where each chunk came from ("built ...": a miss)
-                "queue_ms": round(queue_s * 1e3, 3),
-            },
-        }
         retrieved = [{"id": d.doc_id, "title": d.title, "score": d.score} for d in docs if d.doc_id]
+        kv = usage["kvblend"]
         self.metrics.observe_request(out.ttft_ms / 1e3, out.tpot_ms / 1e3 if out.token_ms else None, queue_s,
                                      {"prompt": prompt.num_tokens, "completion": len(out.token_ids),
-                                      "chunk": chunk_tokens, "recomputed": recomputed})
+                                      "chunk": kv["chunk_tokens"], "recomputed": kv["recomputed_tokens"]})
         self.metrics.count_request("ok")
         self.metrics.publish_store(engine.store.summary())  # before the client can see the answer
-        job.emit("done", {"text": text, "finish_reason": finish, "usage": usage,
-                          "retrieved": retrieved, "token_ids": list(out.token_ids)})
+        job.emit("done", {"text": text, "finish_reason": finish, "usage": usage, "retrieved": retrieved,
+                          "token_ids": list(out.token_ids),
+                          "chunk_keys": [str(k) for k in engine.keys(prompt)]})  # for the cluster's router
