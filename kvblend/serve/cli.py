@@ -39,6 +39,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--remote-budget", dest="remote_budget", default=None, help="remote tier byte budget (64GiB)")
     p.add_argument("--remote-ttl", dest="remote_ttl", type=_non_negative_int, default=None,
                    help="seconds an unused remote chunk lives (default 604800; 0 = no expiry)")
+    p.add_argument("--replicas", type=_positive_int, default=None,
+                   help="run N engine replicas as a Ray Serve application behind this one endpoint (a local Ray "
+                        "cluster, or the one at --ray-address / $RAY_ADDRESS); share chunks with --remote-store")
+    p.add_argument("--ray-address", dest="ray_address", default=None,
+                   help="with --replicas: the Ray cluster to join (e.g. auto, or ray://HEAD:10001); default: "
+                        "$RAY_ADDRESS, else a local cluster started here")
+    p.add_argument("--routing", choices=("chunk", "default"), default="chunk",
+                   help="with --replicas: chunk (to the replica holding the request's chunks in memory, balanced "
+                        "against queue length; round-robin without documents) or default (Ray Serve's "
+                        "power of two choices)")
+    p.add_argument("--replica-cpus", dest="replica_cpus", type=float, default=1.0,
+                   help="with --replicas: CPUs reserved per engine replica (default 1)")
+    p.add_argument("--replica-gpus", dest="replica_gpus", type=float, default=None,
+                   help="with --replicas: GPUs per engine replica (default 1 when the cluster has GPUs and "
+                        "--device is not cpu, else 0)")
     p.add_argument("--max-queue", dest="max_queue", type=_positive_int, default=64,
                    help="requests that may wait for the worker; more get HTTP 429 (default 64)")
     p.add_argument("--max-tokens", dest="default_max_tokens", type=_positive_int, default=256,
@@ -64,12 +79,51 @@ def _check_listen(host: str, port: int) -> None:
             raise ValueError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port") from None
 
 
+def _run_cluster(args: argparse.Namespace, config) -> int:
+    """`kvblend serve --replicas N`: deploy, print the endpoint, serve until SIGINT / SIGTERM."""
+    import signal
+    import threading
+
+    import ray
+
+    from kvblend.serve.cluster import build_app, deploy
+
+    if args.replicas > 1 and not config.remote_store:
+        print("kvblend serve: no --remote-store: each replica builds and keeps its own chunks", file=sys.stderr)
+    print(f"kvblend serve: starting Ray ({args.ray_address or 'local or $RAY_ADDRESS'}) ...", file=sys.stderr)
+    ray.init(address=args.ray_address, include_dashboard=False, logging_level=logging.WARNING)
+    gpus = args.replica_gpus
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 and config.device != "cpu" else 0.0
+    try:
+        app = build_app(config, args.replicas, served_model=args.served_model_name, max_queue=args.max_queue,
+                        default_max_tokens=args.default_max_tokens, routing=args.routing,
+                        replica_cpus=args.replica_cpus, replica_gpus=gpus, corpus=args.corpus)
+        print(f"kvblend serve: deploying {args.replicas} engine replicas of {config.model} "
+              f"({args.replica_cpus:g} CPU, {gpus:g} GPU each; routing {args.routing}) ...", file=sys.stderr)
+        url = deploy(app, args.host, args.port)
+        print(f"kvblend serve: {args.replicas} replicas on {url}/v1 (Ray Serve)", file=sys.stderr, flush=True)
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        while not stop.wait(1.0):
+            pass
+    finally:
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from kvblend.config import load_config
 
     flags = {k: getattr(args, k) for k in SERVE_FLAGS}
     config = load_config(args.config, flags)
     _check_listen(args.host, args.port)
+    if args.replicas:
+        return _run_cluster(args, config)
     corpus = None
     if args.corpus:
         from kvblend.serve.corpus import load_corpus

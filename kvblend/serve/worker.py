@@ -223,4 +223,4 @@ class Worker:
         self.metrics.publish_store(engine.store.summary())  # before the client can see the answer
         job.emit("done", {"text": text, "finish_reason": finish, "usage": usage, "retrieved": retrieved,
                           "token_ids": list(out.token_ids),
-                          "chunk_keys": [str(k) for k in engine.keys(prompt)]})  # for the cluster's router
+                          "chunk_digests": [k.digest for k in engine.keys(prompt)]})  # for the cluster router
