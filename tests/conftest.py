@@ -62,55 +62,10 @@ def tiny_model(request):
     return make_tiny(request.param)
 
 
-class RedisServer:
-    """A real `redis-server` on a free loopback port, in its own folder, no persistence; kill() / start() again
-    on the same port (the tests of a server going away)."""
-
-    def __init__(self, folder: Path):
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.folder = folder
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc = None
-        self.start()
-
-    def start(self) -> None:
-        import subprocess
-        import time
-
-        import redis
-
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [shutil.which("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
-             "--save", "", "--appendonly", "no", "--logfile", str(self.folder / "redis.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=1)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            try:
-                if client.ping():
-                    return
-            except redis.exceptions.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError(f"redis-server did not answer on port {self.port}: {self.folder / 'redis.log'}")
-
-    def client(self):
-        import redis
-
-        return redis.Redis(port=self.port, socket_timeout=2)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
 def start_redis(folder: Path) -> RedisServer:
     """A RedisServer, or a pytest skip when the binary is not installed (.ci/run installs it)."""
+    from kvblend.serve.process import RedisServer
+
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (apt-get install -y redis-server; .ci/run installs it)")
     return RedisServer(folder)

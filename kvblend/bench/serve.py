@@ -58,6 +58,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=DEFAULT_OUT)
     p.add_argument("--plot", default=None, help="write a PNG of TTFT p50/p90/p99 per mode")
     p.add_argument("--log-dir", default=None, help="keep the servers' logs here (default: a temp folder)")
+    p.add_argument("--replicas", type=int, default=0,
+                   help="scale-out run instead (kvblend/bench/scale_out.py): N Ray Serve engine replicas in blend "
+                        "mode, without / with the remote tier, default / chunk-aware routing (default 0: off)")
+    p.add_argument("--remote-store", dest="remote_store", default="auto",
+                   help="with --replicas: redis://HOST:PORT of a server to use (its databases 1-4 are flushed), or "
+                        "auto (a redis-server started in a temp folder)")
+    p.add_argument("--replica-cpus", dest="replica_cpus", type=float, default=1.0, help="with --replicas")
+    p.add_argument("--replica-gpus", dest="replica_gpus", type=float, default=0.0, help="with --replicas")
+    p.add_argument("--ray-address", dest="ray_address", default=None,
+                   help="with --replicas: a running Ray cluster (default: a local one started by the bench)")
+    p.add_argument("--probe", type=int, default=4,
+                   help="with --replicas: requests of fresh documents answered by one server, then by a second one "
+                        "sharing the remote tier (TTFT of a remote fetch vs a build; 0: skip)")
     p.add_argument("--from-json", dest="from_json", default=None,
                    help="no run: print the table (and --plot) of a serve JSON already measured")
 
@@ -143,17 +156,23 @@ def stream_request(host: str, port: int, body: dict, timeout: float = 900.0) -> 
         conn.close()
 
 
-def start_server(args, mode: str, log_dir: Path):
-    """A fresh `kvblend serve` in `mode` with its own empty chunk store (not waited for: see warm_up)."""
+def model_folder(args) -> str:
+    """A named model is converted under the user's KVBLEND_HOME: its folder, so a fresh home holds only chunks."""
     from kvblend.model.registry import NAMED_MODELS, converted_folder
+
+    return str(converted_folder(NAMED_MODELS[args.model])) if args.model in NAMED_MODELS else args.model
+
+
+def start_server(args, mode: str, log_dir: Path, extra: tuple[str, ...] = (), name: str | None = None):
+    """A fresh `kvblend serve` in `mode` with its own empty chunk store (not waited for: see warm_up); extra: more
+    flags (e.g. --remote-store URL)."""
     from kvblend.serve.process import ServerProcess
 
-    home = Path(tempfile.mkdtemp(prefix=f"kvblend-bench-serve-{mode}-"))
-    # a named model is converted under the user's KVBLEND_HOME: pass its folder, the fresh home holds only chunks
-    model = str(converted_folder(NAMED_MODELS[args.model])) if args.model in NAMED_MODELS else args.model
-    srv = ServerProcess(["--model", model, "--dtype", args.dtype, "--device", args.device, "--mode", mode,
-                         "--ratio", str(args.ratio), "--max-queue", str(max(64, args.concurrency * 2))],
-                        log_dir / f"server_{mode}.log", env={"KVBLEND_HOME": str(home)}, startup_timeout_s=600,
+    name = name or mode
+    home = Path(tempfile.mkdtemp(prefix=f"kvblend-bench-serve-{name}-"))
+    srv = ServerProcess(["--model", model_folder(args), "--dtype", args.dtype, "--device", args.device, "--mode", mode,
+                         "--ratio", str(args.ratio), "--max-queue", str(max(64, args.concurrency * 2)), *extra],
+                        log_dir / f"server_{name}.log", env={"KVBLEND_HOME": str(home)}, startup_timeout_s=600,
                         wait=False)
     return srv
 
@@ -346,6 +365,10 @@ def run(args: argparse.Namespace) -> int:
             plot(result, Path(args.plot))
             print(f"wrote {args.plot}")
         return 0
+    if args.replicas:
+        from kvblend.bench.scale_out import run_scale_out
+
+        return run_scale_out(args)
     result = measure(args)
     out = Path(args.out)
     atomic_write_json(out, result)
