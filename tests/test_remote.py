@@ -143,6 +143,16 @@ def test_remote_store_setting_from_flag_env_and_toml(tmp_path):
     assert redact("redis://user:secret@h:1/0") == "redis://user:***@h:1/0"
 
 
+def test_bad_remote_url_on_the_command_line_is_one_line():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "kvblend.cli", "serve", "--remote-store", "http://h:1",
+                           "--port", str(free_port())], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "remote_store" in proc.stderr
+
+
 # two `kvblend serve` processes sharing one redis-server ------------------------------------------------------
 DOCS = ["Remote tier document one: the Rhine flows into the North Sea.",
         "Remote tier document two: Lake Baikal is the deepest lake on Earth."]

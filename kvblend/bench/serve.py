@@ -365,10 +365,6 @@ def run(args: argparse.Namespace) -> int:
             plot(result, Path(args.plot))
             print(f"wrote {args.plot}")
         return 0
-    if args.replicas:
-        from kvblend.bench.scale_out import run_scale_out
-
-        return run_scale_out(args)
     result = measure(args)
     out = Path(args.out)
     atomic_write_json(out, result)
