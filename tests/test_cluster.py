@@ -8,6 +8,7 @@ import json
 
 import openai
 import pytest
+import ray
 
 import conftest
 from kvblend.config import EngineConfig
@@ -15,8 +16,6 @@ from kvblend.engine import Engine
 from kvblend.generation.sampling import SamplingParams
 from kvblend.model.registry import load_model
 from kvblend.serve.process import free_port
-
-ray = pytest.importorskip("ray")
 
 
 @pytest.fixture(scope="module")
