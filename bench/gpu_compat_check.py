@@ -127,6 +127,20 @@ def prefill_checks(model_type: str, device: str) -> int:
                 b = prefill(model, prompt, pinned, mode=mode, ratio=0.3)
                 err = max((a.logits - b.logits).abs().max().item(), (a.state.k - b.state.k).abs().max().item())
                 report(f"pinned (pipelined) == resident {mode}", err, tol=1e-6)
+    # the captured full prefill (padded at the end, causal; the runner's path where it measured faster) == the
+    # plain loop, two prompts of one bucket (the second replays the first one's graph)
+    from kvblend.model.runner import ModelRunner
+
+    captured = ModelRunner(model, static_eager=device != "cuda")
+    for seed in (41, 42):
+        ids = random_prompt(model.shape.vocab_size, seed=seed).flat()[:150 + seed - 41]
+        ref_state, ref = ModelRunner(model).forward(ids, 4, static=False)
+        with torch.inference_mode():
+            state = captured.new_state(len(ids) + 4, static=True)
+            got = captured._full_captured(state, ids, fast)
+        n = len(ids)
+        report(f"full {fast} == plain loop, seed {seed}", max((got - ref).abs().max().item(),
+               (state.k[:, :, :n] - ref_state.k[:, :, :n]).abs().max().item()))
     # the static-shape blend front (fusion/front_graph.py, one CUDA graph on CUDA) == the eager front, for the
     # selection policies it implements, on a 6-layer model (narrowing over 3 check layers leaves recompute layers)
     from kvblend.fusion.select import SelectionPolicy

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from kvblend.argtypes import duration as _duration
 from kvblend.argtypes import non_negative_int as _non_negative_int
 from kvblend.argtypes import positive_int as _positive_int
 from kvblend.argtypes import ratio as _ratio
@@ -136,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="retrieve + build + decode (full, reuse, blend) + eval")
     _add_pipeline_args(run)
     run.add_argument("--modes", default="full,reuse,blend", help="comma-separated decode modes")
+
+    store = sub.add_parser("store", help="the chunk store on disk: gc")
+    store_sub = store.add_subparsers(dest="store_command", required=True, parser_class=OneLineParser)
+    gc = store_sub.add_parser("gc", help="remove chunks unused for longer than --older-than, and dead writers' files")
+    gc.add_argument("--older-than", dest="older_than", type=_duration, required=True,
+                    help="e.g. 7d, 12h, 30m (a chunk's last use is its sidecar's mtime)")
+    gc.add_argument("--home", default=None, help="kvblend home (default $KVBLEND_HOME or ~/.cache/kvblend)")
 
     demo = sub.add_parser("demo", help="full vs reuse vs blend on the first musique_s samples")
     _add_model_args(demo)
@@ -307,8 +315,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_store(args: argparse.Namespace) -> int:
+    from kvblend.home import kvblend_home
+    from kvblend.kvstore.retention import gc_chunks
+
+    root = (Path(args.home).expanduser() if args.home else kvblend_home()) / "chunks"
+    if not root.is_dir():
+        raise CliError(f"{root}: no chunk store here (nothing to collect); pass --home")
+    result = gc_chunks(root, args.older_than)
+    print(f"{root}: removed {result.chunks} chunks unused for over {args.older_than:g} s ({result.bytes} bytes) "
+          f"and {result.leftovers} files of interrupted writes")
+    return 0
+
+
+def _run_files(config, modes) -> list[Path]:
+    """Every results file `kvblend run` may rewrite (restored as they were when the run fails)."""
+    from kvblend.pipeline import decode_path, paths
+
+    p = paths(config)
+    return [p["retrieval"], p["build"], p["eval"], *(decode_path(config, m) for m in modes)]
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from kvblend.engine import Engine
+    from kvblend.io import Rollback
     from kvblend.pipeline import format_eval_table, load_inputs, paths, run_build, run_decode, run_eval
 
     config = _config_from_args(args)
@@ -317,20 +347,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     if bad or not modes:
         raise CliError(f"--modes: expected a comma-separated subset of {','.join(MODES)}, got {args.modes!r}")
     progress = not args.quiet
-    load_inputs(config, progress)  # retrieves only when the retrieval file cannot serve these samples
-    print(f"retrieve: {paths(config)['retrieval']} covers the {config.limit or 'all'} samples asked for")
-    engine = Engine(config)
-    print(f"build: wrote {run_build(config, engine=engine, progress=progress)}")
-    for mode in modes:
-        print(f"decode: wrote {run_decode(config, mode=mode, engine=engine, progress=progress)}")
-    path, table = run_eval(config, modes, engine=engine, progress=progress)
+    engine = Engine(config)  # a model that cannot load fails here, before any results file is touched
+    lines = []
+    with Rollback(_run_files(config, modes)):  # a failed run leaves every results file as it was
+        load_inputs(config, progress)  # retrieves only when the retrieval file cannot serve these samples
+        lines.append(f"retrieve: {paths(config)['retrieval']} covers the {config.limit or 'all'} samples asked for")
+        lines.append(f"build: wrote {run_build(config, engine=engine, progress=progress)}")
+        for mode in modes:
+            lines.append(f"decode: wrote {run_decode(config, mode=mode, engine=engine, progress=progress)}")
+        path, table = run_eval(config, modes, engine=engine, progress=progress)
+    print("\n".join(lines))
     print(format_eval_table(table))
     print(f"\neval: wrote {path}")
     return 0
 
 
 COMMANDS = {"demo": cmd_demo, "budget": cmd_budget, "retrieve": cmd_retrieve, "build": cmd_build,
-            "decode": cmd_decode, "eval": cmd_eval, "run": cmd_run}
+            "decode": cmd_decode, "eval": cmd_eval, "run": cmd_run, "store": cmd_store}
+
+
+def _quiet_progress() -> None:
+    """--quiet: no progress bar anywhere, the model's weight loading and conversion included (tqdm and the
+    Hugging Face libraries read these at import time, so before they are imported)."""
+    os.environ["TQDM_DISABLE"] = "1"
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -340,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if getattr(args, "quiet", False):
+        _quiet_progress()
     try:
         if args.command in PLUGGED:
             return _plugged(PLUGGED[args.command][0]).run(args)

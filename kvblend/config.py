@@ -185,7 +185,8 @@ class EngineConfig:
     # chunk store
     gpu_budget: str = "4GiB"
     cpu_budget: str = "16GiB"
-    disk_budget: str = "50GiB"
+    disk_budget: str = "50GiB"  # capped by the filesystem's free space at run time
+    store_text: bool = False  # keep each chunk's text in its sidecar (default: token ids and a hash only)
     remote_store: str = ""  # redis://HOST:PORT[/DB] (Redis or Valkey): the chunk tier shared by processes and replicas; "" = none
     remote_budget: str = "64GiB"  # bytes of chunk KV the remote tier may hold (least recently used evicted)
     remote_ttl: int = 604800  # seconds an unused remote chunk lives (0 = no expiry)

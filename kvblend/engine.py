@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 from kvblend.clock import RequestClock
 from kvblend.config import EngineConfig
 from kvblend.data.prompt import build_prompt, chunk_context_ids
-from kvblend.errors import ChunkCorruptError
+from kvblend.errors import ChunkCorruptError, ConfigError
 from kvblend.fusion.blend import prefill
 from kvblend.fusion.layout import Placement, place
 from kvblend.fusion.select import draft_attention_prior
@@ -84,7 +84,10 @@ class Engine:
             gpu_budget_bytes=config.budget_bytes("gpu"), cpu_budget_bytes=config.budget_bytes("cpu"),
             disk_budget_bytes=config.budget_bytes("disk"), device=self.model.device, model_name=self.model.name,
             remote=self._remote_tier(config),
+            store_text=config.store_text, chunk_shape=(self.model.shape.num_layers, self.model.shape.num_kv_heads,
+                                                       self.model.shape.head_dim),
         )
+        self._check_budgets()
         tok = self.model.tokenizer
         # the fixed chunk context (chunk_sink auto / none / text); prefix contexts come with each prompt
         self.sink_ids = () if config.chunk_sink == "prefix" else chunk_context_ids(tok, config.chunk_sink)
@@ -94,6 +97,14 @@ class Engine:
         self._prefetcher: ThreadPoolExecutor | None = None  # Engine.prefetch's one worker thread
         self._draft: DecoderModel | None = None  # config.draft_model, loaded when a draft selection signal asks
 
+    def _check_budgets(self) -> None:
+        """A memory tier whose budget holds not even one token's KV of this model is a configuration error."""
+        one_token = chunk_nbytes(self.model, 1)
+        for tier in ("gpu", "cpu"):
+            budget = self.store.budgets()[tier]
+            if budget < one_token:
+                raise ConfigError(f"{tier}_budget: {budget} bytes hold no chunk KV of {self.model.name} (one token "
+                                  f"takes {one_token} bytes); raise --{tier}-budget")
     @staticmethod
     def _remote_tier(config: EngineConfig):
         """The shared remote chunk tier of config.remote_store, None without one."""
@@ -127,10 +138,14 @@ class Engine:
         return SamplingParams(max_new_tokens=c.max_new_tokens or max_new_tokens or 32, temperature=c.temperature,
                               top_p=c.top_p, stop_on_newline=c.stop_on_newline, seed=c.seed)
 
-    def prompt(self, prefix_text: str, chunk_texts: Sequence[str], query_text: str) -> PromptIds:
+    def prompt(self, prefix_text: str, chunk_texts: Sequence[str], query_text: str,
+               trust_messages: bool = False) -> PromptIds:
+        """Token ids of the prompt; special-token strings in chunks (and, unless trust_messages, in the prefix and
+        query text) are plain text, never control tokens (kvblend/data/prompt.py)."""
         if self.model.tokenizer is None:
             raise ValueError(f"{self.model.name} has no tokenizer; pass token ids (PromptIds) instead of text")
-        return build_prompt(self.model.tokenizer, prefix_text, chunk_texts, query_text, self.config.chat_template)
+        return build_prompt(self.model.tokenizer, prefix_text, chunk_texts, query_text, self.config.chat_template,
+                            trust_messages)
 
     # chunks -----------------------------------------------------------------------------------------
     def chunk_context(self, prefix_ids: Sequence[int] | None = None) -> tuple[int, ...]:
@@ -140,27 +155,36 @@ class Engine:
             return self.sink_ids
         return chunk_context_ids(self.model.tokenizer, "prefix", prefix_ids)
 
-    def chunk_key(self, token_ids: Sequence[int], prefix_ids: Sequence[int] | None = None) -> ChunkKey:
-        """The chunk's content key: its token ids and the context it is prefilled after."""
-        return chunk_key(self.model, token_ids, self.chunk_context(prefix_ids))
+    def chunk_key(self, token_ids: Sequence[int], prefix_ids: Sequence[int] | None = None,
+                  salt: str = "") -> ChunkKey:
+        """The chunk's content key: its token ids, the context it is prefilled after, the tenant's salt."""
+        return chunk_key(self.model, token_ids, self.chunk_context(prefix_ids), salt)
 
-    def _builder(self, token_ids: Sequence[int], text: str, prefix_ids: Sequence[int] | None = None):
-        """The builder of one chunk (prefilled alone after its context), for ChunkKVStore.get(build=...)."""
+    def _builder(self, token_ids: Sequence[int], text: str, prefix_ids: Sequence[int] | None = None,
+                 salt: str = "", on_build: Callable[[], None] | None = None):
+        """The builder of one chunk (prefilled alone after its context), for ChunkKVStore.get(build=...);
+        on_build runs first (it may raise to stop the request, e.g. over a budget of build time)."""
         context = self.chunk_context(prefix_ids)
-        return lambda: build_chunk_kv(self.model, token_ids, context, text)
+
+        def build() -> ChunkKV:
+            if on_build is not None:
+                on_build()
+            return build_chunk_kv(self.model, token_ids, context, text, salt)
+
+        return build
 
     def ensure_chunk(self, token_ids: Sequence[int], text: str = "", tier: str = "disk",
-                     prefix_ids: Sequence[int] | None = None) -> ChunkKV:
+                     prefix_ids: Sequence[int] | None = None, salt: str = "") -> ChunkKV:
         """The chunk's cached KV, built (prefilled after its context) and stored if missing or corrupt."""
-        return self.store.get(self.chunk_key(token_ids, prefix_ids), tier,
-                              build=self._builder(token_ids, text, prefix_ids)).chunk
+        return self.store.get(self.chunk_key(token_ids, prefix_ids, salt), tier,
+                              build=self._builder(token_ids, text, prefix_ids, salt)).chunk
 
     def _texts(self, prompt: PromptIds, chunk_texts: Sequence[str] | None) -> list[str]:
         return list(chunk_texts) if chunk_texts is not None else [""] * len(prompt.chunk_ids)
 
-    def keys(self, prompt: PromptIds, chunk_texts: Sequence[str] | None = None) -> list[ChunkKey]:
+    def keys(self, prompt: PromptIds, chunk_texts: Sequence[str] | None = None, salt: str = "") -> list[ChunkKey]:
         """The prompt's chunk keys, in prompt order."""
-        return [self.chunk_key(ids, prompt.prefix_ids) for ids in prompt.chunk_ids]
+        return [self.chunk_key(ids, prompt.prefix_ids, salt) for ids in prompt.chunk_ids]
 
     def stage(self, prompt: PromptIds, chunk_texts: Sequence[str] | None, tier: str,
               skip: Sequence[ChunkKey] = ()) -> None:
@@ -219,10 +243,11 @@ class Engine:
                      gpu_chunks=gpu_chunks)
 
     def _residency(self, prompt: PromptIds, texts: Sequence[str], placement: Placement,
-                   gpu_chunks: int) -> Residency:
+                   gpu_chunks: int, salt: str = "", on_build: Callable[[], None] | None = None) -> Residency:
         """The request's placement and pins within gpu_chunks and the GPU byte budget; each chunk comes with its
         builder from this request's token ids, so a chunk found missing or corrupt (a promotion included) heals."""
-        builders = [self._builder(ids, t, prompt.prefix_ids) for ids, t in zip(prompt.chunk_ids, texts)]
+        builders = [self._builder(ids, t, prompt.prefix_ids, salt, on_build)
+                    for ids, t in zip(prompt.chunk_ids, texts)]
         nbytes = [chunk_nbytes(self.model, len(ids)) for ids in prompt.chunk_ids]
         return Residency(self.store, placement.slots, gpu_chunks, builders, nbytes)
 
@@ -238,7 +263,8 @@ class Engine:
         clock.fetch_ms += elapsed_ms(t0, self.model.device) - sum(f.build_ms for f in fetched)
         return fetched, [f.chunk if residency.is_resident(i) else None for i, f in enumerate(fetched)]
 
-    def _start(self, prompt: PromptIds, chunk_texts: Sequence[str] | None, start_tier: str | None):
+    def _start(self, prompt: PromptIds, chunk_texts: Sequence[str] | None, start_tier: str | None,
+               salt: str = ""):
         """A request's start, shared by every answer path: texts, staging (before the clock), the clock, the
         store's build counter at the start (builds are reported apart from TTFT), the chunk keys."""
         texts = self._texts(prompt, chunk_texts)
@@ -246,7 +272,7 @@ class Engine:
             self.stage(prompt, texts, start_tier)
         build0 = self.store.stats.build_ms
         clock = RequestClock()
-        keys = self.keys(prompt, texts)
+        keys = self.keys(prompt, texts, salt)
         return texts, build0, clock, keys
 
     def _gather(self, keys: Sequence[ChunkKey], residency: Residency | None, clock: RequestClock):
@@ -274,21 +300,25 @@ class Engine:
     def answer(self, prompt: PromptIds, chunk_texts: Sequence[str] | None = None, mode: str | None = None,
                ratio: float | None = None, sampling: SamplingParams | None = None,
                on_token: Callable[[int], bool | None] | None = None, start_tier: str | None = None,
-               scores: Sequence[float] | None = None) -> GenOutput:
+               scores: Sequence[float] | None = None, salt: str = "",
+               on_build: Callable[[], None] | None = None) -> GenOutput:
         """Prefill (full / reuse / blend) and decode. TTFT as kvblend/clock.py defines it.
         GPU chunk budget: reuse and blend keep at most config.gpu_chunks chunks resident (the best by `scores`;
         None: prompt order), within the GPU tier's byte budget; the others are placeholders (their positions
         reserved, never attended: plain decoding promotes nothing). Full prefill computes every chunk.
         start_tier: stage every chunk on this tier first (before the clock), for comparisons.
-        on_token: streaming callback, see generation.generate.generate."""
+        on_token: streaming callback, see generation.generate.generate. salt: the caller's isolation salt (its
+        chunks are keyed apart from every other salt's, kvblend.kvstore.key.ChunkKey). on_build: called before each
+        missing or corrupt chunk is built; it may raise to stop the request (chunks built so far stay stored)."""
         c = self.config
         mode = mode or c.mode
         ratio = c.ratio if ratio is None else ratio
         sampling = sampling or self.sampling()
-        texts, build0, clock, keys = self._start(prompt, chunk_texts, start_tier)
+        texts, build0, clock, keys = self._start(prompt, chunk_texts, start_tier, salt)
         residency = None
         if mode != "full":
-            residency = self._residency(prompt, texts, self._place(prompt, keys, scores, c.gpu_chunks), c.gpu_chunks)
+            residency = self._residency(prompt, texts, self._place(prompt, keys, scores, c.gpu_chunks), c.gpu_chunks,
+                                        salt, on_build)
         with residency or nullcontext():  # every pin released after the prefill, an exception included
             fetched, chunks, tiers = self._gather(keys, residency, clock)
             resident = None

@@ -244,3 +244,33 @@ def test_run_layers_with_flex_equal_sdpa_in_plain_and_padded_paths(flex, tiny_ll
         torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5, msg=str(key))
         torch.testing.assert_close(k, ref_k, atol=1e-5, rtol=1e-5, msg=str(key))
     assert A._flex_broken is None
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 16, 17])
+@pytest.mark.parametrize("holes", [False, True])
+def test_few_query_rows_attend_as_the_dense_mask_does(tiny_llama, rows, holes):
+    """Decode / verification rows (2..FEW_ROWS) attend as a batch of one-row queries: same result as the
+    dense-mask SDPA of the whole set, with placeholder holes too; 1 and > FEW_ROWS rows keep the dense path."""
+    from kvblend.model import layers as L
+    from kvblend.model.kv import allocate_state
+
+    model = tiny_llama
+    s = model.shape
+    n = 40
+    state = allocate_state(model, n + rows)
+    g = torch.Generator().manual_seed(rows)
+    state.k.copy_(torch.randn(state.k.shape, generator=g))
+    state.v.copy_(torch.randn(state.v.shape, generator=g))
+    state.length = n
+    if holes:
+        state.set_valid(5, 12, False)
+    q = torch.randn(s.num_heads, rows, s.head_dim, generator=g)
+    q_pos = torch.arange(n, n + rows)
+    mask = L.causal_mask(q_pos, n + rows, state)
+    got = L._attend(model, 0, q, q_pos, state, n + rows, False, mask)
+    keys = state.k[0, :, :n + rows].repeat_interleave(s.num_heads // s.num_kv_heads, 0)
+    vals = state.v[0, :, :n + rows].repeat_interleave(s.num_heads // s.num_kv_heads, 0)
+    scores = (q @ keys.transpose(1, 2)) * model.attn_scale
+    want = scores.masked_fill(~mask[None], float("-inf")).softmax(-1) @ vals
+    assert got.shape == (1, s.num_heads, rows, s.head_dim)
+    torch.testing.assert_close(got[0], want, atol=1e-5, rtol=1e-5)

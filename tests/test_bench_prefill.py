@@ -44,22 +44,39 @@ def test_quick_bench_on_a_tiny_model_writes_every_field(tmp_path, capsys):
     assert "(a) prefill alone" in capsys.readouterr().out
 
 
-def _doc(device: str, dtype: str, label: str, full: float, blend: float) -> dict:
+def _doc(device: str, dtype: str, label: str, full: float, blend: float, chunks: int = 6,
+         e2e_full: float | None = None) -> dict:
     m = (lambda ms: {"median_ms": ms})
     return {"device": device, "dtype": dtype, "env": {}, "results": [{
-        "label": label, "blend_ratio_for_targets": 0.15, "chunk_kv_mib": 1.0,
+        "label": label, "blend_ratio_for_targets": 0.15, "chunk_kv_mib": 1.0, "num_chunks": chunks,
         "prefill": {"full": m(full), "blend@0.15": m(blend), "hf_forward": m(full)},
-        "e2e": {"full": m(full), "blend@gpu": m(blend)}}]}
+        "e2e": {"full": m(e2e_full or full), "blend@gpu": m(blend), "blend_default_variant@gpu": m(2 * blend)}}]}
 
 
 def test_summary_entries_only_where_defined():
     cpu = bench.summary_entries(_doc("cpu", "float32", "smollm2-real", 900.0, 300.0), "x.json")
-    assert set(cpu) == {"P6_cpu_speedup"} and cpu["P6_cpu_speedup"]["measured"] == 3.0
+    assert set(cpu) == {"P6_cpu_speedup", "P0_baseline_consistency"} and cpu["P6_cpu_speedup"]["measured"] == 3.0
     assert cpu["P6_cpu_speedup"]["met"] and cpu["P6_cpu_speedup"]["source"] == "x.json"
-    assert bench.summary_entries(_doc("cpu", "float32", "tiny", 900.0, 300.0), "x.json") == {}
-    gpu = bench.summary_entries(_doc("cuda", "bfloat16", "qwen2.5-1.5b", 30.0, 15.0), "y.json")
-    assert set(gpu) == {"P1b_1p5b_blend_speedup"} and gpu["P1b_1p5b_blend_speedup"]["measured"] == 2.0
-    assert not gpu["P1b_1p5b_blend_speedup"]["met"] and gpu["P1b_1p5b_blend_speedup"]["better"] == "higher"
+    assert set(bench.summary_entries(_doc("cpu", "float32", "tiny", 900.0, 300.0), "x.json")) == \
+        {"P0_baseline_consistency"}
+    gpu = bench.summary_entries(_doc("cuda", "bfloat16", "qwen2.5-1.5b", 30.0, 5.0, chunks=14, e2e_full=33.0), "y")
+    assert set(gpu) == {"P1b_1p5b_7k_default_speedup", "P0_baseline_consistency"}
+    assert gpu["P1b_1p5b_7k_default_speedup"]["measured"] == 3.3 and not gpu["P1b_1p5b_7k_default_speedup"]["met"]
+    assert gpu["P0_baseline_consistency"]["measured"] == pytest.approx(1.1) and not gpu["P0_baseline_consistency"]["met"]
+    assert bench.summary_entries(_doc("cuda", "bfloat16", "qwen2.5-1.5b", 30.0, 5.0, chunks=6), "y").keys() == \
+        {"P0_baseline_consistency"}  # the 1.5B key is defined on 14 x 512 only
+    eight = bench.summary_entries(_doc("cuda", "bfloat16", "llama3-8b", 200.0, 40.0, chunks=14), "z")
+    assert eight["P1_8b_7k_plain_speedup"]["measured"] == 5.0 and eight["P1_8b_7k_default_speedup"]["measured"] == 2.5
+    assert eight["P1d_full_vs_hf"]["measured"] == 1.0 and not eight["P1d_full_vs_hf"]["met"]
+
+
+def test_retired_keys_leave_the_summary(tmp_path):
+    from kvblend.bench.summary import update_summary
+
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps({"P1_8b_blend_speedup": {"measured": 1}, "P7_tpot_ms": {"measured": 2}}))
+    update_summary(path, {"P1_8b_7k_plain_speedup": {"measured": 3}}, retire=bench.RETIRED)
+    assert set(json.loads(path.read_text())) == {"P7_tpot_ms", "P1_8b_7k_plain_speedup"}
 
 
 @pytest.mark.parametrize("argv,msg", [

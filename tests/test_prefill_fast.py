@@ -159,3 +159,22 @@ def test_disk_load_never_uses_a_corrupt_file(tmp_path, tiny_llama, prefetch, old
     with pytest.raises(ChunkCorruptError, match="crc32 mismatch" if not old_format else "sha256 mismatch"):
         disk.load(chunk.key)
     assert not tensor_path.exists() and chunk.key.digest not in disk
+
+
+@pytest.mark.parametrize("n", [5, 64, 130])
+def test_captured_full_prefill_equals_the_plain_loop(tiny_model, n):
+    """The full prefill CUDA takes when it is faster (the prompt padded at the end to its row bucket, causal
+    attention, one graph per bucket): here run eagerly in a static buffer; the same logits and KV rows as the
+    plain causal loop, and decoding after it the same."""
+    from kvblend.model.runner import ModelRunner
+
+    ids = torch.randint(0, tiny_model.shape.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+    plain_state, plain_logits = ModelRunner(tiny_model).forward(ids, 3, static=False)
+    runner = ModelRunner(tiny_model, static_eager=True)
+    state, logits = runner.forward(ids, 3)
+    assert state.buffer is not None and runner._full_path(state, n) == "padded"
+    assert state.length == n
+    torch.testing.assert_close(logits, plain_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(state.k[:, :, :n], plain_state.k[:, :, :n], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(state.v[:, :, :n], plain_state.v[:, :, :n], atol=1e-5, rtol=1e-5)
+    assert runner.decoder(state).argmax([1]) == ModelRunner(tiny_model).decoder(plain_state).argmax([1])

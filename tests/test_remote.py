@@ -18,7 +18,6 @@ from kvblend.kvstore.chunk_kv import ChunkKV
 from kvblend.kvstore.key import ChunkKey, token_hash
 from kvblend.kvstore.remote import RemoteTier, redact
 from kvblend.kvstore.store import ChunkKVStore
-from kvblend.kvstore.tiers import encode_chunk
 from kvblend.serve.metrics import parse_prometheus
 from kvblend.serve.process import ServerProcess, free_port
 
@@ -56,7 +55,21 @@ def test_chunk_built_by_one_store_is_a_remote_hit_for_another(redis_server, tmp_
     assert b.disk.read(chunk.key).token_ids == chunk.token_ids  # copied to local disk (verified read)
     assert b.summary()["remote"]["hits"] == 1
     # written once: a later put of the same chunk does not write again
-    assert b.remote.put(chunk) is False and redis_server.client().hlen("hit:bytes") == 1
+    assert b.remote.put(chunk, b.disk) is False and redis_server.client().hlen("hit:bytes") == 1
+
+
+def test_remote_entries_follow_the_local_key_salt_included(redis_server, tmp_path):
+    from dataclasses import replace
+
+    chunk, calls = fake_chunk(5), []
+    salted = replace(chunk, key=replace(chunk.key, salt="tenant-a"))
+    store_with(tmp_path / "a", redis_server.url, prefix="salt:").put(salted)
+    r = redis_server.client()
+    assert r.exists(f"salt:{salted.key}:meta") and not r.exists(f"salt:{chunk.key}:meta")
+    other = store_with(tmp_path / "b", redis_server.url, prefix="salt:")
+    assert other.get(chunk.key, "cpu", build=builder(chunk, calls)).built  # unsalted: not the tenant's entry
+    assert other.get(salted.key, "cpu", build=builder(salted, calls)).found_tier == "remote"
+    assert calls == [chunk.key]
 
 
 @pytest.mark.parametrize("damage", ["flip_byte", "truncate", "drop_meta", "drop_kv", "bad_meta_json"])
@@ -106,7 +119,7 @@ def test_local_corrupt_file_is_healed_from_the_remote_tier(redis_server, tmp_pat
 
 def test_ttl_and_byte_budget(redis_server, tmp_path):
     chunks = [fake_chunk(10 + i) for i in range(4)]
-    size = len(encode_chunk(chunks[0])[0])
+    size = len(store_with(tmp_path / "probe", redis_server.url).disk.encode(chunks[0])[0])
     store = store_with(tmp_path / "a", redis_server.url, budget=int(size * 2.5), ttl=300, prefix="budget:")
     for c in chunks:
         store.put(c)

@@ -216,8 +216,10 @@ BAD = [
     ({"messages": [{"role": "user", "content": "x"}], "kvblend": {"mode": "turbo"}}, "kvblend.mode", "invalid_value"),
     ({"messages": [{"role": "user", "content": "x"}], "kvblend": {"ratio": 2}}, "ratio", "invalid_value"),
     ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs", "unsupported_parameter"),
-    ({"messages": [{"role": "user", "content": "x"}], "documents": ["a " * 9000]}, "messages",
+    ({"messages": [{"role": "user", "content": "x"}], "documents": ["a " * 3000] * 3}, "messages",
      "context_length_exceeded"),
+    ({"messages": [{"role": "user", "content": "x"}], "documents": ["a " * 5000]}, "documents[0]",
+     "document_too_long"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": CONTEXT}, "messages", "context_length_exceeded"),
 ]
 

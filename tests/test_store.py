@@ -43,13 +43,23 @@ def test_round_trip_with_metadata(tmp_path, tiny_llama):
     fresh = make_store(tmp_path)  # a new process: nothing in memory
     assert fresh.tier_of(chunk.key) == "disk"
     got = fresh.get(chunk.key, tier="gpu").chunk
-    assert torch.equal(got.kv, chunk.kv) and got.token_ids == chunk.token_ids and got.text == "some text"
+    assert torch.equal(got.kv, chunk.kv) and got.token_ids == chunk.token_ids
+    assert got.text == ""  # the sidecar keeps token ids and a hash of the text, not the text
     assert fresh.tier_of(chunk.key) == "gpu"
+    import hashlib
     import json
     meta = json.loads(fresh.disk.paths(chunk.key.digest)[1].read_text())
-    for field in ("text", "token_ids", "num_tokens", "nbytes", "layout", "created_at", "file_sha256", "shape"):
+    for field in ("text_sha256", "token_ids", "num_tokens", "nbytes", "layout", "created_at", "file_sha256", "shape"):
         assert field in meta
+    assert "text" not in meta and "some text" not in fresh.disk.paths(chunk.key.digest)[1].read_text()
+    assert meta["text_sha256"] == hashlib.sha256(b"some text").hexdigest()
     assert meta["layout"] == "2LHTD" and meta["num_tokens"] == 25
+    for p in fresh.disk.paths(chunk.key.digest):
+        assert p.stat().st_mode & 0o777 == 0o600
+    kept = ChunkKVStore(tmp_path / "with-text", MiB, MiB, 100 * MiB, model_name="fake", store_text=True)
+    kept.put(chunk)
+    again = ChunkKVStore(tmp_path / "with-text", MiB, MiB, 100 * MiB, model_name="fake", store_text=True)
+    assert again.get(chunk.key, tier="cpu").chunk.text == "some text"
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete_tensor", "garbage_json"])

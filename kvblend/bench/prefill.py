@@ -46,28 +46,41 @@ PLOT_DIR = "docs/results/bench"
 # (model_type, config kwargs) of random-weight models of real shapes: the one shape type (kvblend/model/shape.py)
 SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
     **{name: (PRESETS[preset].model_type, PRESETS[preset].hf_config())
-       for name, preset in (("llama3-8b", "llama-3-8b"), ("qwen2.5-1.5b", "qwen2.5-1.5b"),
-                            ("smollm2-135m", "smollm2-135m"))},
+       for name, preset in (("llama3-8b", "llama-3-8b"), ("llama3.1-8b", "llama-3.1-8b"),
+                            ("qwen2.5-1.5b", "qwen2.5-1.5b"), ("smollm2-135m", "smollm2-135m"))},
     "tiny": ("llama", dict(
         hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
         vocab_size=256, max_position_embeddings=2048)),
 }
 TIERS = ("gpu", "cpu", "disk_warm", "disk_cold")
-TARGETS = {  # key: (target, better, what)
-    "P1_8b_blend_speedup": (5.0, "higher", "llama3-8b shape, chunks GPU-resident: full / blend@0.15 prefill"),
-    "P1b_1p5b_blend_speedup": (3.0, "higher", "qwen2.5-1.5b shape, same"),
-    "P1c_smollm2_e2e_speedup": (3.0, "higher", "real SmolLM2 bf16, Engine.answer TTFT, chunks on the GPU tier: "
-                                               "full / blend@0.15"),
-    "P1d_full_vs_hf": (1.0, "lower", "kvblend full prefill / transformers forward (the larger of real SmolLM2 "
-                                     "and the llama3-8b shape)"),
-    "P2_pinned_vs_gpu": (1.1, "lower", "llama3-8b shape blend@0.15 prefill: chunks in pinned host memory / on GPU"),
+TARGETS = {  # key: (target, better, what); each measured only by the run its definition asks for
+    "P1_8b_7k_plain_speedup": (5.5, "higher", "llama3-8b shape, 14 x 512 chunks GPU-resident, Engine.answer TTFT: "
+                                              "full / plain CacheBlend blend@0.15"),
+    "P1_8b_7k_default_speedup": (5.0, "higher", "same, the EngineConfig default variant"),
+    "P1_8b_3k_default_speedup": (4.0, "higher", "llama3-8b shape, 6 x 512, default variant, e2e"),
+    "P1_8b_32k_default_speedup": (4.5, "higher", "llama3.1-8b shape, 64 x 512, default variant, e2e"),
+    "P1b_1p5b_7k_default_speedup": (4.0, "higher", "qwen2.5-1.5b shape, 14 x 512, default variant, e2e"),
+    "P1c_smollm2_vs_hf": (4.0, "higher", "real SmolLM2, 10 musique_s passages: transformers forward / default "
+                                         "blend e2e TTFT"),
+    "P1d_full_vs_hf": (0.9, "lower", "kvblend full prefill / transformers forward, worse of the llama3-8b shape at "
+                                     "14 x 512 and real SmolLM2"),
+    "P0_baseline_consistency": (1.05, "lower", "e2e full / prefill-alone full, worst case of the run"),
+    "P2_pinned_vs_gpu": (1.1, "lower", "llama3-8b shape 14 x 512 blend@0.15 prefill: chunks in pinned host memory "
+                                       "/ on GPU"),
     "P2b_disk_vs_gpu": (1.5, "lower", "real SmolLM2, Engine.answer TTFT blend@0.15: chunks on disk (warm page "
                                       "cache) / on the GPU tier"),
-    "P3_h2d_fraction": (0.8, "higher", "pinned chunk placement (copy + re-rotation, bytes / time) / the card's "
-                                       "measured pinned host->device bandwidth"),
+    "P3_h2d_fraction": (0.85, "higher", "pinned chunk placement (copy + re-rotation, bytes / time) / the card's "
+                                        "measured pinned host->device bandwidth"),
     "P6_cpu_speedup": (3.0, "higher", "CPU, real SmolLM2 fp32, Engine.answer TTFT on the demo prompt: "
                                       "full / blend@0.15"),
 }
+RETIRED = ("P1_8b_blend_speedup", "P1b_1p5b_blend_speedup", "P1c_smollm2_e2e_speedup")  # issue 8's keys
+# (key, results label, chunks per prompt, e2e case) of the e2e speedups over full
+E2E_SPEEDUPS = (("P1_8b_7k_plain_speedup", "llama3-8b", 14, "blend@gpu"),
+                ("P1_8b_7k_default_speedup", "llama3-8b", 14, "blend_default_variant@gpu"),
+                ("P1_8b_3k_default_speedup", "llama3-8b", 6, "blend_default_variant@gpu"),
+                ("P1_8b_32k_default_speedup", "llama3.1-8b", 64, "blend_default_variant@gpu"),
+                ("P1b_1p5b_7k_default_speedup", "qwen2.5-1.5b", 14, "blend_default_variant@gpu"))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -79,6 +92,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"comma list of {', '.join(SHAPES)} or none (default: cuda llama3-8b,qwen2.5-1.5b,"
                         f"smollm2-135m; cpu smollm2-135m)")
     p.add_argument("--real", choices=("smollm2",), default=None, help="also the real SmolLM2 weights, demo prompt")
+    p.add_argument("--real-passages", type=int, default=5,
+                   help="musique_s passages of the real-weights prompt (default 5; 10 for P1c_smollm2_vs_hf)")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                    help="default bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--iters", type=int, default=None, help="timed rounds (default 10; --quick 3)")
@@ -201,7 +216,7 @@ def build_random(shape: str, device, dtype, seed: int):
 
 
 def real_prompt(engine, num_chunks: int = 5):
-    """The demo workload: musique_s sample 0, its first 5 passages as chunks."""
+    """The demo workload: musique_s sample 0, its first `num_chunks` passages as chunks."""
     from kvblend.data.datasets import load_dataset
 
     data = load_dataset("musique_s", limit=1)
@@ -214,33 +229,65 @@ EVERY_CHUNK = 1 << 20  # gpu_chunks of the end-to-end engines: every chunk resid
 
 
 def measure(model, prompt, texts, args, device, label: str, home: Path, real: bool) -> dict[str, Any]:
-    import torch
-
-    from kvblend.config import EngineConfig
-    from kvblend.engine import Engine
-    from dataclasses import replace
-
-    from kvblend.config import DEFAULT_SELECTION, SelectionPolicy
-    from kvblend.fusion.blend import prefill
-    from kvblend.fusion.placement import place_chunks
-    from kvblend.generation.sampling import SamplingParams
+    """Every timing of one model and prompt: (a) prefill alone with its checks and stages, (b) end to end,
+    the chunk-count sweep (random-weight shapes only)."""
     from kvblend.kvstore.builder import build_chunk_kv
-    from kvblend.model.kv import allocate_state
-    from kvblend.model.runner import ModelRunner, runner_of
 
     s = model.shape
     res: dict[str, Any] = {"label": label, "real_weights": real, "num_tokens": prompt.num_tokens,
                            "num_chunks": len(prompt.chunk_ids), "num_chunk_tokens": sum(map(len, prompt.chunk_ids)),
                            "model_shape": {k: getattr(s, k) for k in s.__slots__}, "errors": {}}
-    cuda = device.type == "cuda"
-    ratios = args.ratios
-    r0 = 0.15 if 0.15 in ratios else ratios[0]
+    r0 = 0.15 if 0.15 in args.ratios else args.ratios[0]
     res["blend_ratio_for_targets"] = r0
-
-    # ---- (a) prefill alone, chunks resident ---------------------------------------------------------
     chunks = [build_chunk_kv(model, ids) for ids in prompt.chunk_ids]
     sync(device)
     res["chunk_kv_mib"] = sum(c.nbytes for c in chunks) / 2**20
+    cases, pinned, hf_forward = _prefill_cases(model, prompt, chunks, args.ratios, r0, device)
+    res["checks"] = _prefill_checks(model, prompt, chunks, pinned, r0, hf_forward)
+    times = round_robin(cases, args.warmup, args.iters, device)
+    res["prefill"] = {k: summarise(v) for k, v in times.items()}
+    for k, m in res["prefill"].items():
+        if k.startswith("place_"):
+            m["gbs"] = res["chunk_kv_mib"] * 2**20 / (m["median_ms"] / 1e3) / 1e9
+    if args.profile and device.type == "cuda":
+        res["profile"] = {name: profile_case(cases[name], device)
+                          for name in (f"blend@{r0:g}", f"blend@{r0:g}_no_graphs")}
+    res["stages_blend"] = _blend_stages(model, prompt, chunks, r0, args)
+    answer_on, e2e_cases, warm = _e2e_cases(model, prompt, texts, args, home, label, r0)
+    try:
+        warm()
+        res["e2e"] = {k: summarise(v) for k, v in round_robin(
+            e2e_cases, min(args.warmup, 2), 2 if args.quick else max(3, args.iters // 2), device, _ttft).items()}
+    except Exception as exc:  # noqa: BLE001 (recorded in the JSON, the rest of the run goes on)
+        log.exception("end-to-end cases failed")
+        res["errors"]["e2e"], res["e2e"] = f"{type(exc).__name__}: {exc}", {}
+    if res["e2e"].get("full"):  # the e2e baseline must be the prefill-alone one plus the request's overhead
+        ratio = res["e2e"]["full"]["median_ms"] / res["prefill"]["full"]["median_ms"]
+        res["checks"]["e2e_full_vs_prefill_full"] = ratio
+        if ratio > 1.05:
+            log.warning("%s: end-to-end full is %.2fx the prefill-alone full (> 1.05)", label, ratio)
+    res["chunks_sweep"] = _chunk_sweep(model, answer_on, args, device, res["errors"]) \
+        if args.chunk_counts and model.tokenizer is None else {}
+    return res
+
+
+def _plain():
+    from kvblend.config import SelectionPolicy
+
+    return SelectionPolicy("k")
+
+
+def _prefill_cases(model, prompt, chunks, ratios, r0: float, device):
+    """(cases, pinned chunks or None, hf_forward): the prefill-alone cases, timed round robin. blend@r rows time
+    plain CacheBlend (K deviation at check layer 1); *_default_selection rows the engine's default variant."""
+    from dataclasses import replace
+
+    import torch
+
+    from kvblend.config import DEFAULT_SELECTION
+    from kvblend.fusion.blend import prefill
+    from kvblend.model.runner import ModelRunner, runner_of
+
     ids = torch.tensor(prompt.flat(), dtype=torch.long, device=device)
     fwd_params = __import__("inspect").signature(model.hf_model.forward).parameters
     hf_kwargs = {"use_cache": True, **({"logits_to_keep": 1} if "logits_to_keep" in fwd_params else {})}
@@ -249,45 +296,54 @@ def measure(model, prompt, texts, args, device, label: str, home: Path, real: bo
         with torch.inference_mode():
             return model.hf_model(input_ids=ids[None], **hf_kwargs).logits
 
-    # blend@r rows time plain CacheBlend (K deviation at check layer 1); *_default_selection the default variant
-    plain = SelectionPolicy("k")
-    runner = runner_of(model)
-    cases: dict[str, Callable[[], Any]] = {
-        "hf_forward": hf_forward,
-        "full": lambda: prefill(model, prompt, None, mode="full"),
-        "reuse": lambda: prefill(model, prompt, chunks, mode="reuse"),
-    }
+    plain, runner = _plain(), runner_of(model)
+    cases: dict[str, Callable[[], Any]] = {"hf_forward": hf_forward,
+                                           "full": lambda: runner.full_prefill(prompt),
+                                           "full_plain_loop": lambda: runner.full_prefill(prompt, static=False),
+                                           "reuse": lambda: prefill(model, prompt, chunks, mode="reuse")}
     for r in ratios:
         cases[f"blend@{r:g}"] = (lambda r=r: prefill(model, prompt, chunks, mode="blend", ratio=r, selection=plain))
-    pinned = None
-    if cuda:
-        cases[f"blend@{r0:g}_no_graphs"] = lambda: prefill(model, prompt, chunks, mode="blend", ratio=r0,
-                                                           selection=plain, recompute="plain")
-        cases["reuse_no_graphs"] = lambda: prefill(model, prompt, chunks, mode="reuse", recompute="plain")
-        # the blend front (check layers + selection) eagerly vs as one CUDA graph (fusion/front_graph.py), with
-        # plain CacheBlend selection and with the engine's default selection policy
-        policy = DEFAULT_SELECTION
-        eager_front = ModelRunner(model, replace(runner.runtime, front_graph=False))  # same model, eager front
-        cases[f"blend@{r0:g}_eager_front"] = lambda: prefill(eager_front, prompt, chunks, mode="blend", ratio=r0,
-                                                             selection=plain)
-        cases[f"blend@{r0:g}_default_selection"] = lambda: prefill(model, prompt, chunks, mode="blend", ratio=r0,
-                                                                   selection=policy)
-        cases[f"blend@{r0:g}_default_selection_eager_front"] = lambda: prefill(
-            eager_front, prompt, chunks, mode="blend", ratio=r0, selection=policy)
-        pinned = [c.to("cpu", pin=True) for c in chunks]
-        sync(device)
-        cases[f"blend@{r0:g}_pinned"] = lambda: prefill(model, prompt, pinned, mode="blend", ratio=r0,
-                                                        selection=plain)
-        starts, st = [], len(prompt.prefix_ids)
-        for c in pinned:
-            starts.append((c, st))
-            st += c.num_tokens
-        place_state = allocate_state(model, prompt.num_tokens)
-        cases["place_pinned"] = lambda: place_chunks(place_state, starts, model)
-        gpu_starts = [(c, b) for c, (_, b) in zip(chunks, starts)]
-        cases["place_gpu"] = lambda: place_chunks(place_state, gpu_starts, model)
+    if device.type != "cuda":
+        return cases, None, hf_forward
+    b = f"blend@{r0:g}"
+    eager_front = ModelRunner(model, replace(runner.runtime, front_graph=False))  # same model, eager front
+    for name, target, policy, recompute in (
+            (b + "_no_graphs", model, plain, "plain"), (b + "_eager_front", eager_front, plain, None),
+            (b + "_default_selection", model, DEFAULT_SELECTION, None),
+            (b + "_default_selection_eager_front", eager_front, DEFAULT_SELECTION, None)):
+        cases[name] = (lambda t=target, pol=policy, rc=recompute: prefill(
+            t, prompt, chunks, mode="blend", ratio=r0, selection=pol, **({"recompute": rc} if rc else {})))
+    cases["reuse_no_graphs"] = lambda: prefill(model, prompt, chunks, mode="reuse", recompute="plain")
+    pinned = [c.to("cpu", pin=True) for c in chunks]
+    sync(device)
+    cases[b + "_pinned"] = lambda: prefill(model, prompt, pinned, mode="blend", ratio=r0, selection=plain)
+    cases.update(_placement_cases(model, prompt, chunks, pinned))
+    return cases, pinned, hf_forward
 
-    # correctness on this device, before timing: graph path vs plain path, pinned vs resident
+
+def _placement_cases(model, prompt, chunks, pinned) -> dict[str, Callable[[], Any]]:
+    """Chunk placement alone (copy + re-rotation into a request's KV), from pinned host memory and from GPU."""
+    from kvblend.fusion.placement import place_chunks
+    from kvblend.model.kv import allocate_state
+
+    starts, st = [], len(prompt.prefix_ids)
+    for c in pinned:
+        starts.append((c, st))
+        st += c.num_tokens
+    place_state = allocate_state(model, prompt.num_tokens)
+    gpu_starts = [(c, b) for c, (_, b) in zip(chunks, starts)]
+    return {"place_pinned": lambda: place_chunks(place_state, starts, model),
+            "place_gpu": lambda: place_chunks(place_state, gpu_starts, model)}
+
+
+def _prefill_checks(model, prompt, chunks, pinned, r0: float, hf_forward) -> dict[str, Any]:
+    """Correctness on this device, before timing: graph path vs plain path, pinned vs resident, full vs hf."""
+    import torch
+
+    from kvblend.fusion.blend import prefill
+    from kvblend.model.runner import runner_of
+
+    plain = _plain()
     with torch.inference_mode():
         ref = prefill(model, prompt, chunks, mode="blend", ratio=r0, selection=plain, recompute="plain")
         got = prefill(model, prompt, chunks, mode="blend", ratio=r0, selection=plain)
@@ -297,105 +353,98 @@ def measure(model, prompt, texts, args, device, label: str, home: Path, real: bo
         if pinned is not None:
             pin_out = prefill(model, prompt, pinned, mode="blend", ratio=r0, selection=plain)
             checks["blend_pinned_vs_resident_max_abs_logit_diff"] = (pin_out.logits - got.logits).abs().max().item()
-        full = prefill(model, prompt, None, mode="full")
+        full = runner_of(model).full_prefill(prompt)
         hf_last = hf_forward()[0, -1].float()
         checks["full_vs_hf_max_abs_logit_diff"] = (full.logits - hf_last).abs().max().item()
         checks["full_vs_hf_same_argmax"] = int(full.logits.argmax()) == int(hf_last.argmax())
-    checks["graph_capture_failed"] = runner.graphs.failed
-    res["checks"] = checks
-    del ref, got, full
+    checks["graph_capture_failed"] = runner_of(model).graphs.failed
+    return checks
 
-    times = round_robin(cases, args.warmup, args.iters, device)
-    res["prefill"] = {k: summarise(v) for k, v in times.items()}
-    for k, m in res["prefill"].items():
-        if k.startswith("place_"):
-            m["gbs"] = res["chunk_kv_mib"] * 2**20 / (m["median_ms"] / 1e3) / 1e9
 
-    if args.profile and cuda:
-        res["profile"] = {name: profile_case(cases[name], device) for name in (f"blend@{r0:g}", f"blend@{r0:g}_no_graphs")}
+def _blend_stages(model, prompt, chunks, r0: float, args) -> dict[str, Any]:
+    """One blend prefill split into stages (medians over --iters, after --warmup)."""
+    from kvblend.fusion.blend import prefill
 
-    # one blend prefill split into stages (medians over iters)
-    stage_runs: list[dict] = []
+    runs: list[dict] = []
     for i in range(args.warmup + args.iters):
         t: dict = {}
-        prefill(model, prompt, chunks, mode="blend", ratio=r0, selection=plain, timings=t)
+        prefill(model, prompt, chunks, mode="blend", ratio=r0, selection=_plain(), timings=t)
         if i >= args.warmup:
-            stage_runs.append(t)
-    res["stages_blend"] = {k: percentile([r[k] for r in stage_runs], 50) for k in stage_runs[0]
-                           if isinstance(stage_runs[0][k], float)}
-    res["stages_blend"]["recompute_path"] = stage_runs[0].get("recompute_path")
+            runs.append(t)
+    out: dict[str, Any] = {k: percentile([r[k] for r in runs], 50) for k in runs[0] if isinstance(runs[0][k], float)}
+    out["recompute_path"] = runs[0].get("recompute_path")
+    return out
 
-    # ---- (b) end to end through Engine.answer, chunks staged on each tier ------------------------------
-    config = EngineConfig(home=str(home / label), gpu_budget="64GiB", cpu_budget="64GiB", disk_budget="200GiB",
-                          chunk_sink="none" if model.tokenizer is None else "auto", mode="blend", ratio=r0,
-                          max_new_tokens=1, stop_on_newline=False, gpu_chunks=EVERY_CHUNK,
-                          # the selection of the blend@r rows: plain CacheBlend, K deviation at check layer 1,
-                          # not the engine's default variant (the *_default_selection rows time that)
-                          score_on="k", select_layers=1, select_first_tokens=0, check_layer=1,
-                          **{f: getattr(runner.runtime, f) for f in ("cuda_graphs", "front_graph", "attention",
-                                                                     "flex_compile")})
-    engine = Engine(config, model=model)
+
+def _ttft(out, _wall) -> float:
+    return out.ttft_ms
+
+
+def _e2e_engine(model, home: Path, r0: float, plain: bool):
+    """An engine over `model` with every chunk GPU-resident; plain: plain CacheBlend selection (the blend@r
+    rows), else the engine's default variant (what a user gets without flags)."""
+    from kvblend.config import EngineConfig
+    from kvblend.engine import Engine
+    from kvblend.model.runner import runner_of
+
+    runtime = runner_of(model).runtime
+    extra = dict(chunk_sink="none" if model.tokenizer is None else "auto", score_on="k", select_layers=1,
+                 select_first_tokens=0, check_layer=1) if plain else {}
+    config = EngineConfig(home=str(home), gpu_budget="64GiB", cpu_budget="64GiB", disk_budget="200GiB",
+                          mode="blend", ratio=r0, max_new_tokens=1, stop_on_newline=False, gpu_chunks=EVERY_CHUNK,
+                          **{f: getattr(runtime, f) for f in ("cuda_graphs", "front_graph", "attention",
+                                                              "flex_compile")}, **extra)
+    return Engine(config, model=model)
+
+
+def _e2e_cases(model, prompt, texts, args, home: Path, label: str, r0: float):
+    """(answer_on, cases, warm_up): `Engine.answer` with every chunk staged on one tier before the clock."""
+    from kvblend.generation.sampling import SamplingParams
+
+    engine = _e2e_engine(model, home / label, r0, plain=True)
+    default_engine = _e2e_engine(model, home / f"{label}-default", r0, plain=False)
     sampling = SamplingParams(max_new_tokens=1, stop_on_newline=False)
-    e2e, sweep = {}, {}
 
-    def answer_on(p, ts, tier: str, mode: str) -> Callable[[], Any]:
+    def answer_on(p, ts, tier: str, mode: str, eng=engine) -> Callable[[], Any]:
         def run():
             if mode == "full":
-                return engine.answer(p, ts, mode="full", sampling=sampling)
-            engine.stage(p, ts, "disk" if tier.startswith("disk") else tier)
+                return eng.answer(p, ts, mode="full", sampling=sampling)
+            eng.stage(p, ts, "disk" if tier.startswith("disk") else tier)
             if tier == "disk_cold":
-                keys = [engine.chunk_key(c, p.prefix_ids) for c in p.chunk_ids]
-                evict_from_page_cache([engine.store.disk.paths(k.digest)[0] for k in keys])
-            return engine.answer(p, ts, mode=mode, ratio=r0 if mode == "blend" else None, sampling=sampling)
+                keys = [eng.chunk_key(c, p.prefix_ids) for c in p.chunk_ids]
+                evict_from_page_cache([eng.store.disk.paths(k.digest)[0] for k in keys])
+            return eng.answer(p, ts, mode=mode, ratio=r0 if mode == "blend" else None, sampling=sampling)
         return run
 
-    ttft = (lambda out, _wall: out.ttft_ms)
-    e2e_cases = {"full": answer_on(prompt, texts, "gpu", "full")}
+    cases = {"full": answer_on(prompt, texts, "gpu", "full")}
     for tier in args.tiers:
         for mode in ("reuse", "blend"):
-            e2e_cases[f"{mode}@{tier}"] = answer_on(prompt, texts, tier, mode)
-    # the engine's default blend variant (EngineConfig defaults: chunk context, selection signal, check layers),
-    # chunks on the GPU tier: what a user gets without flags, timed beside plain CacheBlend
-    default_engine = Engine(EngineConfig(home=str(home / f"{label}-default"), gpu_budget="64GiB",
-                                         cpu_budget="64GiB", disk_budget="200GiB", mode="blend", ratio=r0,
-                                         max_new_tokens=1, stop_on_newline=False,
-                                         gpu_chunks=EVERY_CHUNK), model=model)
+            cases[f"{mode}@{tier}"] = answer_on(prompt, texts, tier, mode)
+    cases["blend_default_variant@gpu"] = answer_on(prompt, texts, "gpu", "blend", eng=default_engine)
 
-    def default_variant() -> Any:
-        default_engine.stage(prompt, texts, "gpu")
-        return default_engine.answer(prompt, texts, mode="blend", ratio=r0, sampling=sampling)
-
-    e2e_cases["blend_default_variant@gpu"] = default_variant
-    if hasattr(engine, "warm_up"):
+    def warm() -> None:
         engine.warm_up(prompt, texts)
         default_engine.warm_up(prompt, texts)
-    try:
-        e2e = {k: summarise(v) for k, v in
-               round_robin(e2e_cases, min(args.warmup, 2), 2 if args.quick else max(3, args.iters // 2), device,
-                           ttft).items()}
-    except Exception as exc:  # noqa: BLE001 (recorded in the JSON, the rest of the run goes on)
-        log.exception("end-to-end cases failed")
-        res["errors"]["e2e"] = f"{type(exc).__name__}: {exc}"
-    res["e2e"] = e2e
+    return answer_on, cases, warm
 
-    # TTFT vs number of chunks per tier (256-token random chunks; blend at r0)
-    if args.chunk_counts and model.tokenizer is None:
-        for count in args.chunk_counts:
-            p = random_prompt(s.vocab_size, args.prefix_tokens, count, 256, args.query_tokens, args.seed + count)
-            if p.num_tokens + 2 > s.max_position_embeddings:
-                continue
-            sc = {"full": answer_on(p, None, "gpu", "full")}
-            for tier in args.tiers:
-                sc[f"blend@{tier}"] = answer_on(p, None, tier, "blend")
-            try:
-                got = round_robin(sc, 0 if args.quick else 1, 1 if args.quick else max(2, args.iters // 3), device,
-                                  ttft)
-                sweep[str(count)] = {k: summarise(v) for k, v in got.items()}
-            except Exception as exc:  # noqa: BLE001
-                log.exception("chunk sweep failed")
-                res["errors"][f"sweep_{count}"] = f"{type(exc).__name__}: {exc}"
-    res["chunks_sweep"] = sweep
-    return res
+
+def _chunk_sweep(model, answer_on, args, device, errors: dict) -> dict[str, Any]:
+    """TTFT vs number of chunks per tier (256-token random chunks; blend at the target ratio)."""
+    s, sweep = model.shape, {}
+    for count in args.chunk_counts:
+        p = random_prompt(s.vocab_size, args.prefix_tokens, count, 256, args.query_tokens, args.seed + count)
+        if p.num_tokens + 2 > s.max_position_embeddings:
+            continue
+        sc = {"full": answer_on(p, None, "gpu", "full")}
+        for tier in args.tiers:
+            sc[f"blend@{tier}"] = answer_on(p, None, tier, "blend")
+        try:
+            got = round_robin(sc, 0 if args.quick else 1, 1 if args.quick else max(2, args.iters // 3), device, _ttft)
+            sweep[str(count)] = {k: summarise(v) for k, v in got.items()}
+        except Exception as exc:  # noqa: BLE001
+            log.exception("chunk sweep failed")
+            errors[f"sweep_{count}"] = f"{type(exc).__name__}: {exc}"
+    return sweep
 
 
 def profile_case(fn: Callable[[], Any], device, reps: int = 3, top: int = 15) -> dict[str, Any]:
@@ -430,12 +479,12 @@ def _med(d: dict, *path) -> float | None:
 
 
 def summary_entries(doc: dict, source: str) -> dict[str, dict]:
-    """The P* targets this results document measured (each only under the conditions its definition asks)."""
+    """The targets this results document measured (each only under the conditions its definition asks)."""
     from kvblend.bench.summary import entry
 
     device = doc.get("device", "")
     dev_label = doc.get("env", {}).get("gpu") or doc.get("env", {}).get("cpu") or device
-    by = {r["label"]: r for r in doc.get("results", []) if "prefill" in r}
+    rows = [r for r in doc.get("results", []) if "prefill" in r]
     out: dict[str, dict] = {}
 
     def put(key: str, measured: float | None, **extra):
@@ -444,50 +493,54 @@ def summary_entries(doc: dict, source: str) -> dict[str, dict]:
         target, better, what = TARGETS[key]
         out[key] = entry(measured, target, better, source, device=dev_label, what=what, **extra)
 
-    cuda_bf16 = device == "cuda" and doc.get("dtype") == "bfloat16"
-    if cuda_bf16:
-        for key, label in (("P1_8b_blend_speedup", "llama3-8b"), ("P1b_1p5b_blend_speedup", "qwen2.5-1.5b")):
-            r = by.get(label)
-            if r:
-                b = f"blend@{r['blend_ratio_for_targets']:g}"
-                put(key, _med(r, "prefill", "full") / _med(r, "prefill", b),
-                    full_ms=_med(r, "prefill", "full"), blend_ms=_med(r, "prefill", b),
-                    blend_no_graphs_ms=_med(r, "prefill", b + "_no_graphs"))
-        real = by.get("smollm2-real")
-        if real and real.get("e2e"):
-            b = "blend@gpu"
-            full, blend = _med(real, "e2e", "full"), _med(real, "e2e", b)
-            if full and blend:
-                put("P1c_smollm2_e2e_speedup", full / blend, full_ttft_ms=full, blend_ttft_ms=blend)
-            warm = _med(real, "e2e", "blend@disk_warm")
-            if warm and blend:
-                put("P2b_disk_vs_gpu", warm / blend, disk_warm_ttft_ms=warm, gpu_ttft_ms=blend)
-        ratios = {}
-        for label in ("smollm2-real", "llama3-8b"):
-            r = by.get(label)
-            if r:
-                ratios[label] = _med(r, "prefill", "full") / _med(r, "prefill", "hf_forward")
-        if ratios:
-            put("P1d_full_vs_hf", max(ratios.values()), per_model=ratios)
-        r = by.get("llama3-8b")
-        if r:
-            b = f"blend@{r['blend_ratio_for_targets']:g}"
-            pin = _med(r, "prefill", b + "_pinned")
-            if pin:
-                put("P2_pinned_vs_gpu", pin / _med(r, "prefill", b), pinned_ms=pin, gpu_ms=_med(r, "prefill", b))
-            ceil = doc.get("env", {}).get("measured_ceilings", {}).get("h2d_pinned_gbs")
-            place = r["prefill"].get("place_pinned")
-            if ceil and place:
-                put("P3_h2d_fraction", place["gbs"] / ceil, placed_gbs=place["gbs"], card_pinned_gbs=ceil,
-                    chunk_kv_mib=r["chunk_kv_mib"])
-    if device == "cpu" and doc.get("dtype") == "float32":
-        real = by.get("smollm2-real")
-        if real and real.get("e2e"):
-            full, blend = _med(real, "e2e", "full"), _med(real, "e2e", "blend@gpu")
-            if full and blend:
-                put("P6_cpu_speedup", full / blend, full_ttft_ms=full, blend_ttft_ms=blend,
-                    torch_threads=doc.get("env", {}).get("torch_threads"))
+    def find(label: str, chunks: int | None = None) -> dict | None:
+        return next((r for r in rows if r["label"] == label and chunks in (None, r["num_chunks"])), None)
+
+    consistency = {f"{r['label']} x{r['num_chunks']}": _med(r, "e2e", "full") / _med(r, "prefill", "full")
+                   for r in rows if _med(r, "e2e", "full")}
+    if consistency:
+        put("P0_baseline_consistency", max(consistency.values()), per_run=consistency)
+    if device == "cuda" and doc.get("dtype") == "bfloat16":
+        _cuda_entries(put, find, doc.get("env", {}).get("measured_ceilings", {}).get("h2d_pinned_gbs"))
+    real = find("smollm2-real")
+    if device == "cpu" and doc.get("dtype") == "float32" and real and real.get("e2e"):
+        full, blend = _med(real, "e2e", "full"), _med(real, "e2e", "blend@gpu")
+        if full and blend:
+            put("P6_cpu_speedup", full / blend, full_ttft_ms=full, blend_ttft_ms=blend,
+                torch_threads=doc.get("env", {}).get("torch_threads"))
     return out
+
+
+def _cuda_entries(put, find, ceil: float | None) -> None:
+    for key, label, chunks, case in E2E_SPEEDUPS:
+        r = find(label, chunks)
+        if r and _med(r, "e2e", case):
+            put(key, _med(r, "e2e", "full") / _med(r, "e2e", case), full_ttft_ms=_med(r, "e2e", "full"),
+                blend_ttft_ms=_med(r, "e2e", case), prefill_full_ms=_med(r, "prefill", "full"),
+                hf_forward_ms=_med(r, "prefill", "hf_forward"))
+    real = find("smollm2-real")
+    if real and real.get("e2e") and real["num_chunks"] == 10:
+        blend = _med(real, "e2e", "blend_default_variant@gpu")
+        if blend:
+            put("P1c_smollm2_vs_hf", _med(real, "prefill", "hf_forward") / blend, default_ttft_ms=blend,
+                hf_forward_ms=_med(real, "prefill", "hf_forward"))
+    if real and real.get("e2e") and _med(real, "e2e", "blend@disk_warm"):
+        warm, blend = _med(real, "e2e", "blend@disk_warm"), _med(real, "e2e", "blend@gpu")
+        put("P2b_disk_vs_gpu", warm / blend, disk_warm_ttft_ms=warm, gpu_ttft_ms=blend)
+    ratios = {f"{r['label']} x{r['num_chunks']}": _med(r, "prefill", "full") / _med(r, "prefill", "hf_forward")
+              for r in (find("llama3-8b", 14), real) if r}
+    if ratios:
+        put("P1d_full_vs_hf", max(ratios.values()), per_model=ratios)
+    r = find("llama3-8b", 14)
+    if r:
+        b = f"blend@{r['blend_ratio_for_targets']:g}"
+        pin = _med(r, "prefill", b + "_pinned")
+        if pin:
+            put("P2_pinned_vs_gpu", pin / _med(r, "prefill", b), pinned_ms=pin, gpu_ms=_med(r, "prefill", b))
+        place = r["prefill"].get("place_pinned")
+        if ceil and place:
+            put("P3_h2d_fraction", place["gbs"] / ceil, placed_gbs=place["gbs"], card_pinned_gbs=ceil,
+                chunk_kv_mib=r["chunk_kv_mib"])
 
 
 def tables(doc: dict) -> str:
@@ -536,17 +589,30 @@ def tables(doc: dict) -> str:
 
 
 def plot(doc: dict, folder: Path, tag: str) -> list[Path]:
+    """The PNG figures of a results document: TTFT vs ratio, TTFT vs number of chunks, blend stages."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     folder.mkdir(parents=True, exist_ok=True)
-    made: list[Path] = []
     results = [r for r in doc.get("results", []) if "prefill" in r]
-    if not results:
-        return made
-    # TTFT vs ratio (prefill alone), one panel per model
+    made: list[Path] = []
+    for name, draw, rows in (("prefill_ttft_vs_ratio", _plot_ratio, results),
+                             ("prefill_ttft_vs_chunks", _plot_chunks, [r for r in results if r.get("chunks_sweep")]),
+                             ("prefill_stages", _plot_stages, results)):
+        if not rows:
+            continue
+        fig = draw(plt, rows)
+        fig.tight_layout()
+        made.append(folder / f"{name}_{tag}.png")
+        fig.savefig(made[-1], dpi=110)
+        plt.close(fig)
+    return made
+
+
+def _plot_ratio(plt, results: list[dict]):
+    """TTFT vs ratio (prefill alone), one panel per model."""
     fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.6), squeeze=False)
     for ax, r in zip(axes[0], results):
         pts = sorted((float(k.split("@")[1]), m["median_ms"]) for k, m in r["prefill"].items()
@@ -560,33 +626,29 @@ def plot(doc: dict, folder: Path, tag: str) -> list[Path]:
         ax.set_ylabel("prefill ms (median)")
         ax.set_ylim(bottom=0)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    made.append(folder / f"prefill_ttft_vs_ratio_{tag}.png")
-    fig.savefig(made[-1], dpi=110)
-    plt.close(fig)
-    # TTFT vs number of chunks, per tier
-    sw = [r for r in results if r.get("chunks_sweep")]
-    if sw:
-        fig, axes = plt.subplots(1, len(sw), figsize=(4.2 * len(sw), 3.6), squeeze=False)
-        for ax, r in zip(axes[0], sw):
-            counts = sorted(int(c) for c in r["chunks_sweep"])
-            names = list(r["chunks_sweep"][str(counts[0])])
-            for name in names:
-                ax.plot(counts, [r["chunks_sweep"][str(c)][name]["median_ms"] for c in counts], "o-", label=name)
-            ax.set_title(f"{r['label']}: Engine.answer TTFT", fontsize=9)
-            ax.set_xlabel("chunks (256 tokens each)")
-            ax.set_ylabel("TTFT ms (median)")
-            ax.set_ylim(bottom=0)
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        made.append(folder / f"prefill_ttft_vs_chunks_{tag}.png")
-        fig.savefig(made[-1], dpi=110)
-        plt.close(fig)
-    # stacked stages of one blend prefill
+    return fig
+
+
+def _plot_chunks(plt, results: list[dict]):
+    """TTFT vs number of chunks, per tier, one panel per model."""
+    fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.6), squeeze=False)
+    for ax, r in zip(axes[0], results):
+        counts = sorted(int(c) for c in r["chunks_sweep"])
+        for name in r["chunks_sweep"][str(counts[0])]:
+            ax.plot(counts, [r["chunks_sweep"][str(c)][name]["median_ms"] for c in counts], "o-", label=name)
+        ax.set_title(f"{r['label']}: Engine.answer TTFT", fontsize=9)
+        ax.set_xlabel("chunks (256 tokens each)")
+        ax.set_ylabel("TTFT ms (median)")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=7)
+    return fig
+
+
+def _plot_stages(plt, results: list[dict]):
+    """Stacked stages of one blend prefill per model, beside the (overlapped) chunk placement."""
     fig, ax = plt.subplots(figsize=(4.4 + 1.4 * len(results), 3.8))
-    stages = ["place", "layers_before_check", "check_and_select", "recompute_layers", "lm_head", "copy_out"]
     bottoms = [0.0] * len(results)
-    for stage in stages:
+    for stage in ("place", "layers_before_check", "check_and_select", "recompute_layers", "lm_head", "copy_out"):
         vals = [float(r.get("stages_blend", {}).get(stage, 0.0)) for r in results]
         ax.bar(range(len(results)), vals, bottom=bottoms, label=stage)
         bottoms = [b + v for b, v in zip(bottoms, vals)]
@@ -597,11 +659,7 @@ def plot(doc: dict, folder: Path, tag: str) -> list[Path]:
     ax.set_ylabel("ms (median, device events)")
     ax.set_title("one blend prefill, by stage", fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    made.append(folder / f"prefill_stages_{tag}.png")
-    fig.savefig(made[-1], dpi=110)
-    plt.close(fig)
-    return made
+    return fig
 
 
 def _finish(doc: dict, args, source: str) -> int:
@@ -611,7 +669,7 @@ def _finish(doc: dict, args, source: str) -> int:
 
         entries = summary_entries(doc, source)
         if entries:
-            update_summary(args.summary, entries)
+            update_summary(args.summary, entries, retire=RETIRED)
         for k, e in entries.items():
             print(f"{k}: {e['measured']:.3f} (target {e['better']} {e['target']}; {'met' if e['met'] else 'missed'})")
         if not entries:
@@ -685,7 +743,7 @@ def _model_and_prompt(label: str, real: bool, device, dtype, args, tmp: str):
 
     model = load_model("smollm2-135m-instruct", str(dtype).removeprefix("torch."), device.type)
     probe = Engine(EngineConfig(home=str(Path(tmp) / "probe"), device=device.type), model=model)
-    prompt, texts = real_prompt(probe)
+    prompt, texts = real_prompt(probe, args.real_passages)
     return model, prompt, texts
 
 

@@ -56,8 +56,9 @@ def entry(measured: float, target: float, better: str, source: str | Path, devic
     return out
 
 
-def update_summary(path: str | Path, entries: dict[str, dict]) -> Path:
-    """Merge entries (key -> entry) into the summary file at path, keeping other keys; atomic write."""
+def update_summary(path: str | Path, entries: dict[str, dict], retire: tuple[str, ...] = ()) -> Path:
+    """Merge entries (key -> entry) into the summary file at path, keeping other keys but the retired ones (a
+    benchmark's keys that a later definition replaced); atomic write."""
     path = Path(path)
     current: dict = {}
     if path.is_file():
@@ -66,5 +67,7 @@ def update_summary(path: str | Path, entries: dict[str, dict]) -> Path:
         except (OSError, ValueError) as exc:
             log.warning("%s: unreadable (%s); starting a new summary", path, exc)
     current.update(entries)
+    for key in retire:
+        current.pop(key, None)
     atomic_write_json(path, dict(sorted(current.items())))
     return path

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from kvblend.config import SelectionPolicy
-from kvblend.fusion.select import keep_top, kv_deviation, query_attention_mass
+from kvblend.fusion.select import keep_top, kv_deviation, query_attention_mass, signal_score
 from kvblend.model.hf import DecoderModel
 from kvblend.model.kv import MAX_PAD, KVState
 from kvblend.model.layers import embed, layer_out, qkv, run_layers
@@ -172,28 +172,28 @@ def run_front(model: DecoderModel, state: KVState, plan: FrontPlan, inp: FrontIn
 
 def _scores(model: DecoderModel, state: KVState, layer: int, signal: str, q, k, v, pos, rope_pos, real,
             num_real, plan: FrontPlan, query_len) -> torch.Tensor:
-    """select.token_scores for every row of the set ([rows]); the caller masks non-candidates."""
-    if signal in ("k", "v", "k_attn_product"):
+    """select.signal_score for every row of the set ([rows]); the caller masks non-candidates."""
+    def deviation() -> torch.Tensor:
         fresh, cached = (v, state.v[layer]) if signal == "v" else (k, state.k[layer])
-        deviation = kv_deviation(fresh, cached[:, pos])
-        if signal != "k_attn_product":
-            return deviation
-    # the query's attention mass at this layer over the keys it sees: fresh rows of the set, cached elsewhere
-    n_pad, dev = plan.n_pad, q.device
-    keys = torch.cat([state.k[layer, :, :n_pad], state.k.new_zeros(k.shape[0], 1, k.shape[2])], dim=1)
-    keys = keys.to(torch.float32)
-    keys.index_copy_(1, torch.where(real, rope_pos, torch.full_like(rope_pos, n_pad)), k.to(torch.float32))
-    slot = torch.arange(plan.query_pad, device=dev)
-    q_valid = slot < query_len
-    q_rows = torch.where(q_valid, num_real - query_len + slot, torch.zeros_like(slot))
-    key_idx = torch.arange(n_pad + 1, device=dev)
-    q_pos = rope_pos[q_rows]
-    see = torch.where(q_valid[:, None], key_idx[None, :] <= q_pos[:, None], key_idx[None, :] == 0)
-    attn = query_attention_mass(q[:, q_rows].to(torch.float32), keys, see, model.attn_scale,
-                                row_weight=q_valid)[rope_pos]
-    if signal == "attn":
-        return attn
-    return deviation * attn
+        return kv_deviation(fresh, cached[:, pos])
+
+    def attention(last: int) -> torch.Tensor:
+        # the query's attention mass at this layer over the keys it sees: fresh rows of the set, cached elsewhere
+        assert last == 0, "front_supported() admits whole-query signals only"
+        n_pad, dev = plan.n_pad, q.device
+        keys = torch.cat([state.k[layer, :, :n_pad], state.k.new_zeros(k.shape[0], 1, k.shape[2])], dim=1)
+        keys = keys.to(torch.float32)
+        keys.index_copy_(1, torch.where(real, rope_pos, torch.full_like(rope_pos, n_pad)), k.to(torch.float32))
+        slot = torch.arange(plan.query_pad, device=dev)
+        q_valid = slot < query_len
+        q_rows = torch.where(q_valid, num_real - query_len + slot, torch.zeros_like(slot))
+        key_idx = torch.arange(n_pad + 1, device=dev)
+        q_pos = rope_pos[q_rows]
+        see = torch.where(q_valid[:, None], key_idx[None, :] <= q_pos[:, None], key_idx[None, :] == 0)
+        return query_attention_mass(q[:, q_rows].to(torch.float32), keys, see, model.attn_scale,
+                                    row_weight=q_valid)[rope_pos]
+
+    return signal_score(signal, deviation, attention)
 
 
 def run_static_front(runner: ModelRunner, state: KVState, plan: FrontPlan, ids: torch.Tensor,

@@ -28,6 +28,7 @@ Ratio 0 selects nothing (= reuse) and ratio 1 everything (= full prefill), whate
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -138,30 +139,36 @@ def _ranks(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def signal_score(signal: str, deviation: Callable[[], torch.Tensor], attention: Callable[[int], torch.Tensor],
+                 prior: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+    """Each signal's formula, written once for the eager path and the static front (which differ only in how
+    they compute the parts): deviation() the K (V for signal v) deviation of each row, attention(last) the
+    query's attention mass on it (last > 0: the query's last `last` tokens only), prior() a draft's prior."""
+    if signal in ("k", "v"):
+        return deviation()
+    if signal == "attn":
+        return attention(0)
+    if signal == "k_attn_product":
+        return deviation() * attention(0)
+    if signal == "k_attn_rank":
+        return _ranks(deviation()) + _ranks(attention(0))
+    if signal == "k_tail_product":
+        return deviation() * attention(TAIL_QUERY_TOKENS)
+    if signal in ("draft_attn", "k_draft_product") and prior is not None:
+        return prior() if signal == "draft_attn" else deviation() * prior()
+    raise ValueError(f"unknown selection signal '{signal}'" if signal not in SIGNALS + EXTRA_SIGNALS
+                     else f"selection signal '{signal}' needs a draft model's prior")
+
+
 def token_scores(signal: str, layer: CheckLayer) -> torch.Tensor:
     """Importance of each candidate [T_cand] (higher = recompute first)."""
-    rows = layer.rows_of(layer.cand_pos)
-    if signal == "draft_attn":
-        return layer.prior[layer.cand_pos].to(torch.float32)
-    if signal in ("k", "v", "k_attn_rank", "k_attn_product", "k_tail_product", "k_draft_product"):
+    def deviation() -> torch.Tensor:
         on_v = signal == "v"
-        fresh = (layer.v if on_v else layer.k)[:, rows]
-        cached = (layer.cached_v if on_v else layer.cached_k)[:, layer.cand_pos]
-        dev = kv_deviation(fresh, cached)
-        if signal in ("k", "v"):
-            return dev
-        if signal == "k_tail_product":
-            return dev * query_attention(layer, last=TAIL_QUERY_TOKENS)
-        if signal == "k_draft_product":
-            return dev * layer.prior[layer.cand_pos].to(torch.float32)
-    attn = query_attention(layer)
-    if signal == "attn":
-        return attn
-    if signal == "k_attn_rank":
-        return _ranks(dev) + _ranks(attn)
-    if signal == "k_attn_product":
-        return dev * attn
-    raise ValueError(f"unknown selection signal '{signal}'")
+        fresh = (layer.v if on_v else layer.k)[:, layer.rows_of(layer.cand_pos)]
+        return kv_deviation(fresh, (layer.cached_v if on_v else layer.cached_k)[:, layer.cand_pos])
+
+    prior = None if layer.prior is None else (lambda: layer.prior[layer.cand_pos].to(torch.float32))
+    return signal_score(signal, deviation, lambda last: query_attention(layer, last=last), prior)
 
 
 def select_candidates(policy: SelectionPolicy, layer: CheckLayer, budget: int,

@@ -138,6 +138,69 @@ def _draft_q(drafter: Drafter, drafts: list[int], vocab_size: int) -> torch.Tens
     return q[:, :vocab_size]
 
 
+@dataclass
+class _Verifier:
+    """One speculative decoding loop's state; step() drafts, verifies and emits once."""
+
+    state: KVState
+    runner: object  # ModelRunner.decoder(): launch(tokens) -> PendingStep
+    drafter: Drafter
+    params: SamplingParams
+    stop: Stopper
+    length: DraftLength
+    context: list[int]
+    vocab_size: int
+    gen: torch.Generator
+    on_step: Callable | None
+    split: bool
+    probe: list | None
+    steps: list[StepRecord]
+    token_ms: list[float]
+
+    def _propose(self, room: int) -> list[int]:
+        drafts = [int(t) for t in self.drafter.propose(self.context + self.stop.tokens, room)][:room] if room > 0 else []
+        if any(not 0 <= t < self.vocab_size for t in drafts):
+            raise ValueError(f"drafter proposed ids outside the target vocabulary of {self.vocab_size}: {drafts}")
+        return drafts
+
+    def step(self, token: int) -> tuple[int, bool]:
+        """One pass: (the last emitted token, whether decoding stopped)."""
+        t0, state, params, stop = time.perf_counter(), self.state, self.params, self.stop
+        base = state.length  # cache: prompt + emitted tokens but the last (`token`)
+        room = min(self.length.k, params.max_new_tokens - len(stop.tokens) - 1, state.capacity - base - 1)
+        drafts = self._propose(room)
+        source = getattr(self.drafter, "last_source_chunk", None) if drafts else None
+        if self.on_step is not None:
+            (self.on_step.before_pass if self.split else self.on_step)(len(self.steps), state)
+            assert state.length == base, f"on_step changed the state length ({base} -> {state.length})"
+        if self.probe is not None:
+            self.probe.clear()
+        pending = self.runner.launch([token] + drafts, queries_out=self.probe)  # [len(drafts)+1] positions
+        if self.split:
+            self.on_step.during_pass(len(self.steps), state)  # host work while the device verifies
+        if params.temperature <= 0:
+            out, num_accepted = accept_greedy(pending.argmax(), drafts)
+        else:
+            p = logits_to_probs(pending.logits(), params.temperature, params.top_p)
+            out = verify_sampling(p, _draft_q(self.drafter, drafts, self.vocab_size), drafts, self.gen)
+            num_accepted = len(out) - 1
+        self.length.update(len(drafts), num_accepted)
+        accept = getattr(self.drafter, "accept", None)
+        if accept is not None and room > 0:  # the drafter was asked this step
+            accept(num_accepted, out)
+        emitted_before, used, done = len(stop.tokens), len(out), False
+        for i, t in enumerate(out):  # out[i] sits after token, d1..di: cache length base + 1 + i
+            if stop.push(t, base + 1 + i):
+                done, used = True, i + 1
+                break
+        state.truncate(base + used)  # keep token and the drafts that precede the last used output
+        step_ms = (time.perf_counter() - t0) * 1e3
+        self.token_ms.extend([step_ms / len(out)] * used)
+        self.steps.append(StepRecord(drafted_ids=drafts, num_accepted=num_accepted, source_chunk=source,
+                                     emitted_ids=stop.tokens[emitted_before:], step_ms=step_ms))
+        return out[-1], done
+
+
 @torch.inference_mode()
 def speculative_generate(target: DecoderModel, prefilled: PrefillResult, drafter: Drafter, params: SamplingParams,
                          t_start: float, *, prompt_ids: PromptIds | Sequence[int], k: int = 4,
@@ -179,45 +242,10 @@ def speculative_generate(target: DecoderModel, prefilled: PrefillResult, drafter
     length = DraftLength(k, adaptive=adaptive_k)
     split = on_step is not None and hasattr(on_step, "before_pass") and hasattr(on_step, "during_pass")
     done = stop.push(token, state.length)
-    runner = runner_of(target).decoder(state, graphs)
+    loop = _Verifier(state, runner_of(target).decoder(state, graphs), drafter, params, stop, length, context,
+                     vocab_size, gen, on_step, split, probe, steps, token_ms)
     while not done:
-        t0 = time.perf_counter()
-        base = state.length  # cache: prompt + emitted tokens but the last (`token`)
-        room = min(length.k, params.max_new_tokens - len(stop.tokens) - 1, state.capacity - base - 1)
-        drafts = [int(t) for t in drafter.propose(context + stop.tokens, room)][:room] if room > 0 else []
-        if any(not 0 <= t < vocab_size for t in drafts):
-            raise ValueError(f"drafter proposed ids outside the target vocabulary of {vocab_size}: {drafts}")
-        source = getattr(drafter, "last_source_chunk", None) if drafts else None
-        if on_step is not None:
-            (on_step.before_pass if split else on_step)(len(steps), state)
-            assert state.length == base, f"on_step changed the state length ({base} -> {state.length})"
-        if probe is not None:
-            probe.clear()
-        pending = runner.launch([token] + drafts, queries_out=probe)  # [len(drafts)+1] positions
-        if split:
-            on_step.during_pass(len(steps), state)  # host work while the device verifies
-        if params.temperature <= 0:
-            out, num_accepted = accept_greedy(pending.argmax(), drafts)
-        else:
-            p = logits_to_probs(pending.logits(), params.temperature, params.top_p)
-            out = verify_sampling(p, _draft_q(drafter, drafts, vocab_size), drafts, gen)
-            num_accepted = len(out) - 1
-        length.update(len(drafts), num_accepted)
-        accept = getattr(drafter, "accept", None)
-        if accept is not None and room > 0:  # the drafter was asked this step
-            accept(num_accepted, out)
-        emitted_before = len(stop.tokens)
-        used = len(out)
-        for i, t in enumerate(out):  # out[i] sits after token, d1..di: cache length base + 1 + i
-            if stop.push(t, base + 1 + i):
-                done, used = True, i + 1
-                break
-        state.truncate(base + used)  # keep token and the drafts that precede the last used output
-        step_ms = (time.perf_counter() - t0) * 1e3
-        token_ms.extend([step_ms / len(out)] * used)
-        steps.append(StepRecord(drafted_ids=drafts, num_accepted=num_accepted,
-                                emitted_ids=stop.tokens[emitted_before:], step_ms=step_ms, source_chunk=source))
-        token = out[-1]
+        token, done = loop.step(token)
     tokens = stop.tokens
     text = target.tokenizer.decode(tokens, skip_special_tokens=True) if target.tokenizer is not None else ""
     st = spec_stats(steps)

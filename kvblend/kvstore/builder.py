@@ -17,21 +17,22 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def chunk_key(model: DecoderModel, token_ids: Sequence[int], sink_ids: Sequence[int] = ()) -> ChunkKey:
-    return ChunkKey(model.fingerprint, dtype_name(model.dtype), token_hash(token_ids, sink_ids))
+def chunk_key(model: DecoderModel, token_ids: Sequence[int], sink_ids: Sequence[int] = (), salt: str = "") -> ChunkKey:
+    return ChunkKey(model.fingerprint, dtype_name(model.dtype), token_hash(token_ids, sink_ids), salt)
 
 
 @torch.inference_mode()
 def build_chunk_kv(model: DecoderModel, token_ids: Sequence[int], sink_ids: Sequence[int] = (),
-                   text: str = "") -> ChunkKV:
-    """KV of `token_ids` prefilled alone at local positions len(sink_ids).., in layout 2LHTD."""
+                   text: str = "", salt: str = "") -> ChunkKV:
+    """KV of `token_ids` prefilled alone at local positions len(sink_ids).., in layout 2LHTD; salt: the key's
+    isolation salt (kvblend.kvstore.key.ChunkKey)."""
     if not token_ids:
         raise ValueError("cannot build the KV of an empty chunk")
     sink, ids = tuple(int(i) for i in sink_ids), tuple(int(i) for i in token_ids)
     state = allocate_state(model, len(sink) + len(ids))
     forward_tokens(model, state, sink + ids, num_logits=0)
     kv = torch.stack([state.k[:, :, len(sink):], state.v[:, :, len(sink):]]).contiguous()
-    return ChunkKV(key=chunk_key(model, ids, sink), token_ids=ids, kv=kv, rope_offset=len(sink),
+    return ChunkKV(key=chunk_key(model, ids, sink, salt), token_ids=ids, kv=kv, rope_offset=len(sink),
                    sink_ids=sink, text=text)
 
 

@@ -1,14 +1,15 @@
 """RemoteTier: chunk KV shared by every process and replica, on a Redis-protocol server (Redis, Valkey).
 
 The slowest tier, behind local disk (GPU -> pinned CPU -> disk -> remote). An entry is the chunk exactly as the
-disk tier stores it (kvblend/kvstore/tiers.py encode_chunk): the safetensors bytes under `<prefix><key>:kv` and
-their metadata JSON (sizes, CRC-32, SHA-256, key, token ids) under `<prefix><key>:meta`, written once in one
+store's disk tier stores it (the `codec`, a kvblend/kvstore/tiers.py DiskTier: encode / verify / as_chunk): the
+safetensors bytes under `<prefix><key>:kv` and their sidecar JSON (sizes, CRC-32, SHA-256, key, token ids) under
+`<prefix><key>:meta`, written once in one
 MULTI/EXEC transaction (both or neither, metadata last) with the tier's TTL, and never over an entry that exists.
 `<key>` is str(ChunkKey), the local store's own key string, so everything the local key carries (model
-fingerprint, dtype, precompute context, salt) separates remote entries too.
+fingerprint, dtype, precompute context, cache salt) separates remote entries too.
 
-Reads fetch both values in one round trip and verify them as a disk read is verified (size, CRC-32, key digest,
-layout, shape); an entry that fails, or holds only one of its two values, is deleted and reported "corrupt" (the
+Reads fetch both values in one round trip and verify them as a disk read is verified (DiskTier.verify: size,
+CRC-32, key digest, layout, shape, token ids against the key, dtype); an entry that fails, or holds only one of its two values, is deleted and reported "corrupt" (the
 store then rebuilds the chunk and writes it again). Never trusted unverified.
 
 Byte budget: a sorted set `<prefix>lru` (digest -> last use) and a hash `<prefix>bytes` (digest -> stored bytes)
@@ -35,7 +36,7 @@ import torch
 
 from kvblend.kvstore.chunk_kv import ChunkKV
 from kvblend.kvstore.key import ChunkKey
-from kvblend.kvstore.tiers import chunk_from_meta, encode_chunk, verify_chunk
+from kvblend.kvstore.tiers import DiskTier
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ class RemoteTier:
         return self._call("ping", lambda r: r.ping()) is True
 
     # reads --------------------------------------------------------------------------------------------
-    def get(self, key: ChunkKey) -> tuple[ChunkKV | None, str]:
+    def get(self, key: ChunkKey, codec: DiskTier) -> tuple[ChunkKV | None, str]:
         """(chunk, "hit"), or (None, "missing" | "corrupt" | "unavailable"). A corrupt or partial entry is
         deleted (the caller rebuilds the chunk and put() writes it again)."""
         digest = str(key)
@@ -131,8 +132,8 @@ class RemoteTier:
                 raise ValueError(f"partial entry (the {'metadata' if meta_raw is None else 'tensor bytes'} "
                                  f"missing)")
             meta = json.loads(meta_raw)
-            kv = verify_chunk(torch.frombuffer(bytearray(data), dtype=torch.uint8), meta, digest)
-            chunk = chunk_from_meta(key, kv, meta)
+            kv = codec.verify(key, torch.frombuffer(bytearray(data), dtype=torch.uint8), meta)
+            chunk = codec.as_chunk(key, kv, meta)
         except _VERIFY_ERRORS as exc:
             log.warning("remote store %s: chunk %s failed verification (%s); deleted, it will be rebuilt",
                         self.url, digest, exc)
@@ -153,12 +154,12 @@ class RemoteTier:
         return pipe
 
     # writes -------------------------------------------------------------------------------------------
-    def put(self, chunk: ChunkKV, model_name: str = "") -> bool:
+    def put(self, chunk: ChunkKV, codec: DiskTier, model_name: str = "") -> bool:
         """Write the chunk once (skipped when an entry exists, when it cannot fit the budget, or when the server
         is unreachable); True when this call wrote it."""
         digest = str(chunk.key)
         kv_key, meta_key = self._keys(digest)
-        data, meta = encode_chunk(chunk, model_name)
+        data, meta = codec.encode(chunk, model_name)
         if len(data) > self.budget_bytes:
             log.debug("remote store: chunk %s (%d bytes) exceeds the whole budget of %d bytes; not written",
                       digest, len(data), self.budget_bytes)

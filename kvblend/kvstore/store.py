@@ -3,8 +3,9 @@
 Tiers, fastest first: "gpu" (the compute device), "cpu" (host memory, pinned when CUDA is present),
 "disk" (the source of truth), and optionally "remote" (kvblend/kvstore/remote.py: a Redis-protocol server shared
 by every process and replica). Every chunk put in the store is written to disk first (and to the remote tier when
-there is one); memory tiers hold copies. A chunk found only on the remote tier (verified there) is copied to disk,
-then read on like a disk chunk. A pinned chunk (in use by a blend or a promotion) is never evicted from any tier.
+there is one); memory tiers hold copies. A chunk found only on the remote tier (verified there, as a disk file is)
+is copied to disk, then read on like a disk chunk. A pinned chunk (in use by a blend or a promotion) is never
+evicted from any tier.
 
 Read verbs and their outcomes (LMCache-style):
   fetch(key, tier)            -> Fetched: the chunk made resident on `tier`, or no chunk with outcome "missing"
@@ -18,6 +19,10 @@ Read verbs and their outcomes (LMCache-style):
                                  tier as far as its budget allows, evicting nothing pinned or in `keep`; never a hit
 Over-budget is never a "missing" outcome: BudgetExceededError propagates from every verb and nothing is rebuilt.
 A corrupt chunk counts in stats.corrupt, never as a hit; a missing one in stats.misses.
+
+A disk that cannot take a chunk (full, a quota, read-only, or its budget capped by the free space and held by pinned
+chunks) is not an error: put() keeps the chunk on the memory tiers only, counts stats.disk_write_errors, logs one
+warning when the disk stops taking writes and sets disk_problem (None again after the next successful write).
 
 Thread safety: every verb holds the store's lock (an RLock) while it reads or changes which chunk lives where, so a
 prefetch thread and the request thread can share one store. Chunk builds (get) and the prefetch's file reads
@@ -72,6 +77,9 @@ class StoreStats:
     evictions: Counter = field(default_factory=Counter)  # per tier
     bytes_moved: Counter = field(default_factory=Counter)  # e.g. "cpu->gpu"
     prefetched: int = 0  # chunks a prefetch made resident ahead of a request (not hits: the request counts those)
+    disk_write_errors: int = 0  # chunks the disk could not take (kept on the memory tiers only)
+    leftovers_removed: int = 0  # files of dead writers removed at start-up (temp files, tensors without sidecar)
+    expired: int = 0  # chunks removed for being unused longer than the store's TTL
 
     def as_dict(self) -> dict:
         hits = sum(self.hits.values())
@@ -79,7 +87,8 @@ class StoreStats:
         return {"hits": dict(self.hits), "misses": self.misses, "corrupt": self.corrupt, "built": self.built,
                 "build_ms": round(self.build_ms, 3), "evictions": dict(self.evictions),
                 "bytes_moved": dict(self.bytes_moved), "prefetched": self.prefetched,
-                "hit_rate": (hits / total) if total else None}
+                "disk_write_errors": self.disk_write_errors, "leftovers_removed": self.leftovers_removed,
+                "expired": self.expired, "hit_rate": (hits / total) if total else None}
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +105,11 @@ class Fetched:
 
 class ChunkKVStore:
     def __init__(self, root: Path, gpu_budget_bytes: int, cpu_budget_bytes: int, disk_budget_bytes: int,
-                 device: torch.device | str = "cpu", model_name: str = "", remote: RemoteTier | None = None):
+                 device: torch.device | str = "cpu", model_name: str = "", store_text: bool = False,
+                 chunk_shape: tuple[int, int, int] | None = None, remote: RemoteTier | None = None):
+        """store_text: keep each chunk's text in its sidecar (default: token ids and a hash only); chunk_shape:
+        (layers, kv heads, head dim) a stored chunk must have to be used (None: not checked); remote: the shared
+        tier behind disk (read on a local miss, written with every chunk the store takes)."""
         device = torch.device(device)
         cuda = device.type == "cuda"
         self.model_name = model_name
@@ -104,9 +117,10 @@ class ChunkKVStore:
             "gpu": MemoryTier("gpu", device, gpu_budget_bytes),
             "cpu": MemoryTier("cpu", torch.device("cpu"), cpu_budget_bytes, pin_memory=cuda),
         }
-        self.disk = DiskTier(Path(root), disk_budget_bytes)
-        self.remote = remote  # behind disk: read on a local miss, written with every chunk put on disk
-        self.stats = StoreStats()
+        self.disk = DiskTier(Path(root), disk_budget_bytes, store_text=store_text, chunk_shape=chunk_shape)
+        self.stats = StoreStats(leftovers_removed=self.disk.leftovers_removed)
+        self.disk_problem: str | None = None  # why the disk takes no chunks now (None: it does)
+        self.remote = remote
         self._pins: Counter = Counter()
         self._lock = threading.RLock()
 
@@ -157,25 +171,61 @@ class ChunkKVStore:
 
     @_locked
     def summary(self) -> dict:
-        out = {"stats": self.stats.as_dict(), "used_bytes": self.used_bytes(), "budget_bytes": self.budgets(),
-               "num_chunks": {"gpu": len(self.tiers["gpu"]), "cpu": len(self.tiers["cpu"]),
-                              "disk": len(self.disk)}}
-        if self.remote is not None:
-            out["remote"] = self.remote.summary()
-        return out
+        return {"stats": self.stats.as_dict(), "used_bytes": self.used_bytes(), "budget_bytes": self.budgets(),
+                "num_chunks": {"gpu": len(self.tiers["gpu"]), "cpu": len(self.tiers["cpu"]),
+                               "disk": len(self.disk)}, "disk_problem": self.disk_problem,
+                **({"remote": self.remote.summary()} if self.remote is not None else {})}
 
     # writes -----------------------------------------------------------------------------------
     @_locked
     def put(self, chunk: ChunkKV, tier: str = "disk") -> ChunkKV:
-        """Store a chunk on disk and, if asked, also resident on a memory tier."""
-        if chunk.key.digest not in self.disk:
+        """Store a chunk on disk and, if asked, also resident on a memory tier. A disk that cannot take it: the
+        chunk goes to the memory tiers only (`tier`, or the CPU tier when `tier` is disk; see the module doc)."""
+        known = chunk.key.digest in self.disk
+        on_disk = known or self._save_to_disk(chunk)
+        if not known and self.remote is not None:
+            self.remote.put(chunk, self.disk, self.model_name)
+        if tier == "disk":
+            if on_disk:
+                return chunk
+            try:
+                return self._put_memory(chunk, "cpu")
+            except BudgetExceededError:
+                return chunk  # kept nowhere: the next request builds it again
+        return self._put_memory(chunk, tier)
+
+    def _save_to_disk(self, chunk: ChunkKV) -> bool:
+        """Write the chunk to disk; False (counted, warned once) when the disk cannot take it."""
+        try:
             self._make_room_on_disk(chunk.nbytes)
             self.disk.save(chunk, self.model_name)
-            if self.remote is not None:
-                self.remote.put(chunk, self.model_name)
-        if tier == "disk":
-            return chunk
-        return self._put_memory(chunk, tier)
+        except (OSError, BudgetExceededError) as exc:
+            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+            self.stats.disk_write_errors += 1
+            if self.disk_problem is None:
+                log.warning("chunk store %s: the disk takes no more chunks (%s); serving from the memory tiers",
+                            self.disk.root, detail)
+            self.disk_problem = f"disk writes failing ({detail}); chunks kept on the memory tiers only"
+            return False
+        if self.disk_problem is not None:
+            log.warning("chunk store %s: disk writes work again", self.disk.root)
+            self.disk_problem = None
+        return True
+
+    @_locked
+    def expire(self, max_age_s: float) -> int:
+        """Remove every unpinned chunk (all tiers) not used for more than max_age_s seconds; how many."""
+        removed = 0
+        for digest in self.disk.expired(max_age_s):
+            if self._pins[digest]:
+                continue
+            self.disk.remove(digest)
+            for t in self.tiers.values():
+                if digest in t:
+                    t.remove(digest)
+            removed += 1
+        self.stats.expired += removed
+        return removed
 
     @_locked
     def _put_memory(self, chunk: ChunkKV, tier: str) -> ChunkKV:
@@ -257,15 +307,15 @@ class ChunkKVStore:
         return Fetched(key, moved, "hit", found)
 
     def _from_remote(self, key: ChunkKey, local: Outcome) -> tuple[ChunkKV | None, Outcome]:
-        """The chunk from the remote tier (verified there), copied to disk; else None and the outcome: corrupt
-        when the local file or the remote entry was (each counted once), missing otherwise (unreachable too)."""
-        chunk, outcome = self.remote.get(key)
+        """The chunk from the remote tier (verified there), copied to disk (a disk that cannot take it: kept in
+        memory only); else None and the outcome: corrupt when the local file or the remote entry was (each counted
+        once), missing otherwise (an unreachable server too)."""
+        chunk, outcome = self.remote.get(key, self.disk)
         if chunk is None:
             if outcome == "corrupt" and local != "corrupt":
                 self.stats.corrupt += 1
             return None, "corrupt" if "corrupt" in (outcome, local) else "missing"
-        self._make_room_on_disk(chunk.nbytes)
-        self.disk.save(chunk, self.model_name)
+        self._save_to_disk(chunk)
         return chunk, "hit"
 
     def prefetch(self, keys: Iterable[ChunkKey], tier: str = "cpu", keep: Iterable[ChunkKey] = (),

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import struct
 import time
 import zlib
@@ -32,9 +33,10 @@ import torch
 from safetensors.torch import save as st_save
 
 from kvblend.errors import ChunkCorruptError
-from kvblend.io import atomic_write_bytes, atomic_write_json
+from kvblend.io import atomic_write_bytes, json_bytes
 from kvblend.kvstore.chunk_kv import LAYOUT, ChunkKV
-from kvblend.kvstore.key import ChunkKey
+from kvblend.kvstore.key import ChunkKey, token_hash
+from kvblend.kvstore.retention import remove_chunk_files, sweep_dead_writes
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,8 @@ log = logging.getLogger(__name__)
 _READ_ERRORS = (OSError, ValueError, KeyError, TypeError, struct.error)
 
 FORMAT_VERSION = 1
+FILE_MODE = 0o600  # chunk files hold what requests sent: readable by the server's user only
+FREE_SPACE_RESERVE = 256 * 2**20  # the disk budget leaves this much of the filesystem free
 LOAD_THREADS = max(1, min(8, os.cpu_count() or 1))  # parallel chunk reads + checks (prefetch)
 
 _ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
@@ -83,59 +87,6 @@ def _parse_safetensors(buf: torch.Tensor, name: str = "kv") -> tuple[torch.Tenso
         data = data.clone()  # unaligned (not written by kvblend): copy once
     shape = [int(x) for x in info["shape"]]
     return data.view(dtype).view(shape), header.get("__metadata__", {})
-
-
-def encode_chunk(chunk: ChunkKV, model_name: str = "") -> tuple[bytes, dict]:
-    """A chunk as stored (on disk and in the remote tier): safetensors bytes and their metadata (sizes, SHA-256
-    and CRC-32 of the bytes, key, token ids, layout)."""
-    data = st_save({"kv": chunk.kv.detach().cpu().contiguous()}, metadata={"layout": LAYOUT})
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "key": {"model_fingerprint": chunk.key.model_fingerprint, "dtype": chunk.key.dtype,
-                "token_hash": chunk.key.token_hash, "digest": chunk.key.digest},
-        "model_name": model_name,
-        "text": chunk.text,
-        "token_ids": list(chunk.token_ids),
-        "num_tokens": chunk.num_tokens,
-        "sink_ids": list(chunk.sink_ids),
-        "rope_offset": chunk.rope_offset,
-        "layout": LAYOUT,
-        "layout_doc": "kv[0]=K (after RoPE, chunk-local positions from rope_offset), kv[1]=V; "
-                      "each [layers, kv_heads, tokens, head_dim]",
-        "shape": list(chunk.kv.shape),
-        "tensor_dtype": str(chunk.kv.dtype).removeprefix("torch."),
-        "nbytes": chunk.nbytes,
-        "file_bytes": len(data),
-        "file_sha256": hashlib.sha256(data).hexdigest(),
-        "file_crc32": zlib.crc32(data),
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    return data, meta
-
-
-def verify_chunk(buf: torch.Tensor, meta: dict, digest: str) -> torch.Tensor:
-    """The KV tensor of stored bytes `buf` (uint8) once they check out against `meta` (size, CRC-32 or SHA-256,
-    key digest, layout, shape); ValueError / KeyError / TypeError / struct.error when anything does not."""
-    if buf.numel() != meta["file_bytes"]:
-        raise ValueError(f"truncated: {buf.numel()} of {meta['file_bytes']} bytes")
-    raw = memoryview(buf.numpy())
-    if "file_crc32" in meta:
-        if zlib.crc32(raw) != meta["file_crc32"]:
-            raise ValueError("crc32 mismatch")
-    elif hashlib.sha256(raw).hexdigest() != meta["file_sha256"]:
-        raise ValueError("sha256 mismatch")
-    if meta["key"]["digest"] != digest or meta["layout"] != LAYOUT:
-        raise ValueError("metadata does not match the requested key")
-    kv, _ = _parse_safetensors(buf)
-    if list(kv.shape) != meta["shape"] or kv.shape[3] != meta["num_tokens"]:
-        raise ValueError(f"tensor shape {list(kv.shape)} does not match metadata")
-    return kv
-
-
-def chunk_from_meta(key: ChunkKey, kv: torch.Tensor, meta: dict) -> ChunkKV:
-    """The ChunkKV of verified tensor `kv` with the token ids, sink and offset its metadata records."""
-    return ChunkKV(key=key, token_ids=tuple(meta["token_ids"]), kv=kv, rope_offset=int(meta["rope_offset"]),
-                   sink_ids=tuple(meta["sink_ids"]), text=meta.get("text", ""))
 
 
 class MemoryTier:
@@ -180,30 +131,61 @@ class MemoryTier:
 
 
 class DiskTier:
-    """Content-addressed files under root/<digest[:2]>/<digest>.{safetensors,json}."""
+    """Content-addressed files under root/<digest[:2]>/<digest>.{safetensors,json}, 0600 in 0700 folders.
 
-    def __init__(self, root: Path, budget_bytes: int, pin_memory: bool | None = None):
+    The sidecar JSON keeps the chunk's token ids and a SHA-256 of its text, not the text (unless store_text).
+    The byte budget is capped by the filesystem's free space (less FREE_SPACE_RESERVE), so the store evicts its
+    own chunks before the disk fills. At start-up the leftovers of dead writers are removed (leftovers_removed)."""
+
+    def __init__(self, root: Path, budget_bytes: int, pin_memory: bool | None = None, store_text: bool = False,
+                 chunk_shape: tuple[int, int, int] | None = None):
+        """chunk_shape: (layers, kv heads, head dim) every stored chunk must have (None: not checked)."""
         self.root = Path(root)
-        self.budget_bytes = int(budget_bytes)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.configured_budget_bytes = int(budget_bytes)
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.store_text = store_text
+        self.chunk_shape = tuple(chunk_shape) if chunk_shape is not None else None
         self._pool: ThreadPoolExecutor | None = None
         self._pending: dict[str, Future] = {}
         self._sizes: dict[str, int] = {}
         self._nbytes: dict[str, int] = {}  # tensor bytes (what a memory tier will hold)
         self._atime: dict[str, float] = {}
+        self._used = 0
+        self._free: tuple[float, int] = (0.0, 0)  # (when measured, free bytes)
+        self.leftovers_removed = sweep_dead_writes(self.root)
         for meta in self.root.glob("*/*.json"):
             try:
                 info = json.loads(meta.read_text())
-                self._sizes[meta.stem] = int(info["file_bytes"])
-                self._nbytes[meta.stem] = int(info.get("nbytes", info["file_bytes"]))
-                self._atime[meta.stem] = meta.stat().st_mtime
-            except (ValueError, KeyError, OSError):
+                self._index(meta.stem, int(info["file_bytes"]), int(info.get("nbytes", info["file_bytes"])),
+                            meta.stat().st_mtime)
+            except (ValueError, KeyError, TypeError, OSError):
                 log.warning("%s: unreadable chunk metadata; it will be rebuilt when needed", meta)
+
+    def _index(self, digest: str, file_bytes: int, nbytes: int, atime: float) -> None:
+        self._used += file_bytes - self._sizes.get(digest, 0)
+        self._sizes[digest], self._nbytes[digest], self._atime[digest] = file_bytes, nbytes, atime
 
     @property
     def used_bytes(self) -> int:
-        return sum(self._sizes.values())
+        return self._used
+
+    def free_bytes(self) -> int:
+        """Free bytes of the filesystem (measured at most once a second)."""
+        when, free = self._free
+        if time.monotonic() - when > 1.0:
+            try:
+                free = shutil.disk_usage(self.root).free
+            except OSError:
+                free = 0
+            self._free = (time.monotonic(), free)
+        return free
+
+    @property
+    def budget_bytes(self) -> int:
+        """The configured budget, capped by what the filesystem can still take."""
+        room = self._used + max(0, self.free_bytes() - FREE_SPACE_RESERVE)
+        return min(self.configured_budget_bytes, room)
 
     def paths(self, digest: str) -> tuple[Path, Path]:
         d = self.root / digest[:2]
@@ -218,17 +200,53 @@ class DiskTier:
     def lru_digests(self) -> list[str]:
         return sorted(self._sizes, key=lambda d: self._atime.get(d, 0.0))
 
+    def _sidecar(self, chunk: ChunkKV, model_name: str, data: bytes) -> dict:
+        k = chunk.key
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "key": {"model_fingerprint": k.model_fingerprint, "dtype": k.dtype, "token_hash": k.token_hash,
+                    "salted": bool(k.salt), "digest": k.digest},
+            "model_name": model_name,
+            "text_sha256": hashlib.sha256(chunk.text.encode("utf-8", "surrogatepass")).hexdigest(),
+            "token_ids": list(chunk.token_ids),
+            "num_tokens": chunk.num_tokens,
+            "sink_ids": list(chunk.sink_ids),
+            "rope_offset": chunk.rope_offset,
+            "layout": LAYOUT,
+            "layout_doc": "kv[0]=K (after RoPE, chunk-local positions from rope_offset), kv[1]=V; "
+                          "each [layers, kv_heads, tokens, head_dim]",
+            "shape": list(chunk.kv.shape),
+            "tensor_dtype": str(chunk.kv.dtype).removeprefix("torch."),
+            "nbytes": chunk.nbytes,
+            "file_bytes": len(data),
+            "file_sha256": hashlib.sha256(data).hexdigest(),
+            "file_crc32": zlib.crc32(data),
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        if self.store_text:
+            meta["text"] = chunk.text
+        return meta
+
+    def encode(self, chunk: ChunkKV, model_name: str = "") -> tuple[bytes, dict]:
+        """The chunk as this tier stores it: safetensors bytes and their sidecar (the remote tier stores the same)."""
+        data = st_save({"kv": chunk.kv.detach().cpu().contiguous()}, metadata={"layout": LAYOUT})
+        return data, self._sidecar(chunk, model_name, data)
+
     def save(self, chunk: ChunkKV, model_name: str = "") -> int:
-        """Write the chunk (tensor file first, metadata JSON last as the commit mark); returns file bytes."""
+        """Write the chunk (tensor file first, metadata JSON last as the commit mark); returns file bytes.
+        OSError (a full disk, a quota) propagates with neither file left behind."""
         digest = chunk.key.digest
-        data, meta = encode_chunk(chunk, model_name)
+        data, meta = self.encode(chunk, model_name)
         tensor_path, meta_path = self.paths(digest)
         self._drop_pending(digest)  # a read started before this write must not be used
-        atomic_write_bytes(tensor_path, data)
-        atomic_write_json(meta_path, meta)
-        self._sizes[digest] = len(data)
-        self._nbytes[digest] = chunk.nbytes
-        self._atime[digest] = time.time()
+        try:
+            tensor_path.parent.mkdir(mode=0o700, exist_ok=True)
+            atomic_write_bytes(tensor_path, data, mode=FILE_MODE)
+            atomic_write_bytes(meta_path, json_bytes(meta), mode=FILE_MODE)
+        except OSError:
+            self.remove(digest)
+            raise
+        self._index(digest, len(data), chunk.nbytes, time.time())
         return len(data)
 
     def nbytes(self, digest: str) -> int:
@@ -236,9 +254,18 @@ class DiskTier:
         return self._nbytes.get(digest, self._sizes.get(digest, 0))
 
     def touch(self, digest: str) -> None:
-        """Mark the chunk recently used (disk LRU)."""
+        """Mark the chunk recently used (disk LRU; the sidecar's mtime too, so expiry survives restarts)."""
         if digest in self._sizes:
-            self._atime[digest] = time.time()
+            self._atime[digest] = now = time.time()
+            try:
+                os.utime(self.paths(digest)[1], (now, now))
+            except OSError:
+                pass
+
+    def expired(self, max_age_s: float, now: float | None = None) -> list[str]:
+        """Digests of the chunks not used for more than max_age_s seconds."""
+        now = time.time() if now is None else now
+        return [d for d, t in self._atime.items() if now - t > max_age_s]
 
     def prefetch(self, keys) -> None:
         """Start reading and checking these chunks in background threads; load() then takes the result.
@@ -255,9 +282,42 @@ class DiskTier:
         digest = key.digest
         tensor_path, meta_path = self.paths(digest)
         meta = json.loads(meta_path.read_text())
-        buf = _read_file(tensor_path, self.pin_memory)
-        kv = verify_chunk(buf, meta, digest)
-        return kv, meta
+        return self.verify(key, _read_file(tensor_path, self.pin_memory), meta), meta
+
+    def verify(self, key: ChunkKey, buf: torch.Tensor, meta: dict) -> torch.Tensor:
+        """The KV tensor of stored bytes `buf` (uint8) once they check out against their sidecar `meta` and the
+        key (size, CRC-32 or SHA-256, digest, layout, shape, token ids, dtype); ValueError / KeyError / TypeError
+        / struct.error when anything does not. The remote tier's reads are checked here too."""
+        digest = key.digest
+        if buf.numel() != meta["file_bytes"]:
+            raise ValueError(f"truncated: {buf.numel()} of {meta['file_bytes']} bytes")
+        raw = memoryview(buf.numpy())
+        if "file_crc32" in meta:
+            if zlib.crc32(raw) != meta["file_crc32"]:
+                raise ValueError("crc32 mismatch")
+        elif hashlib.sha256(raw).hexdigest() != meta["file_sha256"]:
+            raise ValueError("sha256 mismatch")
+        if meta["key"]["digest"] != digest or meta["layout"] != LAYOUT:
+            raise ValueError("metadata does not match the requested key")
+        kv, _ = _parse_safetensors(buf)
+        if list(kv.shape) != meta["shape"] or kv.shape[3] != meta["num_tokens"]:
+            raise ValueError(f"tensor shape {list(kv.shape)} does not match metadata")
+        self._check_against_key(key, kv, meta)
+        return kv
+
+    def _check_against_key(self, key: ChunkKey, kv: torch.Tensor, meta: dict) -> None:
+        """The sidecar and the tensor agree with the key: token ids, dtype, the model's shape."""
+        ids, sink = meta["token_ids"], meta["sink_ids"]
+        if len(ids) != meta["num_tokens"] or token_hash(ids, sink) != key.token_hash:
+            raise ValueError("its token ids are not the ones the chunk's key was made from")
+        dtype = str(kv.dtype).removeprefix("torch.")
+        if dtype != key.dtype or meta["tensor_dtype"] != key.dtype:
+            raise ValueError(f"tensor dtype {dtype} is not the key's {key.dtype}")
+        if kv.dim() != 5 or kv.shape[0] != 2:
+            raise ValueError(f"tensor shape {list(kv.shape)} is not layout {LAYOUT}")
+        if self.chunk_shape is not None and (kv.shape[1], kv.shape[2], kv.shape[4]) != self.chunk_shape:
+            raise ValueError(f"tensor shape {list(kv.shape)} does not fit the model (layers, kv heads, head dim "
+                             f"{self.chunk_shape})")
 
     def load(self, key: ChunkKey) -> ChunkKV:
         """Read and verify a chunk; ChunkCorruptError (files removed) when anything does not check out."""
@@ -269,8 +329,8 @@ class DiskTier:
         except _READ_ERRORS as exc:
             self.remove(digest)
             raise ChunkCorruptError(f"{tensor_path}: corrupt chunk file ({exc}); removed, it will be rebuilt") from None
-        self._atime[digest] = time.time()
-        return self._chunk(key, kv, meta)
+        self.touch(digest)
+        return self.as_chunk(key, kv, meta)
 
     def read(self, key: ChunkKey) -> ChunkKV:
         """A verified read that changes nothing in the tier (safe from another thread): ChunkCorruptError when
@@ -279,11 +339,13 @@ class DiskTier:
             kv, meta = self._read_checked(key)
         except _READ_ERRORS as exc:
             raise ChunkCorruptError(f"{self.paths(key.digest)[0]}: unreadable or corrupt chunk file ({exc})") from None
-        return self._chunk(key, kv, meta)
+        return self.as_chunk(key, kv, meta)
 
     @staticmethod
-    def _chunk(key: ChunkKey, kv: torch.Tensor, meta: dict) -> ChunkKV:
-        return chunk_from_meta(key, kv, meta)
+    def as_chunk(key: ChunkKey, kv: torch.Tensor, meta: dict) -> ChunkKV:
+        """The ChunkKV of a verified tensor and its sidecar."""
+        return ChunkKV(key=key, token_ids=tuple(meta["token_ids"]), kv=kv, rope_offset=int(meta["rope_offset"]),
+                       sink_ids=tuple(meta["sink_ids"]), text=meta.get("text", ""))
 
     def _drop_pending(self, digest: str) -> None:
         pending = self._pending.pop(digest, None)
@@ -296,8 +358,9 @@ class DiskTier:
 
     def remove(self, digest: str) -> None:
         self._drop_pending(digest)
-        for p in self.paths(digest):
-            p.unlink(missing_ok=True)
-        self._sizes.pop(digest, None)
+        tensor_path, meta_path = self.paths(digest)
+        remove_chunk_files(meta_path)
+        tensor_path.unlink(missing_ok=True)
+        self._used -= self._sizes.pop(digest, 0)
         self._nbytes.pop(digest, None)
         self._atime.pop(digest, None)

@@ -69,6 +69,14 @@ def mlp(model: DecoderModel, layer: int, x: torch.Tensor) -> torch.Tensor:
     return f.down_proj(f.act_fn(gate) * up)
 
 
+# Up to FEW_ROWS masked query rows (decode and verification steps) attend as a batch of one-row queries over
+# the same keys: on the H200 (torch 2.11, cuDNN) a [1, H, r, D] query with a dense mask over a 4K-row buffer
+# takes a multi-row kernel costing 6x the one-row kernel for any r >= 2 (SmolLM2 shape: 72 vs 12 us per
+# layer), while r one-row queries cost 13-22 us for r = 2..16 (docs/results/bench/small_attention_h200.json).
+FEW_ROWS = 16
+ALL_KEYS = object()  # mask sentinel: every key in [0, num_keys) is seen (one query at the last position, no holes)
+
+
 def _attend(model: DecoderModel, layer: int, q: torch.Tensor, q_pos: torch.Tensor | None, state: KVState,
             num_keys: int, causal_prefix: bool, mask) -> torch.Tensor:
     keys = state.k[layer, :, :num_keys][None]
@@ -76,6 +84,8 @@ def _attend(model: DecoderModel, layer: int, q: torch.Tensor, q_pos: torch.Tenso
     if isinstance(mask, AttnMask) and mask.kernel == "flex":
         return masked_attention(q, state.k[layer], state.v[layer], mask.q_pos, num_keys, mask.valid,
                                 model.attn_scale, mask=mask)[None]
+    if mask is ALL_KEYS:
+        return F.scaled_dot_product_attention(q[None], keys, vals, scale=model.attn_scale, enable_gqa=True)
     if mask is None and causal_prefix and not state.has_holes():
         return F.scaled_dot_product_attention(q[None], keys, vals, is_causal=True, scale=model.attn_scale,
                                               enable_gqa=True)
@@ -83,6 +93,12 @@ def _attend(model: DecoderModel, layer: int, q: torch.Tensor, q_pos: torch.Tenso
         mask = causal_mask(q_pos, num_keys, state)
     elif isinstance(mask, AttnMask):
         mask = mask.dense
+    r = q.shape[1]
+    if 2 <= r <= FEW_ROWS:  # each row its own batch entry over the same (broadcast) keys: see FEW_ROWS
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[:, :, None], keys.expand(r, -1, -1, -1),
+                                             vals.expand(r, -1, -1, -1), attn_mask=mask[:, None, None],
+                                             scale=model.attn_scale, enable_gqa=True)  # [r, H, 1, D]
+        return out[:, :, 0].transpose(0, 1)[None]
     return F.scaled_dot_product_attention(q[None], keys, vals, attn_mask=mask[None, None],
                                           scale=model.attn_scale, enable_gqa=True)
 
@@ -100,7 +116,8 @@ def layer_out(model: DecoderModel, layer: int, state: KVState, h: torch.Tensor, 
     if last_only:
         h, q = h[-1:], q[:, -1:]
         q_pos = None if q_pos is None else q_pos[-1:]
-        mask = mask.last_row() if isinstance(mask, AttnMask) else (None if mask is None else mask[-1:])
+        if mask is not ALL_KEYS:
+            mask = mask.last_row() if isinstance(mask, AttnMask) else (None if mask is None else mask[-1:])
         if mask is None:
             mask = causal_mask(q_pos, num_keys, state)
         causal_prefix = False
@@ -154,9 +171,12 @@ def forward_tokens(model: DecoderModel, state: KVState, token_ids: Sequence[int]
     pos = torch.arange(start, start + t, device=model.device)
     cos, sin = rope_cos_sin(model.inv_freq, pos, model.dtype)
     last_only = num_logits is not None and num_logits <= 1  # the last layer computes the last row alone
+    mask = None  # start 0 without holes: plain causal attention
+    if start > 0 or state.has_holes():  # built once for every layer
+        mask = ALL_KEYS if t == 1 and not state.has_holes() else causal_mask(pos, start + t, state)
     h = run_layers(model, state, embed(model, token_ids), cos, sin, range(model.shape.num_layers),
-                   slice(start, start + t), pos, start + t, causal_prefix=start == 0, last_only=last_only,
-                   queries_out=queries_out)
+                   slice(start, start + t), pos, start + t, causal_prefix=start == 0, mask=mask,
+                   last_only=last_only, queries_out=queries_out)
     state.length = start + t
     if num_logits is not None:
         h = h[h.shape[0] - num_logits:] if num_logits else h[:0]

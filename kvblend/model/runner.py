@@ -2,7 +2,8 @@
 graphs (model/graphs.py), and runs tokens through the layer body of model/layers.py.
 
 Verbs:
-  forward(ids)            full prefill of a prompt into a new state (plain causal attention, every layer)
+  forward(ids)            full prefill of a prompt into a new state (every layer; on CUDA the plain loop or
+                          the captured padded computation, whichever was measured faster for its size)
   append(state, ids)      append tokens at state.length and return logits (chunk builds, drafters, probes)
   run_layers(...)         a set of query rows through layers first..L-1 (a blend's recompute set): plain,
                           padded (the captured computation, eagerly) or a CUDA graph replay
@@ -31,7 +32,7 @@ from kvblend.model.attention import AttnMask, build_mask, resolve_kernel, set_fl
 from kvblend.model.graphs import GraphCache
 from kvblend.model.hf import DecoderModel
 from kvblend.model.kv import MAX_PAD, KVArena, KVState, StaticKV, allocate_state
-from kvblend.model.layers import attn_mask, causal_mask, forward_tokens, run_layers
+from kvblend.model.layers import attn_mask, causal_mask, forward_tokens, lm_logits, run_layers
 from kvblend.model.steps import StepRunner
 from kvblend.model.rope import rope_cos_sin
 from kvblend.types import BlendStats, PrefillResult
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 KEY_BUCKET = 256  # key-count bucket of the padded recompute computation
 RECOMPUTE_PATHS = ("auto", "plain", "padded", "graph")
 MAX_GRAPH_TOKENS = 16  # decode / verification steps of up to this many tokens are captured
+FULL_GRAPH_MAX_ROWS = 8192  # longer prompts are compute-bound: the plain loop, no graph memory held
 
 
 def row_bucket(r: int) -> int:
@@ -145,6 +147,40 @@ def _padded_body(model: DecoderModel, full: KVState, first: int):
     return body
 
 
+@dataclass(slots=True)
+class FullRows:
+    """Static inputs of a captured full prefill: token ids padded to n_pad, RoPE tables, the last real row."""
+
+    ids: torch.Tensor  # [n_pad] long
+    cos: torch.Tensor  # [n_pad, D]
+    sin: torch.Tensor
+    last: torch.Tensor  # [1] long: n - 1
+    out: torch.Tensor  # [1, hidden]
+
+    @staticmethod
+    def empty(model: DecoderModel, n_pad: int) -> "FullRows":
+        dev = model.device
+        cos, sin = rope_cos_sin(model.inv_freq, torch.arange(n_pad, device=dev), model.dtype)
+        return FullRows(ids=torch.zeros(n_pad, dtype=torch.long, device=dev), cos=cos, sin=sin,
+                        last=torch.zeros(1, dtype=torch.long, device=dev),
+                        out=torch.zeros(1, model.shape.hidden_size, dtype=model.dtype, device=dev))
+
+    def fill(self, token_ids: Sequence[int]) -> None:
+        n = len(token_ids)
+        self.ids.zero_()
+        self.ids[:n].copy_(torch.tensor(list(token_ids), dtype=torch.long), non_blocking=True)
+        self.last.fill_(n - 1)
+
+
+def _full_body(model: DecoderModel, full: KVState):
+    def body(rows: FullRows) -> None:
+        n_pad = rows.ids.shape[0]
+        h = run_layers(model, full, model.embed_tokens(rows.ids), rows.cos, rows.sin,
+                       range(model.shape.num_layers), slice(0, n_pad), None, n_pad, causal_prefix=True)
+        rows.out.copy_(h.index_select(0, rows.last))
+    return body
+
+
 # ------------------------------------------------------------------------------------------ the runner
 class ModelRunner:
     """One per model: its static KV buffers, its graphs, the verbs of the module docstring."""
@@ -160,6 +196,7 @@ class ModelRunner:
         self.graphs = GraphCache(model, self.runtime.max_graphs)
         self.arena = KVArena(model, on_free=self._buffer_freed)
         self.lock = threading.Lock()  # one request at a time through the static buffers' graphs
+        self._full_paths: dict[int, str] = {}  # row bucket -> "graph" | "plain", measured (_choose_full_path)
 
     def _buffer_freed(self, buf: StaticKV) -> None:
         self.graphs.drop(lambda key: isinstance(key, tuple) and len(key) > 1 and key[1] == buf.id)
@@ -186,12 +223,65 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, token_ids: Sequence[int], extra_capacity: int = 0,
                 static: bool | None = None) -> tuple[KVState, torch.Tensor]:
-        """Full prefill: (state with room for extra_capacity more tokens, fp32 logits [V] of the last token)."""
+        """Full prefill: (state with room for extra_capacity more tokens, fp32 logits [V] of the last token).
+        In a static buffer with graphs, prompts of up to FULL_GRAPH_MAX_ROWS rows run captured (padded at the
+        end, causal attention: _full_captured) where that was measured faster for their size (_full_path)."""
         if not token_ids:
             raise ValueError("nothing to prefill: the prompt is empty")
         check_length(self.model, len(token_ids) + extra_capacity)
         state = self.new_state(len(token_ids) + extra_capacity, static)
+        path = self._full_path(state, len(token_ids))
+        if path == "auto":  # first prompt of this size: time both, keep the faster for the bucket
+            path = self._choose_full_path(state, token_ids)
+        if path in ("graph", "padded"):
+            return state, self._full_captured(state, token_ids, path)
         return state, forward_tokens(self.model, state, token_ids, num_logits=1)[-1]
+
+    def _full_path(self, state: KVState, n: int) -> str:
+        if state.buffer is None or row_bucket(n) > FULL_GRAPH_MAX_ROWS:
+            return "plain"
+        if not self.use_graphs:  # static_eager: the captured computation, eagerly (tests it on any device)
+            return "padded" if self.static_eager else "plain"
+        return self._full_paths.get(row_bucket(n), "auto")
+
+    def _full_captured(self, state: KVState, token_ids: Sequence[int], path: str = "graph") -> torch.Tensor:
+        """The full prefill as one captured computation per row bucket: the prompt padded at the end to
+        row_bucket(n) rows, plain causal attention over them (pad rows sit after every real row, so no real
+        row sees them; their K/V land in rows [n, n_pad), which decoding overwrites before it attends to
+        them); logits of row n - 1. path "padded": the same computation eagerly."""
+        n, model, buf = len(token_ids), self.model, state.buffer
+        n_pad = row_bucket(n)
+        make = lambda: FullRows.empty(model, n_pad)  # noqa: E731
+        g = self.graphs.get(("full", buf.id, n_pad), make, lambda: _full_body(model, buf.full)) \
+            if path == "graph" else None
+        io = g.io if g is not None else make()
+        io.fill(token_ids)
+        if g is not None:
+            g.replay()
+        else:
+            _full_body(model, buf.full)(io)
+        state.length = n
+        return lm_logits(model, io.out)[-1]
+
+    def _choose_full_path(self, state: KVState, token_ids: Sequence[int]) -> str:
+        """Time the plain layer loop and the captured computation on this prompt (after a warm-up call of
+        each) and keep the faster for its row bucket: a small model is launch-bound (the graph wins), a
+        large one may not be. Leaves the state prefilled by the plain loop (the caller runs the winner)."""
+        times = {}
+        for path in ("graph", "plain", "graph", "plain"):
+            state.length = 0
+            t0 = time.perf_counter()
+            if path == "graph":
+                self._full_captured(state, token_ids)
+            else:
+                forward_tokens(self.model, state, token_ids, num_logits=1)
+            times[path] = elapsed_ms(t0, self.model.device)
+        state.length = 0
+        best = min(times, key=times.get) if not self.graphs.failed else "plain"
+        self._full_paths[row_bucket(len(token_ids))] = best
+        log.info("%s: full prefill of %d rows: captured %.2f ms, plain %.2f ms: %s", self.model.name,
+                 row_bucket(len(token_ids)), times["graph"], times["plain"], best)
+        return best
 
     def full_prefill(self, prompt, extra_capacity: int = 0, static: bool | None = None) -> PrefillResult:
         """forward() of a prompt (PromptIds or token ids) as a PrefillResult (mode full), timed."""

@@ -8,7 +8,7 @@ of well-known checkpoints; `ModelShape.hf_config()` gives the kwargs of a transf
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kvblend.errors import ConfigError
 
@@ -31,6 +31,7 @@ class ModelShape:
     sliding_window: int | None = None
     name: str = ""
     rms_norm_eps: float = 1e-5
+    rope_scaling: tuple[tuple[str, float], ...] = ()  # extra rope_parameters (e.g. llama3's factor, ...)
 
     def hf_config(self) -> dict:
         """Keyword arguments of a transformers config of this shape (random-weight models for benchmarks)."""
@@ -39,7 +40,8 @@ class ModelShape:
                   head_dim=self.head_dim, intermediate_size=self.intermediate_size, vocab_size=self.vocab_size,
                   max_position_embeddings=self.max_position_embeddings,
                   tie_word_embeddings=self.tie_word_embeddings, rms_norm_eps=self.rms_norm_eps,
-                  rope_parameters={"rope_type": self.rope_type, "rope_theta": self.rope_theta})
+                  rope_parameters={"rope_type": self.rope_type, "rope_theta": self.rope_theta,
+                                   **dict(self.rope_scaling)})
         if self.model_type == "qwen2":
             kw["use_sliding_window"] = self.sliding_window is not None
         elif self.attention_bias:
@@ -58,7 +60,6 @@ PRESETS: dict[str, ModelShape] = {
     s.name: s
     for s in (
         _preset("llama-3-8b", "llama", 32, 4096, 32, 8, 128, 14336, 128256, False, False, 8192, 500000.0, 1e-5),
-        _preset("llama-3.1-8b", "llama", 32, 4096, 32, 8, 128, 14336, 128256, False, False, 131072, 500000.0, 1e-5),
         _preset("llama-3-70b", "llama", 80, 8192, 64, 8, 128, 28672, 128256, False, False, 8192, 500000.0, 1e-5),
         _preset("mistral-7b", "mistral", 32, 4096, 32, 8, 128, 14336, 32000, False, False, 32768, 1000000.0, 1e-5),
         _preset("qwen2.5-7b", "qwen2", 28, 3584, 28, 4, 128, 18944, 152064, False, True, 32768, 1000000.0, 1e-6),
@@ -70,6 +71,12 @@ PRESETS: dict[str, ModelShape] = {
         _preset("smollm2-135m-instruct", "llama", 30, 576, 9, 3, 64, 1536, 49152, True, False, 8192, 100000.0, 1e-5),
     )
 }
+# Llama-3.1-8B: 128K positions through llama3 RoPE scaling (its published config.json)
+PRESETS["llama-3.1-8b"] = replace(
+    _preset("llama-3.1-8b", "llama", 32, 4096, 32, 8, 128, 14336, 128256, False, False, 131072, 500000.0, 1e-5),
+    rope_type="llama3", rope_scaling=(("factor", 8.0), ("low_freq_factor", 1.0), ("high_freq_factor", 4.0),
+                                      ("original_max_position_embeddings", 8192)))
+PRESETS["llama3.1-8b"] = PRESETS["llama-3.1-8b"]
 PRESETS["smollm2-135m"] = PRESETS["smollm2-135m-instruct"]
 PRESETS["llama3-8b"] = PRESETS["llama-3-8b"]
 

@@ -52,19 +52,21 @@ class StepIO:
                       copied=torch.cuda.Event() if pinned else None)
 
 
-def _step_body(runner: "ModelRunner", full: KVState, t: int):
-    model = runner.model
-    key_pos = torch.arange(full.capacity, device=model.device)
+def _step_body(runner: "ModelRunner", buf, t: int):
+    """A step of t tokens over the static buffer `buf`: attends over its rows [0, buf.rows) (never the
+    scratch rows past them, which only padded prefill rows write)."""
+    model, full, num_keys = runner.model, buf.full, buf.rows
+    key_pos = torch.arange(num_keys, device=model.device)
     inv_freq = model.inv_freq.to(model.device, torch.float32)
 
     def body(io: StepIO) -> None:
         ids, start = io.inp[:t], io.inp[t:]
         pos = start + torch.arange(t, device=io.inp.device)
         cos, sin = rope_cos_sin(inv_freq, pos, model.dtype)
-        mask = (key_pos[None, :] <= pos[:, None]) & full.valid[None, :]  # [T, whole buffer]
+        mask = (key_pos[None, :] <= pos[:, None]) & full.valid[None, :num_keys]  # [T, buffer rows]
         queries: list[torch.Tensor] = []
         h = run_layers(model, full, embed(model, ids), cos, sin, range(model.shape.num_layers), pos, pos,
-                       full.capacity, mask=mask, queries_out=queries)
+                       num_keys, mask=mask, queries_out=queries)
         logits = lm_logits(model, h)
         io.logits.copy_(logits)
         io.best.copy_(logits.argmax(-1))
@@ -92,7 +94,7 @@ class StepRunner:
         if not t or buf is None or not (self.graphs or self.padded):
             return None, None
         if self.padded:
-            return StepIO.empty(self.runner, t, pinned=False), _step_body(self.runner, buf.full, t)
+            return StepIO.empty(self.runner, t, pinned=False), _step_body(self.runner, buf, t)
         if t > self.max_graph_tokens:
             return None, None
         before = self.runner.graphs.captures
@@ -101,7 +103,7 @@ class StepRunner:
             io.inp[t] = max(0, min(self.state.length, buf.rows - t))  # rewritten before anything reads them
         # the body (and its key-position / RoPE tables) is built only to capture, never per step
         g = self.runner.graphs.get(("step", buf.id, t), lambda: StepIO.empty(self.runner, t, pinned=True),
-                                   lambda: _step_body(self.runner, buf.full, t), prepare)
+                                   lambda: _step_body(self.runner, buf, t), prepare)
         if g is None:
             return None, None
         if self.runner.graphs.captures > before:

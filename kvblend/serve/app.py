@@ -11,13 +11,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kvblend.serve.protocol import ApiError, chunk_body, completion_body, parse_chat_request, sse
+from kvblend.serve.guard import Guard, GuardPolicy
+from kvblend.serve.protocol import ApiError, RequestLimits, chunk_body, completion_body, parse_chat_request, sse
 from kvblend.serve.worker import Job, QueueFull, Worker
 
 log = logging.getLogger(__name__)
 
 DISCONNECT_POLL_S = 0.2
-MAX_BODY_BYTES = 16 * 2**20
 
 
 def error_response(exc: ApiError) -> JSONResponse:
@@ -35,8 +35,18 @@ async def _next_event(job: Job, request: Request):
                 return None
 
 
-def create_app(worker: Worker, served_model: str) -> FastAPI:
+def create_app(worker: Worker, served_model: str, policy: GuardPolicy | None = None,
+               limits: RequestLimits | None = None) -> FastAPI:
+    """The routes behind the Guard (policy: default loopback Hosts, no keys, no cross-site Origins)."""
     app = FastAPI(title="kvblend", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(Guard, policy=policy or GuardPolicy(), count=worker.metrics.count_request)
+    _add_info_routes(app, worker, served_model)
+    _add_chat_route(app, worker, served_model, limits or RequestLimits(context_tokens=worker.context))
+    return app
+
+
+def _add_info_routes(app: FastAPI, worker: Worker, served_model: str) -> None:
+    """Error handlers, /health, /v1/models, /metrics."""
     metrics = worker.metrics
     started = int(time.time())
 
@@ -51,9 +61,14 @@ def create_app(worker: Worker, served_model: str) -> FastAPI:
         return error_response(ApiError(400, str(exc).splitlines()[0], code="invalid_value"))
 
     @app.get("/health")
-    async def health():
-        return {"status": "ok", "model": served_model, "queue_depth": worker.depth(),
-                "queue_capacity": worker.max_queue, "engine": worker.settings}
+    async def health(request: Request):
+        problem = metrics.store.get("disk_problem")
+        status = "degraded" if problem else "ok"
+        if not request.state.authenticated:  # open to everyone: says nothing else
+            return {"status": status}
+        return {"status": status, "model": served_model, "queue_depth": worker.depth(),
+                "queue_capacity": worker.max_queue, "engine": worker.settings,
+                "store": {"disk": problem or "ok"}}
 
     @app.get("/v1/models")
     async def models():
@@ -65,20 +80,22 @@ def create_app(worker: Worker, served_model: str) -> FastAPI:
         return PlainTextResponse(metrics.render(worker.depth(), worker.max_queue),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
+
+def _add_chat_route(app: FastAPI, worker: Worker, served_model: str, limits: RequestLimits) -> None:
+    metrics = worker.metrics
+
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        raw = await request.body()
+        raw = await request.body()  # the Guard read it, within its size limit
         try:
-            if len(raw) > MAX_BODY_BYTES:
-                raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes", code="request_too_large")
-            req = parse_chat_request(raw)
+            req = parse_chat_request(raw, limits)
             if req.model is not None and req.model != served_model:
                 raise ApiError(404, f"the model '{req.model}' does not exist; this server serves "
                                     f"'{served_model}' (GET /v1/models)", param="model", code="model_not_found")
         except ApiError as exc:
             metrics.count_request("bad_request")
             return error_response(exc)
-        job = Job(req, asyncio.get_running_loop())
+        job = Job(req, asyncio.get_running_loop(), tenant_salt=request.state.tenant_salt)
         try:
             worker.submit(job)
         except QueueFull as exc:
@@ -103,28 +120,29 @@ def create_app(worker: Worker, served_model: str) -> FastAPI:
                 extra["retrieved"] = payload["retrieved"]
             return JSONResponse(completion_body(req, served_model, payload["text"], payload["finish_reason"],
                                                 payload["usage"], extra))
-        return StreamingResponse(_stream(job, req), media_type="text/event-stream",
+        return StreamingResponse(_stream(job, req, served_model), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def _stream(job: Job, req):
-        try:
-            yield sse(chunk_body(req, served_model, {"role": "assistant", "content": ""}))
-            while True:
-                kind, payload = await job.events.get()
-                if kind == "delta":
-                    yield sse(chunk_body(req, served_model, {"content": payload}))
-                elif kind == "error":  # after the stream started: an error event, then [DONE]
-                    yield sse(payload.body())
-                    break
-                else:
-                    yield sse(chunk_body(req, served_model, {}, finish_reason=payload["finish_reason"]))
-                    if req.include_usage:
-                        yield sse(chunk_body(req, served_model, {}, usage=payload["usage"], with_choice=False))
-                    job.finished = True
-                    break
-            yield sse("[DONE]")
-        finally:
-            if not job.finished:
-                job.cancel()
 
-    return app
+async def _stream(job: Job, req, served_model: str):
+    """The SSE events of a streaming answer; the job is cancelled if the client leaves first."""
+    try:
+        yield sse(chunk_body(req, served_model, {"role": "assistant", "content": ""}))
+        while True:
+            kind, payload = await job.events.get()
+            if kind == "delta":
+                yield sse(chunk_body(req, served_model, {"content": payload}))
+            elif kind == "error":  # after the stream started: an error event, then [DONE]
+                yield sse(payload.body())
+                break
+            else:
+                yield sse(chunk_body(req, served_model, {}, finish_reason=payload["finish_reason"]))
+                if req.include_usage:
+                    yield sse(chunk_body(req, served_model, {}, usage=payload["usage"], with_choice=False))
+                job.finished = True
+                break
+        yield sse("[DONE]")
+    finally:
+        if not job.finished:
+            job.cancel()
+

@@ -37,7 +37,7 @@ class EngineReplica:
 
         from kvblend.config import EngineConfig
         from kvblend.engine import Engine
-        from kvblend.serve.worker import Worker
+        from kvblend.serve.worker import Worker, WorkerLimits
 
         if options.get("threads"):
             torch.set_num_threads(int(options["threads"]))
@@ -54,7 +54,8 @@ class EngineReplica:
 
             corpus = load_corpus(options["corpus"])
         self.worker = Worker(self.engine, ServerMetrics(), max_queue=options["max_queue"],
-                             default_max_tokens=options["default_max_tokens"], corpus=corpus)
+                             default_max_tokens=options["default_max_tokens"], corpus=corpus,
+                             limits=WorkerLimits(**options.get("limits", {})))
         self.worker.start()
         self._routes: OrderedDict[str, str] = OrderedDict()  # route id -> digest of its chunk
 
@@ -77,9 +78,9 @@ class EngineReplica:
         held = [rid for rid, d in list(self._routes.items()) if d in tiers["gpu"] or d in tiers["cpu"]]
         return {"held": held, "queue": self.worker.depth()}
 
-    async def answer(self, request, route_ids=()):
+    async def answer(self, request, route_ids=(), tenant_salt: str = ""):
         """The worker's events for one request: ("accepted" | "delta" | "done" | "error", payload)."""
-        job = Job(request, asyncio.get_running_loop())
+        job = Job(request, asyncio.get_running_loop(), tenant_salt=tenant_salt)
         try:
             self.worker.submit(job)
         except QueueFull as exc:
@@ -146,7 +147,8 @@ class RemoteWorker:
         from kvblend.serve.router import route_ids
 
         try:
-            async for kind, payload in self.handle.answer.remote(job.request, route_ids(job.request)):
+            ids = route_ids(job.request, job.tenant_salt)
+            async for kind, payload in self.handle.answer.remote(job.request, ids, job.tenant_salt):
                 if kind == "done":
                     self._observe(payload)
                 elif kind == "error":
@@ -179,22 +181,30 @@ class RemoteWorker:
 class Ingress:
     """The HTTP entry point (see the module docstring); its ASGI app is built once the constructor ran."""
 
-    async def __init__(self, engine, served_model: str | None, max_queue: int, replicas: int):
+    async def __init__(self, engine, served_model: str | None, max_queue: int, replicas: int, policy=None,
+                       request_limits: dict | None = None):
         info = await engine.info.remote()
         self.served = served_model or info["model"]
         self.worker = RemoteWorker(engine, info, max_queue, replicas)
+        self.policy = policy
+        self.request_limits = request_limits or {}
 
     def __serve_build_asgi_app__(self):
         from kvblend.serve.app import create_app
+        from kvblend.serve.protocol import RequestLimits
 
-        return create_app(self.worker, self.served)
+        limits = RequestLimits(**{**self.request_limits, "context_tokens": self.worker.context})
+        return create_app(self.worker, self.served, self.policy, limits)
 
 
 def build_app(config, replicas: int, *, served_model: str | None = None, max_queue: int = 64,
               default_max_tokens: int = 256, routing: str = "chunk", replica_cpus: float = 1.0,
-              replica_gpus: float = 0.0, corpus: str | None = None):
+              replica_gpus: float = 0.0, corpus: str | None = None, policy=None, request_limits: dict | None = None,
+              worker_limits: dict | None = None):
     """The Ray Serve application: the ingress bound to `replicas` engine replicas of EngineConfig `config`.
-    routing: "chunk" (ChunkAwareRouter) or "default" (Ray Serve's power of two choices)."""
+    routing: "chunk" (ChunkAwareRouter) or "default" (Ray Serve's power of two choices). policy: the ingress's
+    GuardPolicy (default: loopback Hosts, no keys); request_limits / worker_limits: RequestLimits / WorkerLimits
+    fields (kvblend/serve/protocol.py, worker.py), as the single-process server takes them."""
     from ray import serve
     from ray.serve.config import RequestRouterConfig
 
@@ -208,14 +218,15 @@ def build_app(config, replicas: int, *, served_model: str | None = None, max_que
               else RequestRouterConfig(**stats))
     options = {"max_queue": max_queue, "default_max_tokens": default_max_tokens, "corpus": corpus,
                "home": config.home or str(kvblend_home()),
-               "threads": None if replica_gpus else max(1, int(replica_cpus))}
+               "threads": None if replica_gpus else max(1, int(replica_cpus)), "limits": worker_limits or {}}
     engine = serve.deployment(name="kvblend-engine", num_replicas=replicas, max_ongoing_requests=max_queue,
                               ray_actor_options={"num_cpus": replica_cpus, "num_gpus": replica_gpus},
                               request_router_config=router)(EngineReplica)
     ingress = serve.deployment(name="kvblend-ingress", num_replicas=1,
                                max_ongoing_requests=max_queue * replicas + 16,
                                ray_actor_options={"num_cpus": 0})(serve.ingress()(Ingress))
-    return ingress.bind(engine.bind(config.as_dict(), options), served_model, max_queue * replicas, replicas)
+    return ingress.bind(engine.bind(config.as_dict(), options), served_model, max_queue * replicas, replicas,
+                        policy, request_limits)
 
 
 def deploy(app, host: str, port: int) -> str:

@@ -87,10 +87,10 @@ class ServerMetrics:
                 for labels, value in samples:
                     lines.append(f"{name}{labels} {value:g}" if isinstance(value, float) else f"{name}{labels} {value}")
 
-            outcomes = ("ok", "cancelled", "bad_request", "rejected_queue_full", "error")
+            outcomes = ("ok", "cancelled", "bad_request", "unauthorized", "forbidden", "rejected_queue_full", "error")
             metric("kvblend_requests_total", "counter",
-                   "chat completion requests by outcome (ok, cancelled: client left, bad_request: 4xx, "
-                   "rejected_queue_full: 429, error: 5xx)",
+                   "requests by outcome (ok, cancelled: client left, bad_request: 4xx, unauthorized: 401, "
+                   "forbidden: 403 Host / Origin, rejected_queue_full: 429, error: 5xx)",
                    [(_labels((("outcome", o),)), self.requests[(("outcome", o),)]) for o in outcomes])
             metric("kvblend_tokens_total", "counter",
                    "tokens served: prompt, completion, chunk (prompt tokens in chunks), recomputed (prefilled "
@@ -109,28 +109,42 @@ class ServerMetrics:
             metric("kvblend_queue_capacity", "gauge", "--max-queue", [("", queue_capacity)])
             metric("kvblend_requests_running", "gauge", "requests the worker is answering (0 or 1)",
                    [("", self.running)])
-            stats = self.store.get("stats", {})
-            hits = stats.get("hits", {})
-            metric("kvblend_store_hits_total", "counter", "chunk store lookups answered from a tier",
-                   [(_labels((("tier", t),)), int(hits.get(t, 0))) for t in HIT_TIERS])
-            metric("kvblend_store_misses_total", "counter", "chunks not in the store (prefilled and stored)",
-                   [("", int(stats.get("misses", 0)))])
-            metric("kvblend_store_corrupt_total", "counter", "stored chunks that failed verification (rebuilt)",
-                   [("", int(stats.get("corrupt", 0)))])
-            ev = stats.get("evictions", {})
-            metric("kvblend_store_evictions_total", "counter", "chunks evicted from a tier",
-                   [(_labels((("tier", t),)), int(ev.get(t, 0))) for t in ("gpu", "cpu", "disk")])
-            used = self.store.get("used_bytes", {})
-            metric("kvblend_store_bytes", "gauge", "bytes of chunk KV held per tier",
-                   [(_labels((("tier", t),)), int(used.get(t, 0))) for t in ("gpu", "cpu", "disk")])
-            budget = self.store.get("budget_bytes", {})
-            metric("kvblend_store_budget_bytes", "gauge", "byte budget per tier",
-                   [(_labels((("tier", t),)), int(budget.get(t, 0))) for t in ("gpu", "cpu", "disk")])
-            chunks = self.store.get("num_chunks", {})
-            metric("kvblend_store_chunks", "gauge", "chunks held per tier",
-                   [(_labels((("tier", t),)), int(chunks.get(t, 0))) for t in ("gpu", "cpu", "disk")])
-            remote_lines(metric, self.store.get("remote"))
+            self._store_metrics(metric)
             return "\n".join(lines) + "\n"
+
+    def _store_metrics(self, metric) -> None:
+        """The chunk store's figures, as last published by the worker (caller holds the lock)."""
+        stats = self.store.get("stats", {})
+        hits = stats.get("hits", {})
+        metric("kvblend_store_hits_total", "counter", "chunk store lookups answered from a tier",
+               [(_labels((("tier", t),)), int(hits.get(t, 0))) for t in HIT_TIERS])
+        metric("kvblend_store_misses_total", "counter", "chunks not in the store (prefilled and stored)",
+               [("", int(stats.get("misses", 0)))])
+        metric("kvblend_store_corrupt_total", "counter", "stored chunks that failed verification (rebuilt)",
+               [("", int(stats.get("corrupt", 0)))])
+        metric("kvblend_store_disk_write_errors_total", "counter",
+               "chunks the disk could not take (full, quota, read-only): kept on the memory tiers only",
+               [("", int(stats.get("disk_write_errors", 0)))])
+        metric("kvblend_store_disk_ok", "gauge", "1 while the disk takes chunk writes, 0 while it does not",
+               [("", 0 if self.store.get("disk_problem") else 1)])
+        metric("kvblend_store_leftovers_removed_total", "counter",
+               "files of dead writers (temp files, tensors without a sidecar) removed at start-up",
+               [("", int(stats.get("leftovers_removed", 0)))])
+        metric("kvblend_store_expired_total", "counter", "chunks removed for being unused longer than --store-ttl",
+               [("", int(stats.get("expired", 0)))])
+        ev = stats.get("evictions", {})
+        metric("kvblend_store_evictions_total", "counter", "chunks evicted from a tier",
+               [(_labels((("tier", t),)), int(ev.get(t, 0))) for t in ("gpu", "cpu", "disk")])
+        used = self.store.get("used_bytes", {})
+        metric("kvblend_store_bytes", "gauge", "bytes of chunk KV held per tier",
+               [(_labels((("tier", t),)), int(used.get(t, 0))) for t in ("gpu", "cpu", "disk")])
+        budget = self.store.get("budget_bytes", {})
+        metric("kvblend_store_budget_bytes", "gauge", "byte budget per tier",
+               [(_labels((("tier", t),)), int(budget.get(t, 0))) for t in ("gpu", "cpu", "disk")])
+        chunks = self.store.get("num_chunks", {})
+        metric("kvblend_store_chunks", "gauge", "chunks held per tier",
+               [(_labels((("tier", t),)), int(chunks.get(t, 0))) for t in ("gpu", "cpu", "disk")])
+        remote_lines(metric, self.store.get("remote"))
 
 
 def remote_lines(metric, remote: dict | None) -> None:

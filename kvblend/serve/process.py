@@ -26,7 +26,8 @@ class ServerProcess:
 
     def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None,
                  host: str = "127.0.0.1", port: int | None = None, startup_timeout_s: float = 300.0,
-                 wait: bool = True):
+                 wait: bool = True, preexec_fn=None):
+        """preexec_fn: run in the child before it starts (e.g. resource limits of a test)."""
         self.host = host
         self.port = port or free_port(host)
         self.url = f"http://{host}:{self.port}"
@@ -35,7 +36,7 @@ class ServerProcess:
         cmd = [sys.executable, "-m", "kvblend.cli", "serve", "--host", host, "--port", str(self.port), *args]
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env={**os.environ, **(env or {})})
+                                     env={**os.environ, **(env or {})}, preexec_fn=preexec_fn)
         self.startup_timeout_s = startup_timeout_s
         if wait:
             self.wait_ready()

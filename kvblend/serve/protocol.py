@@ -18,6 +18,7 @@ from typing import Any
 from kvblend.vocab import MODES
 
 MAX_STOP_SEQUENCES = 4
+MAX_CACHE_SALT_CHARS = 256
 # fields that change what the model must produce and that kvblend does not implement: refused, not ignored
 UNSUPPORTED_IF_SET = {
     "logprobs": lambda v: v not in (None, False),
@@ -42,8 +43,8 @@ class ApiError(Exception):
         self.message = message
         self.param = param
         self.code = code
-        self.type = type_ or {400: "invalid_request_error", 404: "invalid_request_error",
-                              429: "rate_limit_error"}.get(status, "server_error")
+        self.type = type_ or ("rate_limit_error" if status == 429 else
+                              "invalid_request_error" if 400 <= status < 500 else "server_error")
         self.headers = headers or {}
 
     def body(self) -> dict:
@@ -55,6 +56,59 @@ class ApiError(Exception):
 
 def bad(message: str, param: str | None = None, code: str | None = "invalid_value") -> ApiError:
     return ApiError(400, message, param=param, code=code)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """What one request may ask for, checked before anything is tokenised. Characters bound the tokeniser's
+    work: a text of more characters than tokens x MAX_CHARS_PER_TOKEN is refused unread (no tokenizer this project
+    serves averages that many characters per token on text that fits); token counts are checked after."""
+
+    max_documents: int = 64
+    max_document_tokens: int = 4096
+    context_tokens: int = 8192  # the model's context: bounds the characters of the messages
+    max_json_depth: int = 32
+
+    MAX_CHARS_PER_TOKEN = 16
+
+    @property
+    def max_document_chars(self) -> int:
+        return self.max_document_tokens * self.MAX_CHARS_PER_TOKEN
+
+    @property
+    def max_message_chars(self) -> int:
+        return self.context_tokens * self.MAX_CHARS_PER_TOKEN
+
+
+def _scalar_problem(value: Any, path: str) -> str | None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return f"'{path or 'body'}' holds invalid Unicode (a lone surrogate at character {exc.start}); send UTF-8 text"
+    return None
+
+
+def check_json_tree(body: Any, max_depth: int) -> None:
+    """400 for a body nested deeper than max_depth or holding a string that is not valid Unicode (a lone
+    surrogate such as \\ud800, which JSON can spell but no tokenizer takes). Iterative: no recursion limit."""
+    stack = [(body, "", 1)]
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > max_depth:
+                raise bad(f"request body is nested deeper than {max_depth} levels (at '{path}')", None, "too_deep")
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for k, v in items:
+                problem = _scalar_problem(k, path)
+                if problem:
+                    raise bad(problem, path or None, "invalid_unicode")
+                stack.append((v, f"{path}.{k}" if isinstance(k, str) and path else
+                              (k if isinstance(k, str) else f"{path}[{k}]"), depth + 1))
+        else:
+            problem = _scalar_problem(value, path)
+            if problem:
+                raise bad(problem, path or None, "invalid_unicode")
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +137,7 @@ class ChatRequest:
     include_usage: bool = False
     mode: str | None = None
     ratio: float | None = None
+    cache_salt: str = ""  # the caller's isolation salt ("": the shared namespace)
     request_id: str = field(default_factory=lambda: "chatcmpl-" + uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -178,12 +233,15 @@ def _messages(body: dict) -> tuple[str, str]:
     return "\n".join(system), history + turns[-1][1]
 
 
-def _documents(body: dict) -> tuple[Document, ...] | None:
+def _documents(body: dict, limits: RequestLimits) -> tuple[Document, ...] | None:
     docs = body.get("documents")
     if docs is None:
         return None
     if not isinstance(docs, list):
         raise bad(f"'documents' must be an array, got {_type_name(docs)}", "documents", "invalid_type")
+    if len(docs) > limits.max_documents:
+        raise bad(f"'documents' holds {len(docs)} documents; this server takes at most {limits.max_documents} per "
+                  f"request (--max-documents)", "documents", "too_many_documents")
     out = []
     for i, d in enumerate(docs):
         param = f"documents[{i}]"
@@ -199,6 +257,10 @@ def _documents(body: dict) -> tuple[Document, ...] | None:
                       "invalid_type")
         if not text.strip():
             raise bad(f"'{param}' is empty", param)
+        if len(text) + len(title) > limits.max_document_chars:
+            raise bad(f"'{param}' has {len(text) + len(title)} characters, more than any document of at most "
+                      f"{limits.max_document_tokens} tokens (--max-document-tokens); split it", param,
+                      "document_too_long")
         out.append(Document(text=text, title=title))
     return tuple(out)
 
@@ -217,14 +279,34 @@ def _stop(body: dict) -> tuple[str, ...]:
     return tuple(stops)
 
 
-def parse_chat_request(raw: bytes) -> ChatRequest:
-    """Validate a /v1/chat/completions body; ApiError(400) naming the first bad field."""
+def _load_json(raw: bytes, limits: RequestLimits) -> dict:
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise bad(f"request body is not valid JSON ({exc})", None, "invalid_json") from None
+    except RecursionError:
+        raise bad(f"request body is nested deeper than {limits.max_json_depth} levels", None, "too_deep") from None
+    check_json_tree(body, limits.max_json_depth)
     if not isinstance(body, dict):
         raise bad(f"request body must be a JSON object, got {_type_name(body)}", None, "invalid_type")
+    return body
+
+
+def _cache_salt(body: dict) -> str:
+    salt = body.get("cache_salt")
+    if salt is None:
+        return ""
+    if not isinstance(salt, str) or not salt or len(salt) > MAX_CACHE_SALT_CHARS:
+        raise bad(f"'cache_salt' must be a non-empty string of at most {MAX_CACHE_SALT_CHARS} characters",
+                  "cache_salt", "invalid_value")
+    return salt
+
+
+def parse_chat_request(raw: bytes, limits: RequestLimits | None = None) -> ChatRequest:
+    """Validate a /v1/chat/completions body; ApiError(400) naming the first bad field. Nothing here tokenises:
+    limits bound what the worker will tokenise."""
+    limits = limits or RequestLimits()
+    body = _load_json(raw, limits)
     for name, is_set in UNSUPPORTED_IF_SET.items():
         if is_set(body.get(name)):
             raise bad(f"'{name}' is not supported by kvblend serve", name, "unsupported_parameter")
@@ -235,6 +317,10 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
     if n is not None and n != 1:
         raise bad(f"'n' must be 1 (one choice per request), got {n}", "n", "unsupported_parameter")
     system, query = _messages(body)
+    if len(system) + len(query) > limits.max_message_chars:
+        raise bad(f"the messages have {len(system) + len(query)} characters, more than this model's context of "
+                  f"{limits.context_tokens} tokens can hold; send a shorter conversation", "messages",
+                  "context_length_exceeded")
     max_tokens = _int(body, "max_completion_tokens", "max_completion_tokens", 1)
     if max_tokens is None:
         max_tokens = _int(body, "max_tokens", "max_tokens", 1)
@@ -244,7 +330,7 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
     stream = _bool(body, "stream", "stream")
     options = _object(body, "stream_options", "stream_options")
     include_usage = _bool(options, "include_usage", "stream_options.include_usage")
-    documents = _documents(body)
+    documents = _documents(body, limits)
     retrieval = body.get("retrieval")
     top_k = None
     if retrieval is not None:
@@ -263,7 +349,7 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
         model=model, system=system, query=query, documents=documents, retrieval_top_k=top_k,
         max_tokens=max_tokens, temperature=_number(body, "temperature", 0.0, 2.0, 1.0),
         top_p=_number(body, "top_p", 0.0, 1.0, 1.0, lo_open=True), seed=seed, stop=_stop(body), stream=stream,
-        include_usage=include_usage, mode=mode, ratio=ratio,
+        include_usage=include_usage, mode=mode, ratio=ratio, cache_salt=_cache_salt(body),
     )
 
 

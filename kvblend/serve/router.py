@@ -1,9 +1,9 @@
 """ChunkAwareRouter: a Ray Serve request router that sends a request to the engine replica already holding its
 chunks in memory (GPU / CPU tiers), balanced against queue length; requests without documents go round-robin.
 
-Route ids: one per document of a request, a hash of the prompt's system text and the document (a chunk's store key
-depends on both: kvblend/kvstore/key.py, the chunk context), computed alike by the ingress (route_ids) and the
-replica, which does not need a tokenizer at the ingress. Each engine replica maps the route ids it answered to the
+Route ids: one per document of a request, a hash of the prompt's system text, the document and the request's cache
+salts (a chunk's store key depends on all three: kvblend/kvstore/key.py, the chunk context, the salt), computed by
+the ingress (route_ids), which needs no tokenizer. Each engine replica maps the route ids it answered to the
 store digests of their chunks and reports, as its routing stats (`record_routing_stats`, polled by Ray Serve every
 `request_routing_stats_period_s`), the route ids whose chunks are resident on its GPU or CPU tier now. Between two
 polls the router also counts the documents it sent to a replica in the last RECENT_S seconds (that replica is
@@ -28,13 +28,14 @@ log = logging.getLogger(__name__)
 RECENT_S = 5.0  # documents sent to a replica count as held there for this long (until its stats show them)
 
 
-def route_ids(request: Any) -> tuple[str, ...]:
-    """One id per document of a ChatRequest (system text + title + text); () without documents."""
+def route_ids(request: Any, tenant_salt: str = "") -> tuple[str, ...]:
+    """One id per document of a ChatRequest (system text + title + text + salts); () without documents."""
     docs = getattr(request, "documents", None) or ()
+    salt = "\x00".join(s for s in (tenant_salt, getattr(request, "cache_salt", "")) if s)
     out = []
     for d in docs:
         h = hashlib.blake2b(digest_size=12)
-        for part in (request.system, d.title, d.text):
+        for part in (request.system, d.title, d.text, salt):
             h.update(part.encode())
             h.update(b"\0")
         out.append(h.hexdigest())

@@ -33,6 +33,7 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = field(default_factory=time.perf_counter)
     finished: bool = False
+    tenant_salt: str = ""  # the caller's API-key salt (--salt-per-key), joined with the request's cache_salt
 
     def emit(self, kind: str, payload: Any) -> None:
         try:
@@ -44,6 +45,19 @@ class Job:
         self.cancelled.set()
 
 
+class _Cancelled(Exception):
+    """The client left while its request was being prepared (raised before a chunk build)."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerLimits:
+    max_document_tokens: int = 4096  # --max-document-tokens
+    max_build_s: float = 30.0  # --max-build-seconds: chunk builds one request may take
+    trust_messages: bool = False  # --trust-message-special-tokens: parse special tokens in messages
+    store_ttl_s: float | None = None  # --store-ttl: chunks unused this long are removed
+    ttl_check_every_s: float = 10.0
+
+
 class QueueFull(Exception):
     def __init__(self, retry_after_s: int):
         super().__init__(f"queue full; retry after {retry_after_s} s")
@@ -52,8 +66,10 @@ class QueueFull(Exception):
 
 class Worker:
     def __init__(self, engine, metrics: ServerMetrics, max_queue: int, default_max_tokens: int = 256,
-                 corpus=None):
+                 corpus=None, limits: WorkerLimits | None = None):
         self.engine = engine
+        self.limits = limits or WorkerLimits()
+        self._ttl_checked = 0.0
         self.metrics = metrics
         self.max_queue = max_queue
         self.default_max_tokens = default_max_tokens
@@ -68,6 +84,7 @@ class Worker:
                                                     "select_first_tokens", "select_layers", "chat_template",
                                                     "gpu_budget", "cpu_budget", "disk_budget") if hasattr(c, k)}
         self.settings.update(dtype=str(engine.model.dtype).removeprefix("torch."), device=str(engine.model.device))
+        self._expire()
         metrics.publish_store(engine.store.summary())
 
     # HTTP side ----------------------------------------------------------------------------------------
@@ -107,6 +124,8 @@ class Worker:
                 self.metrics.set_running(1)
                 try:
                     self._answer(job)
+                except _Cancelled:
+                    self.metrics.count_request("cancelled")
                 except ApiError as exc:
                     self.metrics.count_request("bad_request" if exc.status < 500 else "error")
                     job.emit("error", exc)
@@ -119,7 +138,18 @@ class Worker:
                 finally:
                     self.metrics.set_running(0)
                     self._service_s = (self._service_s + [time.perf_counter() - t0])[-64:]
+                    self._expire()
                     self.metrics.publish_store(self.engine.store.summary())
+
+    def _expire(self) -> None:
+        """--store-ttl: remove the chunks unused for longer (at most every ttl_check_every_s)."""
+        ttl = self.limits.store_ttl_s
+        if ttl is None or time.monotonic() - self._ttl_checked < self.limits.ttl_check_every_s:
+            return
+        self._ttl_checked = time.monotonic()
+        removed = self.engine.store.expire(ttl)
+        if removed:
+            log.info("store TTL %g s: %d unused chunks removed", ttl, removed)
 
     def _documents(self, req: ChatRequest) -> tuple[Document, ...]:
         if req.documents is not None:
@@ -131,16 +161,19 @@ class Worker:
                            param="retrieval", code="no_corpus")
         return tuple(self.corpus.search(req.query, req.retrieval_top_k))
 
-    def _prepare(self, req: ChatRequest):
-        """(documents, chunk texts, prompt, sampling, mode, ratio) of a request; ApiError when it does not fit."""
-        from kvblend.generation.sampling import SamplingParams
-
-        engine = self.engine
+    def _prepare(self, job: Job):
+        """(documents, chunk texts, prompt, max_tokens) of a job; ApiError(400) for what does not fit."""
+        req = job.request
         docs = self._documents(req)
         # a string document is one chunk followed by a blank line, as the pipeline's passage template does
         texts = [d.text if d.doc_id else (f"{d.title}\n\n{d.text}\n\n" if d.title else f"{d.text}\n\n")
                  for d in docs]
-        prompt = engine.prompt(req.system, texts, req.query)
+        prompt = self.engine.prompt(req.system, texts, req.query, trust_messages=self.limits.trust_messages)
+        for i, ids in enumerate(prompt.chunk_ids):
+            if len(ids) > self.limits.max_document_tokens:
+                raise ApiError(400, f"'documents[{i}]' has {len(ids)} tokens; this server takes documents of at "
+                                    f"most {self.limits.max_document_tokens} tokens (--max-document-tokens); split "
+                                    f"it", param=f"documents[{i}]", code="document_too_long")
         room = self.context - prompt.num_tokens
         if req.max_tokens is not None and req.max_tokens > room or room < 1:
             asked = req.max_tokens or 1
@@ -148,21 +181,88 @@ class Worker:
                                 f"{prompt.num_tokens} tokens and {asked} completion tokens were asked for; "
                                 f"send fewer or shorter documents or lower max_tokens",
                            param="messages", code="context_length_exceeded")
-        max_tokens = req.max_tokens or min(self.default_max_tokens, room)
+        return docs, texts, prompt, req.max_tokens or min(self.default_max_tokens, room)
+
+    def _build_guard(self, job: Job):
+        """Called before each chunk build: stops the request once its builds passed the budget of build time
+        (the chunks built so far stay stored, so a resend goes on from there), or when its client left."""
+        started, built = time.perf_counter(), [0]
+        budget = self.limits.max_build_s
+
+        def check() -> None:
+            if job.cancelled.is_set():
+                raise _Cancelled()
+            spent = time.perf_counter() - started
+            if built[0] and spent > budget:  # one build per request always runs: a resend makes progress
+                raise ApiError(503, f"building this request's new documents took over the budget of {budget:g} s "
+                                    f"(--max-build-seconds); the {built[0]} built so far are stored: resend the "
+                                    f"request to go on, or send fewer new documents",
+                               code="build_budget_exceeded", headers={"Retry-After": "1"})
+            built[0] += 1
+
+        return check
+
+    def _on_token(self, job: Job, stop_text: StopText, stopped_by: list[str]):
+        req, tokenizer, tokens = job.request, self.engine.model.tokenizer, []
+
+        def on_token(token: int) -> bool:
+            if job.cancelled.is_set():
+                stopped_by.append("cancelled")
+                return True
+            if not (req.stream or req.stop):
+                return False
+            tokens.append(token)
+            delta, hit = stop_text.update(tokenizer.decode(tokens, skip_special_tokens=True))
+            if delta and req.stream:
+                job.emit("delta", delta)
+            if hit:
+                stopped_by.append("stop")
+            return hit
+
+        return on_token
+
+    def _answer(self, job: Job) -> None:
+        from kvblend.generation.sampling import SamplingParams
+
+        req, engine = job.request, self.engine
+        queue_s = time.perf_counter() - job.enqueued_at
+        docs, texts, prompt, max_tokens = self._prepare(job)
         seed = req.seed if req.seed is not None else random.randrange(2**31)
         sampling = SamplingParams(max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                                   stop_on_newline=False, seed=seed)
         mode = req.mode or engine.config.mode
         ratio = engine.config.ratio if req.ratio is None else req.ratio
-        return docs, texts, prompt, sampling, mode, ratio
+        salt = "\x00".join(s for s in (job.tenant_salt, req.cache_salt) if s)
+        job.emit("accepted", {"prompt_tokens": prompt.num_tokens})
+        before = engine.store.summary()["stats"]
+        stop_text, stopped_by = StopText(req.stop), []
+        out = engine.answer(prompt, texts, mode=mode, ratio=ratio, sampling=sampling, salt=salt,
+                            on_token=self._on_token(job, stop_text, stopped_by), on_build=self._build_guard(job))
+        if stopped_by and stopped_by[0] == "cancelled":
+            self.metrics.count_request("cancelled")
+            return
+        delta, text = stop_text.finish(out.text)
+        if delta and req.stream:
+            job.emit("delta", delta)
+        usage = self._usage(prompt, out, mode, ratio, before, queue_s)
+        finish = "length" if out.stop_reason == "length" and not stop_text.stopped else "stop"
+        retrieved = [{"id": d.doc_id, "title": d.title, "score": d.score} for d in docs if d.doc_id]
+        self.metrics.count_request("ok")
+        self.metrics.publish_store(engine.store.summary())  # before the client can see the answer
+        job.emit("done", {"text": text, "finish_reason": finish, "usage": usage,
+                          "retrieved": retrieved, "token_ids": list(out.token_ids),
+                          "chunk_digests": [k.digest for k in engine.keys(prompt, salt=salt)]})  # cluster router
 
-    @staticmethod
-    def _usage(prompt, out, mode: str, ratio: float, before: dict, after: dict, queue_s: float) -> dict:
-        """The response's usage object, kvblend's per-request figures under "kvblend"."""
+    def _usage(self, prompt, out, mode: str, ratio: float, before: dict, queue_s: float) -> dict:
+        """The OpenAI usage object with kvblend's figures; the request's latencies and tokens go to the metrics."""
+        after = self.engine.store.summary()["stats"]
         hits = {t: after["hits"].get(t, 0) - before["hits"].get(t, 0) for t in HIT_TIERS}
         stats = out.blend
         chunk_tokens = sum(len(c) for c in prompt.chunk_ids)
         recomputed = stats.num_recomputed if stats is not None else prompt.num_tokens
+        self.metrics.observe_request(out.ttft_ms / 1e3, out.tpot_ms / 1e3 if out.token_ms else None, queue_s,
+                                     {"prompt": prompt.num_tokens, "completion": len(out.token_ids),
+                                      "chunk": chunk_tokens, "recomputed": recomputed})
         return {
             "prompt_tokens": prompt.num_tokens, "completion_tokens": len(out.token_ids),
             "total_tokens": prompt.num_tokens + len(out.token_ids),
@@ -179,48 +279,3 @@ class Worker:
                 "queue_ms": round(queue_s * 1e3, 3),
             },
         }
-
-    def _answer(self, job: Job) -> None:
-        req, engine = job.request, self.engine
-        queue_s = time.perf_counter() - job.enqueued_at
-        docs, texts, prompt, sampling, mode, ratio = self._prepare(req)
-        job.emit("accepted", {"prompt_tokens": prompt.num_tokens})
-        before = engine.store.summary()["stats"]
-        tokenizer = engine.model.tokenizer
-        stop_text = StopText(req.stop)
-        tokens: list[int] = []
-        stopped_by: list[str] = []
-
-        def on_token(token: int) -> bool:
-            if job.cancelled.is_set():
-                stopped_by.append("cancelled")
-                return True
-            if not (req.stream or req.stop):
-                return False
-            tokens.append(token)
-            delta, hit = stop_text.update(tokenizer.decode(tokens, skip_special_tokens=True))
-            if delta and req.stream:
-                job.emit("delta", delta)
-            if hit:
-                stopped_by.append("stop")
-            return hit
-
-        out = engine.answer(prompt, texts, mode=mode, ratio=ratio, sampling=sampling, on_token=on_token)
-        if stopped_by and stopped_by[0] == "cancelled":
-            self.metrics.count_request("cancelled")
-            return
-        delta, text = stop_text.finish(out.text)
-        if delta and req.stream:
-            job.emit("delta", delta)
-        usage = self._usage(prompt, out, mode, ratio, before, engine.store.summary()["stats"], queue_s)
-        finish = "length" if out.stop_reason == "length" and not stop_text.stopped else "stop"
-        retrieved = [{"id": d.doc_id, "title": d.title, "score": d.score} for d in docs if d.doc_id]
-        kv = usage["kvblend"]
-        self.metrics.observe_request(out.ttft_ms / 1e3, out.tpot_ms / 1e3 if out.token_ms else None, queue_s,
-                                     {"prompt": prompt.num_tokens, "completion": len(out.token_ids),
-                                      "chunk": kv["chunk_tokens"], "recomputed": kv["recomputed_tokens"]})
-        self.metrics.count_request("ok")
-        self.metrics.publish_store(engine.store.summary())  # before the client can see the answer
-        job.emit("done", {"text": text, "finish_reason": finish, "usage": usage, "retrieved": retrieved,
-                          "token_ids": list(out.token_ids),
-                          "chunk_digests": [k.digest for k in engine.keys(prompt)]})  # for the cluster router
