@@ -64,6 +64,8 @@ def _add_pipeline_args(p: argparse.ArgumentParser, mode: bool = False) -> None:
     p.add_argument("--no-prefetch", dest="prefetch", action="store_const", const=False, default=None,
                    help="decode/run with --start-tier disk: do not read the next sample's chunks into the CPU tier "
                         "while one decodes (every sample's TTFT then truly cold)")
+    p.add_argument("--remote-store", dest="remote_store", default=None,
+                   help="redis://HOST:PORT[/DB]: a Redis / Valkey server as a shared chunk tier behind local disk")
     p.add_argument("--gpu-budget", dest="gpu_budget", default=None, help="e.g. 4GiB")
     p.add_argument("--cpu-budget", dest="cpu_budget", default=None)
     p.add_argument("--ratio", type=_ratio, default=None, help="blend recompute ratio (default 0.15)")
@@ -106,7 +108,7 @@ PIPELINE_FLAGS = ("model", "dtype", "device", "dataset", "limit", "seed", "top_k
                   "retrieval_scope", "results_dir", "gpu_chunks", "start_tier", "warm_ttft", "prefetch", "gpu_budget",
                   "cpu_budget", "ratio", "max_new_tokens", "max_context_tokens", "mode", "chunk_sink", "score_on",
                   "select_first_tokens", "select_layers", "drafter", "draft_model", "proxy", "promote_threshold",
-                  "spec_k")
+                  "spec_k", "remote_store")
 
 
 def _config_from_args(args: argparse.Namespace):

@@ -44,6 +44,36 @@ def format_bytes(n: float) -> str:
     raise AssertionError
 
 
+REMOTE_SCHEMES = ("redis", "rediss", "unix")  # what the redis client reads; a Valkey server speaks the same protocol
+
+
+def check_remote_url(url: str) -> str:
+    """The remote store URL if it reads as redis://HOST:PORT[/DB] (rediss://, unix:///path too) or is
+    empty; ConfigError otherwise. Whether a server answers there is the remote tier's business."""
+    from urllib.parse import urlsplit
+
+    if not url:
+        return url
+    what = f"remote_store: expected redis://HOST:PORT[/DB], got {url!r}"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError for a bad port)
+    except ValueError:
+        raise ConfigError(what + " (bad port)") from None
+    if parts.scheme not in REMOTE_SCHEMES:
+        raise ConfigError(what + f" (scheme must be {_alts(REMOTE_SCHEMES)})")
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ConfigError(what + " (unix:// needs a socket path)")
+        return url
+    if not parts.hostname:
+        raise ConfigError(what + " (no host)")
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        raise ConfigError(what + f" (database '{db}' is not a number)")
+    return url
+
+
 @dataclass(frozen=True, slots=True)
 class SelectionPolicy:
     """How a blended prefill picks the chunk tokens it recomputes (kvblend/fusion/select.py): the signal,
@@ -157,6 +187,9 @@ class EngineConfig:
     cpu_budget: str = "16GiB"
     disk_budget: str = "50GiB"  # capped by the filesystem's free space at run time
     store_text: bool = False  # keep each chunk's text in its sidecar (default: token ids and a hash only)
+    remote_store: str = ""  # redis://HOST:PORT[/DB] (Redis or Valkey): the chunk tier shared by processes and replicas; "" = none
+    remote_budget: str = "64GiB"  # bytes of chunk KV the remote tier may hold (least recently used evicted)
+    remote_ttl: int = 604800  # seconds an unused remote chunk lives (0 = no expiry)
     gpu_chunks: int = 2  # chunks resident on the GPU tier (best by retrieval score); the rest are CPU placeholders
     start_tier: str = "cpu"  # tier every chunk is staged on before each timed answer of a comparison: gpu | cpu | disk
     warm_ttft: bool = True  # decode/run: also time each first token with the chunks GPU-resident (a 2nd prefill)
@@ -228,8 +261,11 @@ class EngineConfig:
              f"retrieval_mode: expected {_alts(RETRIEVAL_MODES)}, got {self.retrieval_mode!r}")
         need(self.retrieval_scope in RETRIEVAL_SCOPES,
              f"retrieval_scope: expected {_alts(RETRIEVAL_SCOPES)}, got {self.retrieval_scope!r}")
-        for name in ("gpu_budget", "cpu_budget", "disk_budget"):
+        for name in ("gpu_budget", "cpu_budget", "disk_budget", "remote_budget"):
             parse_bytes(getattr(self, name), name)
+        check_remote_url(self.remote_store)
+        need(isinstance(self.remote_ttl, int) and self.remote_ttl >= 0,
+             f"remote_ttl: expected an integer >= 0 (seconds; 0 = no expiry), got {self.remote_ttl!r}")
         try:
             self.runtime
         except ValueError as exc:

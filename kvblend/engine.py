@@ -94,6 +94,7 @@ class Engine:
             home / "chunks" / safe / dtype_name(self.model.dtype),
             gpu_budget_bytes=config.budget_bytes("gpu"), cpu_budget_bytes=config.budget_bytes("cpu"),
             disk_budget_bytes=config.budget_bytes("disk"), device=self.model.device, model_name=self.model.name,
+            remote=self._remote_tier(config),
             store_text=config.store_text, chunk_shape=(self.model.shape.num_layers, self.model.shape.num_kv_heads,
                                                        self.model.shape.head_dim),
         )
@@ -115,6 +116,17 @@ class Engine:
             if budget < one_token:
                 raise ConfigError(f"{tier}_budget: {budget} bytes hold no chunk KV of {self.model.name} (one token "
                                   f"takes {one_token} bytes); raise --{tier}-budget")
+    @staticmethod
+    def _remote_tier(config: EngineConfig):
+        """The shared remote chunk tier of config.remote_store, None without one."""
+        if not config.remote_store:
+            return None
+        from kvblend.kvstore.remote import RemoteTier
+
+        remote = RemoteTier(config.remote_store, config.budget_bytes("remote"), config.remote_ttl)
+        if remote.ping():
+            log.info("remote chunk store %s reachable", remote.url)
+        return remote
 
     def draft_model(self) -> DecoderModel:
         """The draft model of config.draft_model (loaded once; same dtype and device settings as the target)."""

@@ -43,6 +43,9 @@ RETRIEVAL_SCOPES: tuple[str, ...] = get_args(RetrievalScope)
 
 Tier = Literal["gpu", "cpu", "disk"]
 TIERS: tuple[str, ...] = get_args(Tier)
+# the shared tier behind disk (kvblend/kvstore/remote.py): chunks are found there, never staged there
+REMOTE_TIER = "remote"
+HIT_TIERS: tuple[str, ...] = (*TIERS, REMOTE_TIER)  # where a chunk read can be answered from
 
 # what each chunk is prefilled after (rows dropped): auto = BOS if the tokenizer adds one, none, the prompt's
 # shared prefix, or a fixed short sink text (kvblend/data/prompt.py::chunk_context_ids)

@@ -60,3 +60,19 @@ def tiny_qwen2():
 @pytest.fixture(scope="session", params=["llama", "qwen2"])
 def tiny_model(request):
     return make_tiny(request.param)
+
+
+def start_redis(folder: Path) -> RedisServer:
+    """A RedisServer, or a pytest skip when the binary is not installed (.ci/run installs it)."""
+    from kvblend.serve.process import RedisServer
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (apt-get install -y redis-server; .ci/run installs it)")
+    return RedisServer(folder)
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.kill()

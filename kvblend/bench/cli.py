@@ -33,4 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.bench == "serve" and getattr(args, "replicas", 0):  # the scale-out run (kvblend/bench/scale_out.py)
+        from kvblend.bench.scale_out import run_scale_out
+
+        return run_scale_out(args)
     return args.bench_run(args)

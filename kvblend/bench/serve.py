@@ -60,6 +60,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=DEFAULT_OUT)
     p.add_argument("--plot", default=None, help="write a PNG of TTFT p50/p90/p99 per mode")
     p.add_argument("--log-dir", default=None, help="keep the servers' logs here (default: a temp folder)")
+    p.add_argument("--replicas", type=int, default=0,
+                   help="scale-out run instead (kvblend/bench/scale_out.py): N Ray Serve engine replicas in blend "
+                        "mode, without / with the remote tier, default / chunk-aware routing (default 0: off)")
+    p.add_argument("--remote-store", dest="remote_store", default="auto",
+                   help="with --replicas: redis://HOST:PORT of a server to use (its databases 1-4 are flushed), or "
+                        "auto (a redis-server started in a temp folder)")
+    p.add_argument("--replica-cpus", dest="replica_cpus", type=float, default=1.0, help="with --replicas")
+    p.add_argument("--replica-gpus", dest="replica_gpus", type=float, default=0.0, help="with --replicas")
+    p.add_argument("--ray-address", dest="ray_address", default=None,
+                   help="with --replicas: a running Ray cluster (default: a local one started by the bench)")
+    p.add_argument("--probe", type=int, default=4,
+                   help="with --replicas: requests of fresh documents answered by one server, then by a second one "
+                        "sharing the remote tier (TTFT of a remote fetch vs a build; 0: skip)")
     p.add_argument("--from-json", dest="from_json", default=None,
                    help="no run: print the tables (and --plot, of the first) of serve JSONs already measured (comma list)")
     p.add_argument("--summary", nargs="?", const="docs/results/bench/summary.json", default=None,
@@ -157,20 +170,25 @@ def parse_mode(spec: str) -> tuple[str, int | None]:
     return mode, int(batch[5:]) if batch else None
 
 
-def start_server(args, spec: str, log_dir: Path):
-    """A fresh `kvblend serve` for a mode spec (parse_mode) with its own empty chunk store (not waited for:
-    see warm_up)."""
+def model_folder(args) -> str:
+    """A named model is converted under the user's KVBLEND_HOME: its folder, so a fresh home holds only chunks."""
     from kvblend.model.registry import NAMED_MODELS, converted_folder
+
+    return str(converted_folder(NAMED_MODELS[args.model])) if args.model in NAMED_MODELS else args.model
+
+
+def start_server(args, mode: str, log_dir: Path, extra: tuple[str, ...] = (), name: str | None = None):
+    """A fresh `kvblend serve` in `mode` with its own empty chunk store (not waited for: see warm_up); extra: more
+    flags (e.g. --remote-store URL)."""
     from kvblend.serve.process import ServerProcess
 
-    mode, batch = parse_mode(spec)
-    home = Path(tempfile.mkdtemp(prefix=f"kvblend-bench-serve-{mode}-"))
-    # a named model is converted under the user's KVBLEND_HOME: pass its folder, the fresh home holds only chunks
-    model = str(converted_folder(NAMED_MODELS[args.model])) if args.model in NAMED_MODELS else args.model
-    srv = ServerProcess(["--model", model, "--dtype", args.dtype, "--device", args.device, "--mode", mode,
-                         "--ratio", str(args.ratio), "--max-queue", str(max(64, args.concurrency * 2)),
+    mode, batch = parse_mode(mode)
+    name = name or (mode if batch is None else f"{mode}_batch{batch}")
+    home = Path(tempfile.mkdtemp(prefix=f"kvblend-bench-serve-{name}-"))
+    srv = ServerProcess(["--model", model_folder(args), "--dtype", args.dtype, "--device", args.device, "--mode", mode,
+                         "--ratio", str(args.ratio), "--max-queue", str(max(64, args.concurrency * 2)), *extra,
                          *(["--max-batch", str(batch)] if batch else [])],
-                        log_dir / f"server_{spec.replace(':', '_')}.log", env={"KVBLEND_HOME": str(home)}, startup_timeout_s=600,
+                        log_dir / f"server_{name}.log", env={"KVBLEND_HOME": str(home)}, startup_timeout_s=600,
                         wait=False)
     return srv
 

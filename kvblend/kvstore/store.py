@@ -1,8 +1,11 @@
 """ChunkKVStore: which chunk lives on which tier, pins, LRU eviction, statistics. No tensor math, no prompt layout.
 
 Tiers, fastest first: "gpu" (the compute device), "cpu" (host memory, pinned when CUDA is present),
-"disk" (the source of truth). Every chunk put in the store is written to disk first; memory tiers
-hold copies. A pinned chunk (in use by a blend or a promotion) is never evicted from any tier.
+"disk" (the source of truth), and optionally "remote" (kvblend/kvstore/remote.py: a Redis-protocol server shared
+by every process and replica). Every chunk put in the store is written to disk first (and to the remote tier when
+there is one); memory tiers hold copies. A chunk found only on the remote tier (verified there, as a disk file is)
+is copied to disk, then read on like a disk chunk. A pinned chunk (in use by a blend or a promotion) is never
+evicted from any tier.
 
 Read verbs and their outcomes (LMCache-style):
   fetch(key, tier)            -> Fetched: the chunk made resident on `tier`, or no chunk with outcome "missing"
@@ -35,7 +38,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from functools import wraps
-from typing import Callable, Iterable, Literal
+from typing import TYPE_CHECKING, Callable, Iterable, Literal
 
 import torch
 
@@ -43,6 +46,9 @@ from kvblend.errors import BudgetExceededError, ChunkCorruptError, ChunkMissingE
 from kvblend.kvstore.chunk_kv import ChunkKV
 from kvblend.kvstore.key import ChunkKey
 from kvblend.kvstore.tiers import DiskTier, MemoryTier
+
+if TYPE_CHECKING:
+    from kvblend.kvstore.remote import RemoteTier
 from kvblend.vocab import TIERS
 
 log = logging.getLogger(__name__)
@@ -92,7 +98,7 @@ class Fetched:
     key: ChunkKey
     chunk: ChunkKV | None
     outcome: Outcome
-    found_tier: str | None  # tier the chunk was read from ("gpu" | "cpu" | "disk"); None unless a hit
+    found_tier: str | None  # tier the chunk was read from ("gpu" | "cpu" | "disk" | "remote"); None unless a hit
     built: bool = False  # get() built it after a missing or corrupt outcome
     build_ms: float = 0.0
 
@@ -100,9 +106,10 @@ class Fetched:
 class ChunkKVStore:
     def __init__(self, root: Path, gpu_budget_bytes: int, cpu_budget_bytes: int, disk_budget_bytes: int,
                  device: torch.device | str = "cpu", model_name: str = "", store_text: bool = False,
-                 chunk_shape: tuple[int, int, int] | None = None):
+                 chunk_shape: tuple[int, int, int] | None = None, remote: RemoteTier | None = None):
         """store_text: keep each chunk's text in its sidecar (default: token ids and a hash only); chunk_shape:
-        (layers, kv heads, head dim) a stored chunk must have to be used (None: not checked)."""
+        (layers, kv heads, head dim) a stored chunk must have to be used (None: not checked); remote: the shared
+        tier behind disk (read on a local miss, written with every chunk the store takes)."""
         device = torch.device(device)
         cuda = device.type == "cuda"
         self.model_name = model_name
@@ -113,6 +120,7 @@ class ChunkKVStore:
         self.disk = DiskTier(Path(root), disk_budget_bytes, store_text=store_text, chunk_shape=chunk_shape)
         self.stats = StoreStats(leftovers_removed=self.disk.leftovers_removed)
         self.disk_problem: str | None = None  # why the disk takes no chunks now (None: it does)
+        self.remote = remote
         self._pins: Counter = Counter()
         self._lock = threading.RLock()
 
@@ -165,14 +173,18 @@ class ChunkKVStore:
     def summary(self) -> dict:
         return {"stats": self.stats.as_dict(), "used_bytes": self.used_bytes(), "budget_bytes": self.budgets(),
                 "num_chunks": {"gpu": len(self.tiers["gpu"]), "cpu": len(self.tiers["cpu"]),
-                               "disk": len(self.disk)}, "disk_problem": self.disk_problem}
+                               "disk": len(self.disk)}, "disk_problem": self.disk_problem,
+                **({"remote": self.remote.summary()} if self.remote is not None else {})}
 
     # writes -----------------------------------------------------------------------------------
     @_locked
     def put(self, chunk: ChunkKV, tier: str = "disk") -> ChunkKV:
         """Store a chunk on disk and, if asked, also resident on a memory tier. A disk that cannot take it: the
         chunk goes to the memory tiers only (`tier`, or the CPU tier when `tier` is disk; see the module doc)."""
-        on_disk = chunk.key.digest in self.disk or self._save_to_disk(chunk)
+        known = chunk.key.digest in self.disk
+        on_disk = known or self._save_to_disk(chunk)
+        if not known and self.remote is not None:
+            self.remote.put(chunk, self.disk, self.model_name)
         if tier == "disk":
             if on_disk:
                 return chunk
@@ -268,27 +280,43 @@ class ChunkKVStore:
     @_locked
     def fetch(self, key: ChunkKey, tier: str = "gpu") -> Fetched:
         """Make the chunk resident on `tier` (copied up from a slower tier if needed; for "disk": verified
-        read). Outcome "missing" when it is not stored, "corrupt" when its file fails verification (the file
-        is removed and a warning logged); BudgetExceededError propagates."""
-        found = self.tier_of(key)
-        if found is None:
-            self.stats.misses += 1
-            return Fetched(key, None, "missing", None)
+        read; not on a local tier: the remote tier's verified entry, copied to disk). Outcome "missing" when it is
+        not stored (or the remote tier is unreachable), "corrupt" when its file or remote entry fails verification
+        (removed, a warning logged); BudgetExceededError propagates."""
+        found, chunk, outcome = self.tier_of(key), None, "missing"
         if found == "disk":
             try:
                 chunk = self.disk.load(key)
             except ChunkCorruptError as exc:
                 log.warning("%s", exc)
                 self.stats.corrupt += 1
-                return Fetched(key, None, "corrupt", None)
-        else:
+                found, outcome = None, "corrupt"
+        elif found is not None:
             chunk = self.tiers[found].get(key.digest)
+        if found is None and self.remote is not None:
+            chunk, outcome = self._from_remote(key, outcome)
+            found = "remote" if chunk is not None else None
+        if found is None:
+            self.stats.misses += int(outcome == "missing")
+            return Fetched(key, None, outcome, None)
         self.stats.hits[found] += 1
         if tier == "disk" or found == tier or (found == "gpu" and tier == "cpu"):
             return Fetched(key, chunk, "hit", found)
         moved = self._put_memory(chunk, tier)
         self.stats.bytes_moved[f"{found}->{tier}"] += chunk.nbytes
         return Fetched(key, moved, "hit", found)
+
+    def _from_remote(self, key: ChunkKey, local: Outcome) -> tuple[ChunkKV | None, Outcome]:
+        """The chunk from the remote tier (verified there), copied to disk (a disk that cannot take it: kept in
+        memory only); else None and the outcome: corrupt when the local file or the remote entry was (each counted
+        once), missing otherwise (an unreachable server too)."""
+        chunk, outcome = self.remote.get(key, self.disk)
+        if chunk is None:
+            if outcome == "corrupt" and local != "corrupt":
+                self.stats.corrupt += 1
+            return None, "corrupt" if "corrupt" in (outcome, local) else "missing"
+        self._save_to_disk(chunk)
+        return chunk, "hit"
 
     def prefetch(self, keys: Iterable[ChunkKey], tier: str = "cpu", keep: Iterable[ChunkKey] = (),
                  stop: threading.Event | None = None) -> list[ChunkKey]:

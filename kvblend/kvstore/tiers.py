@@ -227,13 +227,17 @@ class DiskTier:
             meta["text"] = chunk.text
         return meta
 
+    def encode(self, chunk: ChunkKV, model_name: str = "") -> tuple[bytes, dict]:
+        """The chunk as this tier stores it: safetensors bytes and their sidecar (the remote tier stores the same)."""
+        data = st_save({"kv": chunk.kv.detach().cpu().contiguous()}, metadata={"layout": LAYOUT})
+        return data, self._sidecar(chunk, model_name, data)
+
     def save(self, chunk: ChunkKV, model_name: str = "") -> int:
         """Write the chunk (tensor file first, metadata JSON last as the commit mark); returns file bytes.
         OSError (a full disk, a quota) propagates with neither file left behind."""
         digest = chunk.key.digest
-        data = st_save({"kv": chunk.kv.detach().cpu().contiguous()}, metadata={"layout": LAYOUT})
+        data, meta = self.encode(chunk, model_name)
         tensor_path, meta_path = self.paths(digest)
-        meta = self._sidecar(chunk, model_name, data)
         self._drop_pending(digest)  # a read started before this write must not be used
         try:
             tensor_path.parent.mkdir(mode=0o700, exist_ok=True)
@@ -278,7 +282,13 @@ class DiskTier:
         digest = key.digest
         tensor_path, meta_path = self.paths(digest)
         meta = json.loads(meta_path.read_text())
-        buf = _read_file(tensor_path, self.pin_memory)
+        return self.verify(key, _read_file(tensor_path, self.pin_memory), meta), meta
+
+    def verify(self, key: ChunkKey, buf: torch.Tensor, meta: dict) -> torch.Tensor:
+        """The KV tensor of stored bytes `buf` (uint8) once they check out against their sidecar `meta` and the
+        key (size, CRC-32 or SHA-256, digest, layout, shape, token ids, dtype); ValueError / KeyError / TypeError
+        / struct.error when anything does not. The remote tier's reads are checked here too."""
+        digest = key.digest
         if buf.numel() != meta["file_bytes"]:
             raise ValueError(f"truncated: {buf.numel()} of {meta['file_bytes']} bytes")
         raw = memoryview(buf.numpy())
@@ -293,7 +303,7 @@ class DiskTier:
         if list(kv.shape) != meta["shape"] or kv.shape[3] != meta["num_tokens"]:
             raise ValueError(f"tensor shape {list(kv.shape)} does not match metadata")
         self._check_against_key(key, kv, meta)
-        return kv, meta
+        return kv
 
     def _check_against_key(self, key: ChunkKey, kv: torch.Tensor, meta: dict) -> None:
         """The sidecar and the tensor agree with the key: token ids, dtype, the model's shape."""
@@ -320,7 +330,7 @@ class DiskTier:
             self.remove(digest)
             raise ChunkCorruptError(f"{tensor_path}: corrupt chunk file ({exc}); removed, it will be rebuilt") from None
         self.touch(digest)
-        return self._chunk(key, kv, meta)
+        return self.as_chunk(key, kv, meta)
 
     def read(self, key: ChunkKey) -> ChunkKV:
         """A verified read that changes nothing in the tier (safe from another thread): ChunkCorruptError when
@@ -329,10 +339,11 @@ class DiskTier:
             kv, meta = self._read_checked(key)
         except _READ_ERRORS as exc:
             raise ChunkCorruptError(f"{self.paths(key.digest)[0]}: unreadable or corrupt chunk file ({exc})") from None
-        return self._chunk(key, kv, meta)
+        return self.as_chunk(key, kv, meta)
 
     @staticmethod
-    def _chunk(key: ChunkKey, kv: torch.Tensor, meta: dict) -> ChunkKV:
+    def as_chunk(key: ChunkKey, kv: torch.Tensor, meta: dict) -> ChunkKV:
+        """The ChunkKV of a verified tensor and its sidecar."""
         return ChunkKV(key=key, token_ids=tuple(meta["token_ids"]), kv=kv, rope_offset=int(meta["rope_offset"]),
                        sink_ids=tuple(meta["sink_ids"]), text=meta.get("text", ""))
 

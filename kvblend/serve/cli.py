@@ -7,6 +7,7 @@ import logging
 import socket
 import sys
 
+from kvblend.argtypes import non_negative_int as _non_negative_int
 from kvblend.argtypes import duration as _duration
 from kvblend.argtypes import port as _port
 from kvblend.argtypes import positive_int as _positive_int
@@ -42,6 +43,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-rows", dest="batch_rows", type=_positive_int, default=None,
                    help="KV rows per batch slot (default: the model's context, at most 8192); longer requests are "
                         "decoded alone")
+    p.add_argument("--remote-store", dest="remote_store", default=None,
+                   help="redis://HOST:PORT[/DB]: a Redis / Valkey server as the chunk tier shared by processes and "
+                        "replicas (behind local disk; unreachable: local tiers only, with a warning)")
+    p.add_argument("--remote-budget", dest="remote_budget", default=None, help="remote tier byte budget (64GiB)")
+    p.add_argument("--remote-ttl", dest="remote_ttl", type=_non_negative_int, default=None,
+                   help="seconds an unused remote chunk lives (default 604800; 0 = no expiry)")
+    p.add_argument("--replicas", type=_positive_int, default=None,
+                   help="run N engine replicas as a Ray Serve application behind this one endpoint (a local Ray "
+                        "cluster, or the one at --ray-address / $RAY_ADDRESS); share chunks with --remote-store")
+    p.add_argument("--ray-address", dest="ray_address", default=None,
+                   help="with --replicas: the Ray cluster to join (e.g. auto, or ray://HEAD:10001); default: "
+                        "$RAY_ADDRESS, else a local cluster started here")
+    p.add_argument("--routing", choices=("chunk", "default"), default="chunk",
+                   help="with --replicas: chunk (to the replica holding the request's chunks in memory, balanced "
+                        "against queue length; round-robin without documents) or default (Ray Serve's "
+                        "power of two choices)")
+    p.add_argument("--replica-cpus", dest="replica_cpus", type=float, default=1.0,
+                   help="with --replicas: CPUs reserved per engine replica (default 1)")
+    p.add_argument("--replica-gpus", dest="replica_gpus", type=float, default=None,
+                   help="with --replicas: GPUs per engine replica (default 1 when the cluster has GPUs and "
+                        "--device is not cpu, else 0)")
     p.add_argument("--max-queue", dest="max_queue", type=_positive_int, default=64,
                    help="requests that may wait for the worker; more get HTTP 429 (default 64)")
     p.add_argument("--max-tokens", dest="default_max_tokens", type=_positive_int, default=256,
@@ -85,6 +107,10 @@ def _add_limit_arguments(p: argparse.ArgumentParser) -> None:
                    help="remove chunks unused for this long, e.g. 7d (default: kept until evicted)")
 
 
+SERVE_FLAGS = ("model", "dtype", "device", "mode", "ratio", "gpu_budget", "cpu_budget", "remote_store", "remote_budget",
+               "remote_ttl")
+
+
 def _check_listen(host: str, port: int) -> None:
     """Fail with one line before loading the model when the address cannot be bound."""
     try:
@@ -100,6 +126,45 @@ def _check_listen(host: str, port: int) -> None:
             raise ValueError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port") from None
 
 
+def _run_cluster(args: argparse.Namespace, config, policy) -> int:
+    """`kvblend serve --replicas N`: deploy, print the endpoint, serve until SIGINT / SIGTERM."""
+    import signal
+    import threading
+
+    import ray
+
+    from kvblend.serve.cluster import build_app, deploy
+
+    if args.replicas > 1 and not config.remote_store:
+        _say(args, "no --remote-store: each replica builds and keeps its own chunks")
+    _say(args, f"starting Ray ({args.ray_address or 'local or $RAY_ADDRESS'}) ...")
+    ray.init(address=args.ray_address, include_dashboard=False, logging_level=logging.WARNING)
+    gpus = args.replica_gpus
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 and config.device != "cpu" else 0.0
+    try:
+        app = build_app(config, args.replicas, served_model=args.served_model_name, max_queue=args.max_queue,
+                        default_max_tokens=args.default_max_tokens, routing=args.routing,
+                        replica_cpus=args.replica_cpus, replica_gpus=gpus, corpus=args.corpus, policy=policy,
+                        request_limits={"max_documents": args.max_documents,
+                                        "max_document_tokens": args.max_document_tokens},
+                        worker_limits={"max_document_tokens": args.max_document_tokens, "max_build_s": args.max_build_s,
+                                       "trust_messages": args.trust_messages, "store_ttl_s": args.store_ttl_s})
+        _say(args, f"deploying {args.replicas} engine replicas of {config.model} ({args.replica_cpus:g} CPU, "
+                   f"{gpus:g} GPU each; routing {args.routing}) ...")
+        url = deploy(app, args.host, args.port)
+        _say(args, f"{args.replicas} replicas on {url}/v1 (Ray Serve)")
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        while not stop.wait(1.0):
+            pass
+    finally:
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+    return 0
 def guard_policy(args: argparse.Namespace, environ=None):
     """The GuardPolicy of the flags; ValueError (one line) for an unsafe or contradictory set."""
     import os
@@ -132,7 +197,7 @@ def _say(args: argparse.Namespace, line: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from kvblend.config import load_config
 
-    flags = {k: getattr(args, k) for k in ("model", "dtype", "device", "mode", "ratio", "gpu_budget", "cpu_budget")}
+    flags = {k: getattr(args, k) for k in SERVE_FLAGS}
     flags["store_text"] = True if args.store_text else None
     config = load_config(args.config, flags)
     policy = guard_policy(args)
@@ -142,6 +207,8 @@ def run(args: argparse.Namespace) -> int:
     if not is_loopback(args.host) and not policy.api_keys:
         log.warning("--host %s with --allow-unauthenticated: anyone who can reach this address can use the server",
                     args.host)
+    if args.replicas:
+        return _run_cluster(args, config, policy)
     corpus = None
     if args.corpus:
         from kvblend.serve.corpus import load_corpus
@@ -170,6 +237,10 @@ def _serve(args: argparse.Namespace, config, policy, corpus) -> int:
     worker = Worker(engine, ServerMetrics(), max_queue=args.max_queue, default_max_tokens=args.default_max_tokens,
                     corpus=corpus, limits=limits)
     worker.start()
+    remote = engine.store.remote
+    if remote is not None:
+        state = "reachable" if remote.reachable else "NOT reachable: local tiers only until it answers"
+        _say(args, f"remote chunk store {remote.url} ({state})")
     request_limits = RequestLimits(max_documents=args.max_documents, max_document_tokens=args.max_document_tokens,
                                    context_tokens=worker.context)
     app = create_app(worker, served, policy, request_limits)

@@ -6,6 +6,8 @@ import threading
 from bisect import bisect_left
 from collections import Counter
 
+from kvblend.vocab import HIT_TIERS
+
 # seconds; CPU TTFTs of a 135M model over thousands of tokens reach tens of seconds
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -115,7 +117,7 @@ class ServerMetrics:
         stats = self.store.get("stats", {})
         hits = stats.get("hits", {})
         metric("kvblend_store_hits_total", "counter", "chunk store lookups answered from a tier",
-               [(_labels((("tier", t),)), int(hits.get(t, 0))) for t in ("gpu", "cpu", "disk")])
+               [(_labels((("tier", t),)), int(hits.get(t, 0))) for t in HIT_TIERS])
         metric("kvblend_store_misses_total", "counter", "chunks not in the store (prefilled and stored)",
                [("", int(stats.get("misses", 0)))])
         metric("kvblend_store_corrupt_total", "counter", "stored chunks that failed verification (rebuilt)",
@@ -142,6 +144,26 @@ class ServerMetrics:
         chunks = self.store.get("num_chunks", {})
         metric("kvblend_store_chunks", "gauge", "chunks held per tier",
                [(_labels((("tier", t),)), int(chunks.get(t, 0))) for t in ("gpu", "cpu", "disk")])
+        remote_lines(metric, self.store.get("remote"))
+
+
+def remote_lines(metric, remote: dict | None) -> None:
+    """The remote chunk tier's metrics (only with --remote-store)."""
+    if remote is None:
+        return
+    metric("kvblend_remote_reachable", "gauge", "1 when the last call to the remote store succeeded, else 0",
+           [("", int(bool(remote.get("reachable"))))])
+    metric("kvblend_remote_unavailable_total", "counter",
+           "remote store calls that failed (server unreachable or timed out; the request was served from the "
+           "local tiers)", [("", int(remote.get("unavailable", 0)))])
+    metric("kvblend_remote_skipped_total", "counter", "remote store calls skipped while the server was down",
+           [("", int(remote.get("skipped", 0)))])
+    metric("kvblend_remote_writes_total", "counter", "chunks this process wrote to the remote store",
+           [("", int(remote.get("writes", 0)))])
+    metric("kvblend_remote_corrupt_total", "counter", "remote entries that failed verification (deleted, rebuilt)",
+           [("", int(remote.get("corrupt", 0)))])
+    metric("kvblend_remote_evictions_total", "counter", "remote entries this process evicted for the byte budget",
+           [("", int(remote.get("evictions", 0)))])
 
 
 def parse_prometheus(text: str) -> dict[str, float]:

@@ -50,6 +50,9 @@ class ApiError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
+    def __reduce__(self):  # pickled whole (an engine replica of `kvblend serve --replicas` sends it to the ingress)
+        return ApiError, (self.status, self.message, self.param, self.code, self.type, self.headers)
+
 
 def bad(message: str, param: str | None = None, code: str | None = "invalid_value") -> ApiError:
     return ApiError(400, message, param=param, code=code)

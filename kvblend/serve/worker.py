@@ -23,6 +23,7 @@ from typing import Any
 
 from kvblend.serve.metrics import ServerMetrics
 from kvblend.serve.protocol import ApiError, ChatRequest, Document, StopText
+from kvblend.vocab import HIT_TIERS
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +292,7 @@ class Worker:
         on_token = self._on_token(job, stop_text, stopped_by)
 
         def done(out) -> None:
-            self._done(job, engine.finish_answer(started, out), docs, prompt, (mode, ratio), store_delta, queue_s,
+            self._done(job, engine.finish_answer(started, out), docs, prompt, (mode, ratio, salt), store_delta, queue_s,
                        stop_text, stopped_by)
 
         batch = self._batcher()
@@ -329,11 +330,12 @@ class Worker:
         self.metrics.count_request("ok")
         self.metrics.publish_store(self.engine.store.summary())  # before the client can see the answer
         job.emit("done", {"text": text, "finish_reason": finish, "usage": usage,
-                          "retrieved": retrieved, "token_ids": list(out.token_ids)})
+                          "retrieved": retrieved, "token_ids": list(out.token_ids),
+                          "chunk_digests": [k.digest for k in self.engine.keys(prompt, salt=how[2])]})  # the router
 
     def _store_delta(self, before: dict) -> dict:
         after = self.engine.store.summary()["stats"]
-        return {"hits": {t: after["hits"].get(t, 0) - before["hits"].get(t, 0) for t in ("gpu", "cpu", "disk")},
+        return {"hits": {t: after["hits"].get(t, 0) - before["hits"].get(t, 0) for t in HIT_TIERS},
                 "misses": after["misses"] - before["misses"],
                 "corrupt": after.get("corrupt", 0) - before.get("corrupt", 0)}
 
