@@ -133,20 +133,31 @@ def _residual_out(model: DecoderModel, layer: int, h: torch.Tensor, attn: torch.
 
 
 def run_slot_layers(model: DecoderModel, k_slots: torch.Tensor, v_slots: torch.Tensor, h: torch.Tensor,
-                    cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+                    cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
+                    lengths: list[int] | None = None) -> torch.Tensor:
     """One decode token for each of S sequences held in slots of one buffer (continuous batching): rows h
     [S, hidden] at positions pos [S]; k_slots, v_slots [L, S, H_kv, R, D]: row s writes its K/V at
-    [layer, s, :, pos[s]] and attends to its own slot's keys allowed by mask [S, R] (a batch of one-row
-    queries, as FEW_ROWS). The layer body is the one above (qkv, then o_proj + MLP)."""
+    [layer, s, :, pos[s]] and attends to its own slot's keys allowed by mask [S, R]. lengths None (a captured
+    step): every slot at once over the whole buffer, a batch of one-row queries (as FEW_ROWS); lengths (eager
+    steps): slot s attends to its first lengths[s] rows only, one attention per busy slot (0: idle, skipped).
+    The layer body is the one above (qkv, then o_proj + MLP)."""
     slots = torch.arange(h.shape[0], device=h.device)
     for layer in range(model.shape.num_layers):
         q, k, v = qkv(model, layer, h, cos, sin)  # [H, S, D], [H_kv, S, D]
         k_slots[layer, slots, :, pos] = k.transpose(0, 1)
         v_slots[layer, slots, :, pos] = v.transpose(0, 1)
-        out = F.scaled_dot_product_attention(q.transpose(0, 1)[:, :, None], k_slots[layer], v_slots[layer],
-                                             attn_mask=mask[:, None, None], scale=model.attn_scale,
-                                             enable_gqa=True)  # [S, H, 1, D]
-        h = _residual_out(model, layer, h, out[:, :, 0].transpose(0, 1))
+        if lengths is None:
+            out = F.scaled_dot_product_attention(q.transpose(0, 1)[:, :, None], k_slots[layer], v_slots[layer],
+                                                 attn_mask=mask[:, None, None], scale=model.attn_scale,
+                                                 enable_gqa=True)[:, :, 0].transpose(0, 1)  # [H, S, D]
+        else:
+            out = torch.zeros_like(q)
+            for i, n in enumerate(lengths):
+                if n:
+                    out[:, i:i + 1] = F.scaled_dot_product_attention(
+                        q[None, :, i:i + 1], k_slots[layer, i, :, :n][None], v_slots[layer, i, :, :n][None],
+                        attn_mask=mask[i, :n][None, None, None], scale=model.attn_scale, enable_gqa=True)[0]
+        h = _residual_out(model, layer, h, out)
     return h
 
 

@@ -81,7 +81,9 @@ class DecodeSlots:
                       logits=torch.zeros(s, self.model.shape.vocab_size, dtype=torch.float32, device=dev),
                       best=torch.zeros(s, dtype=torch.long, device=dev))
 
-    def _body(self):
+    def _body(self, lengths: list[int] | None = None):
+        """The step over static inputs; lengths: eager steps attend to each busy slot's own rows only
+        (layers.run_slot_layers); a captured step (None) to the whole buffer."""
         model, key_pos = self.model, self._key_pos
         inv_freq = model.inv_freq.to(model.device, torch.float32)
 
@@ -89,7 +91,7 @@ class DecodeSlots:
             tokens, pos = io.inp[0], io.inp[1]
             cos, sin = rope_cos_sin(inv_freq, pos, model.dtype)
             mask = (key_pos[None, :] <= pos[:, None]) & self.valid
-            h = run_slot_layers(model, self.k, self.v, embed(model, tokens), cos, sin, pos, mask)
+            h = run_slot_layers(model, self.k, self.v, embed(model, tokens), cos, sin, pos, mask, lengths)
             logits = lm_logits(model, h)
             io.logits.copy_(logits)
             io.best.copy_(logits.argmax(-1))
@@ -116,7 +118,7 @@ class DecodeSlots:
         if g is not None:
             g.replay()
         else:
-            self._body()(io)
+            self._body([self.length[i] + 1 if i in tokens else 0 for i in range(self.num_slots)])(io)
         for slot in tokens:
             self.length[slot] += 1
         return io
