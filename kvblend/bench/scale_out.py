@@ -224,15 +224,8 @@ def table(result: dict) -> str:
 
 
 def run_scale_out(args) -> int:
-    from kvblend.bench.serve import DEFAULT_OUT as SERVE_OUT
-    from kvblend.io import atomic_write_json
+    from kvblend.bench.serve import DEFAULT_OUT as SERVE_OUT, write_and_report
 
     result = measure_scale_out(args)
-    out = Path(DEFAULT_OUT if args.out == SERVE_OUT else args.out)
-    atomic_write_json(out, result)
-    print(table(result))
-    for name, r in result["runs"].items():
-        if r["errors"]:
-            print(f"{name}: {r['requests_sent'] - r['requests_ok']} requests failed, e.g. {r['errors'][0]}")
-    print(f"\nwrote {out}")
+    write_and_report(result, Path(DEFAULT_OUT if args.out == SERVE_OUT else args.out), table(result))
     return 0

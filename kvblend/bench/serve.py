@@ -402,6 +402,18 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def write_and_report(result: dict, out: Path, text: str) -> None:
+    """Write a serve-style result atomically, print its table and the runs' failures."""
+    from kvblend.io import atomic_write_json
+
+    atomic_write_json(out, result)
+    print(text)
+    for m, r in result["runs"].items():
+        if r["errors"]:
+            print(f"{m}: {r['requests_sent'] - r['requests_ok']} requests failed, e.g. {r['errors'][0]}")
+    print(f"\nwrote {out}")
+
+
 def _write_summary(docs: list[dict], args) -> None:
     from kvblend.bench.summary import update_summary
 
@@ -416,8 +428,6 @@ def _write_summary(docs: list[dict], args) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvblend.io import atomic_write_json
-
     if args.from_json:
         docs = []
         for path in [x for x in args.from_json.split(",") if x]:
@@ -434,12 +444,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     result = measure(args)
     out = Path(args.out)
-    atomic_write_json(out, result)
-    print(table(result))
-    for m, r in result["runs"].items():
-        if r["errors"]:
-            print(f"{m}: {r['requests_sent'] - r['requests_ok']} requests failed, e.g. {r['errors'][0]}")
-    print(f"\nwrote {out}")
+    write_and_report(result, out, table(result))
     if args.plot:
         plot(result, Path(args.plot))
         print(f"wrote {args.plot}")
