@@ -291,9 +291,12 @@ class Worker:
         store_delta = self._store_delta(before)  # this request's hits and misses, before others' builds
         on_token = self._on_token(job, stop_text, stopped_by)
 
-        def done(out) -> None:
-            self._done(job, engine.finish_answer(started, out), docs, prompt, (mode, ratio, salt), store_delta, queue_s,
-                       stop_text, stopped_by)
+        def done(out) -> None:  # called from a batch step too: a failure here fails this job only
+            try:
+                self._done(job, engine.finish_answer(started, out), docs, prompt, (mode, ratio, salt), store_delta,
+                           queue_s, stop_text, stopped_by)
+            except Exception as exc:  # noqa: BLE001
+                self._fail(job, exc)
 
         batch = self._batcher()
         if batch is not None and batch.has_room and batch.fits(started.result):
