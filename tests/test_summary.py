@@ -173,3 +173,22 @@ def test_speculative_with_summary_promotions_equals_plain_greedy_with_the_same_m
                 state.set_valid(slot.start, slot.start + slot.num_tokens, False)
         token = int(forward_tokens(engine.model, state, [token])[-1].argmax())
     assert tokens == list(out.token_ids)
+
+
+def test_residency_recall_and_recovery_arithmetic():
+    from kvblend.quality.residency import ARMS, aggregate, recall_at
+
+    mass = [0.05, 0.1, 0.3, 0.2, 0.05]
+    assert recall_at([2, 3], mass, 2) == pytest.approx(1.0)
+    assert recall_at([0, 1], mass, 2) == pytest.approx(0.15 / 0.5)
+
+    def arm(same, peak):
+        return {"same_as_all_resident": same, "score": 0.5, "recall": 0.5, "promotions": 1, "demotions": 0,
+                "bytes_moved": 10, "ttft_ms": 5.0, "peak_chunk_bytes": peak, "all_chunk_bytes": 100}
+
+    samples = [{"summary_bytes": [1] * 5, "arms": {a: arm(a in ("all_resident", "look_promote") or i == 0, 30)
+                                                    for a in ARMS}} for i in range(4)]
+    agg = aggregate(samples, 2)
+    assert agg["arms"]["static"]["same_as_all_resident"] == 0.25
+    assert agg["recovery_look_promote"] == pytest.approx(1.0) and agg["recovery_promote"] == pytest.approx(0.0)
+    assert agg["gpu_bytes_ratio_look_promote_vs_all"] == pytest.approx(0.35)

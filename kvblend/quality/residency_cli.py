@@ -31,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-budget", dest="time_budget_s", type=float, default=S.time_budget_s,
                    help="seconds after which no new sample starts (0: none)")
     p.add_argument("--out", default=S.out, help="JSON result file")
+    p.add_argument("--backfill", default="", help="re-aggregate this result file (peaks of a run before the "
+                   "per-request peak was recorded: the budget bound) instead of running")
     p.add_argument("--summary", default="", help=f"also write the Q3 keys into this summary file (e.g. {SUMMARY})")
 
 
@@ -38,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
     from kvblend.bench.summary import update_summary
-    from kvblend.quality.residency import ResidencySettings, run_residency, summary_entries
+    from kvblend.quality.residency import ResidencySettings, markdown_table, run_residency, summary_entries
 
     s = ResidencySettings(**{f.name: getattr(args, f.name) for f in fields(ResidencySettings)})
     logging.getLogger("kvblend").setLevel(logging.INFO)
@@ -47,15 +49,33 @@ def run(args: argparse.Namespace) -> int:
         same = {a: int(r["same_as_all_resident"]) for a, r in rec["arms"].items()}
         print(f"sample {i + 1}: {rec['prompt_tokens']} tokens, {rec['seconds']} s, same={same}", flush=True)
 
-    path, doc = run_residency(s, progress)
+    if args.backfill:
+        path, doc = _backfill(args.backfill)
+    else:
+        path, doc = run_residency(s, progress)
     agg = doc["aggregate"]
     print(f"wrote {path} ({agg['n']} samples)")
     for arm, a in agg["arms"].items():
         print(f"  {arm:13s} same {a['same_as_all_resident']:.3f}  score {a['score'] or 0:.3f}  recall@K "
               f"{a['recall_at_k']:.3f}  promotions {a['promotions_per_sample']:.2f}  moved "
               f"{a['bytes_moved_per_sample'] / 2**20:.1f} MiB  TTFT {a['ttft_ms_median']:.0f} ms")
+    print(markdown_table(doc))
     if args.summary:
         entries = summary_entries(doc, str(path))
         update_summary(args.summary, entries)
         print(f"wrote {args.summary}: " + ", ".join(f"{k} = {e['measured']}" for k, e in entries.items()))
     return 0
+
+
+def _backfill(path: str):
+    import json
+    from pathlib import Path
+
+    from kvblend.io import atomic_write_json
+    from kvblend.model.registry import load_model
+    from kvblend.quality.residency import backfill_peaks
+
+    doc = json.loads(Path(path).read_text())
+    doc = backfill_peaks(doc, load_model(doc["settings"]["model"], doc["settings"]["dtype"], "cpu"))
+    atomic_write_json(path, doc)
+    return Path(path), doc
