@@ -31,8 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-budget", dest="time_budget_s", type=float, default=S.time_budget_s,
                    help="seconds after which no new sample starts (0: none)")
     p.add_argument("--out", default=S.out, help="JSON result file")
-    p.add_argument("--backfill", default="", help="re-aggregate this result file (peaks of a run before the "
-                   "per-request peak was recorded: the budget bound) instead of running")
+    p.add_argument("--backfill", default="", help="FILE[,MORE...]: instead of running, merge the samples of MORE "
+                   "(runs continued with --offset) into FILE and re-aggregate it (peaks of samples run before the "
+                   "per-request peak was recorded: the budget bound)")
     p.add_argument("--summary", default="", help=f"also write the Q3 keys into this summary file (e.g. {SUMMARY})")
 
 
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _backfill(path: str):
+def _backfill(paths: str):
     import json
     from pathlib import Path
 
@@ -75,7 +76,14 @@ def _backfill(path: str):
     from kvblend.model.registry import load_model
     from kvblend.quality.residency import backfill_peaks
 
+    path, *more = paths.split(",")
     doc = json.loads(Path(path).read_text())
+    for extra in more:
+        other = json.loads(Path(extra).read_text())
+        seen = {r["sample_id"] for r in doc["samples"]}
+        doc["samples"] += [r for r in other["samples"] if r["sample_id"] not in seen]
+        doc.setdefault("merged_from", []).append({"file": extra, "settings": other["settings"],
+                                                  "wall_s": other.get("wall_s")})
     doc = backfill_peaks(doc, load_model(doc["settings"]["model"], doc["settings"]["dtype"], "cpu"))
     atomic_write_json(path, doc)
     return Path(path), doc
