@@ -308,6 +308,8 @@ def backfill_peaks(doc: dict, model) -> dict:
     s = ResidencySettings(**doc["settings"])
     prompts = dict((x.sample_id, p) for x, p in sample_prompts(load_dataset(s.dataset), model.tokenizer, s))
     for rec in doc["samples"]:
+        if all(r.get("peak_source") == "measured" for r in rec["arms"].values()):
+            continue
         sizes = [chunk_nbytes(model, len(ids)) for ids in prompts[rec["sample_id"]].chunk_ids]
         for arm, r in rec["arms"].items():
             if r.get("peak_source") == "measured":
