@@ -91,8 +91,8 @@ class Engine:
                                                        self.model.shape.head_dim),
         )
         self._check_budgets()
-        # key summaries built with each chunk, files beside its KV (kvstore/summary.py)
-        self.summaries = SummaryStore(self.store.disk.root, self.model.device,
+        # key summaries built with each chunk, in a tree parallel to the chunk files (kvstore/summary.py)
+        self.summaries = SummaryStore(home / "summaries" / safe / dtype_name(self.model.dtype), self.model.device,
                                       summary_layers(self.model.shape.num_layers))
         tok = self.model.tokenizer
         # the fixed chunk context (chunk_sink auto / none / text); prefix contexts come with each prompt

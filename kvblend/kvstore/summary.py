@@ -14,7 +14,9 @@ into the chunk's cached frame and bounds it against the stored box: the bound
 is >= q . k for every key of the page at its placed position, whatever the placement (no re-summarising per
 prompt). The bound of a chunk is the largest page bound.
 
-On disk a summary is one safetensors file beside its chunk's files (<digest>.ksum.safetensors: tensors kmin,
+On disk a summary is one safetensors file keyed by its chunk's digest, in a tree parallel to the chunk store's
+(<home>/summaries/<model>/<dtype>/<digest[:2]>/<digest>.ksum.safetensors, so the chunk tree keeps its one
+tensor file + one JSON per chunk; tensors kmin,
 kmax; metadata: the chunk digest, layers, page size, rope offset, token count, CRC-32 of the tensor bytes),
 verified when read; a summary that fails verification is removed and rebuilt from the chunk's KV
 (SummaryStore.get), never fatal. Summaries are read-only once built.
@@ -150,8 +152,8 @@ class SummaryStats:
 
 
 class SummaryStore:
-    """Summaries of a chunk store's chunks: files beside the chunk files under `root` (the chunk store's disk
-    root), and a device-resident copy of every summary asked for (they are small: see nbytes)."""
+    """Summaries of a chunk store's chunks: files under `root` (a tree parallel to the chunk store's disk root),
+    and a device-resident copy of every summary asked for (they are small: see nbytes)."""
 
     def __init__(self, root: Path, device: torch.device | str, layers: Sequence[int],
                  page_tokens: int = PAGE_TOKENS):
