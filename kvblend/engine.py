@@ -410,7 +410,8 @@ class Engine:
                     chunks = self._look(prompt, residency, promoter, chunks)
             result = prefill(self.runner, prompt, chunks, mode=mode, ratio=ratio, check_layer=c.check_layer,
                              selection=self.selection, extra_capacity=extra,
-                             resident=[c is not None for c in chunks], prior=self._prior(prompt, mode, draft_model))
+                             resident=[True] * len(keys) if chunks is None else [x is not None for x in chunks],
+                             prior=self._prior(prompt, mode, draft_model))
             if promoter is not None and o.warm_start:
                 logits = promoter.warm_start(result.state, prompt.flat(), prompt.num_tokens - len(prompt.query_ids))
                 if logits is not None:
