@@ -181,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
 PLUGGED = {
     "bench": ("kvblend.bench.cli", "benchmarks: prefill | decode | serve (JSON under results/bench/)"),
     "frontier": ("kvblend.quality.cli", "quality frontier: KL / fidelity / score vs recompute ratio per variant"),
+    "residency": ("kvblend.quality.residency_cli", "retrieve N, keep K resident: static vs promote vs look+promote"),
     "serve": ("kvblend.serve.cli", "OpenAI-compatible HTTP server reusing chunk KV across requests"),
     "analyze": ("kvblend.analysis.cli", "plots and a report from results/ into results/analysis/"),
 }

@@ -32,6 +32,7 @@ from kvblend.kvstore.chunk_kv import ChunkKV
 from kvblend.kvstore.key import ChunkKey
 from kvblend.kvstore.residency import Residency
 from kvblend.kvstore.store import ChunkKVStore, Fetched
+from kvblend.kvstore.summary import ChunkSummary, SummaryStore, summary_layers
 from kvblend.model.hf import DecoderModel
 from kvblend.model.registry import kvblend_home, load_model
 from kvblend.model.runner import attach_runner, elapsed_ms
@@ -52,6 +53,7 @@ class SpecOptions:
     k: int = 4  # drafted tokens per verification pass
     pinned_top: int = 1  # the best resident chunks that are never demoted
     warm_start: bool = True  # before the first token, promote what the prompt's last query points at
+    look: bool = False  # look before loading: the query's summary bounds pick the resident chunks (key_bounds)
     mode: str | None = None  # prefill mode; None: config.mode ("blend" when that is "full" and chunks are staged)
     ratio: float | None = None  # blend ratio; None: config.ratio
 
@@ -62,6 +64,8 @@ class SpecOptions:
             raise ValueError(f"unknown proxy '{self.proxy}'; use one of {', '.join(PROXIES)}")
         if self.mode is not None and self.mode not in MODES:
             raise ValueError(f"unknown mode '{self.mode}'; use one of {', '.join(MODES)}")
+        if self.look and self.proxy != "key_bounds":
+            raise ValueError("look before loading scores the chunks' key summaries: it needs proxy key_bounds")
 
     @classmethod
     def from_config(cls, config: EngineConfig, **overrides) -> "SpecOptions":
@@ -99,6 +103,9 @@ class Engine:
                                                        self.model.shape.head_dim),
         )
         self._check_budgets()
+        # key summaries built with each chunk, in a tree parallel to the chunk files (kvstore/summary.py)
+        self.summaries = SummaryStore(home / "summaries" / safe / dtype_name(self.model.dtype), self.model.device,
+                                      summary_layers(self.model.shape.num_layers))
         tok = self.model.tokenizer
         # the fixed chunk context (chunk_sink auto / none / text); prefix contexts come with each prompt
         self.sink_ids = () if config.chunk_sink == "prefix" else chunk_context_ids(tok, config.chunk_sink)
@@ -180,7 +187,9 @@ class Engine:
         def build() -> ChunkKV:
             if on_build is not None:
                 on_build()
-            return build_chunk_kv(self.model, token_ids, context, text, salt)
+            chunk = build_chunk_kv(self.model, token_ids, context, text, salt)
+            self.summaries.put(chunk)  # the summary is built with the chunk and stored beside it
+            return chunk
 
         return build
 
@@ -374,15 +383,46 @@ class Engine:
             return ModelDrafter(draft_model, prompt, extra_capacity=extra)
         return NgramDrafter([list(ids) for ids in prompt.chunk_ids])
 
+    def chunk_summaries(self, residency: Residency) -> dict[int, ChunkSummary]:
+        """Every slot's key summary, device-resident (its file read and verified, or rebuilt from the chunk)."""
+        return {s.index: self.summaries.get(lambda i=s.index: residency.read(i), s.key.digest)
+                for s in residency.slots}
+
+    def _promoter(self, o: SpecOptions, proxy: str, residency: Residency, placement: Placement, spec, probe):
+        from kvblend.generation.promotion import Promoter
+
+        ranked = sorted(placement.resident, key=lambda s: -s.score)
+        summaries = self.chunk_summaries(residency) if proxy == "key_bounds" else None
+        return Promoter(self.model, residency, proxy, threshold=o.threshold,
+                        pinned=[s.index for s in ranked[:o.pinned_top]], drafter=spec, probe=probe,
+                        summaries=summaries)
+
+    def _look(self, prompt: PromptIds, residency: Residency, promoter, chunks: list) -> list[ChunkKV | None]:
+        """Look before loading: the query rows, computed over the resident chunks alone (a reuse prefill: only
+        prefix + query are computed), score every chunk's summary; Promoter.look swaps the best placeholders in
+        within the Residency's budgets. Returns the chunks the blend then places (None: a placeholder)."""
+        from kvblend.model.layers import forward_tokens
+
+        n = len(prompt.chunk_ids)
+        probe = prefill(self.runner, prompt, chunks, mode="reuse", resident=[c is not None for c in chunks])
+        probe.state.truncate(prompt.num_tokens - len(prompt.query_ids))
+        queries: list = []
+        forward_tokens(self.model, probe.state, list(prompt.query_ids), num_logits=0, queries_out=queries)
+        probe.state.release()
+        rec = promoter.look(queries)
+        if not rec.promoted and not rec.demoted:
+            return chunks
+        return [residency.read(i) if residency.is_resident(i) else None for i in range(n)]
+
     def answer_speculative(self, prompt: PromptIds, chunk_texts: Sequence[str] | None, scores: Sequence[float],
                            options: SpecOptions | None = None, *, draft_model: DecoderModel | None = None,
                            sampling: SamplingParams | None = None, start_tier: str | None = None):
         """Tiered speculative answer: the top options.gpu_chunks chunks (by score, within the GPU byte budget) are
         resident, the rest are CPU placeholders that options.proxy promotes during decoding ("none": never). The
         top options.pinned_top resident chunks are never demoted. The request's Residency holds placement and
-        pins; every pin is released at the end. TTFT as kvblend/clock.py defines it (a warm-start round
-        included). Returns (GenOutput, steps, trace, placement), placement as the request started."""
-        from kvblend.generation.promotion import Promoter
+        pins; every pin is released at the end. options.look: before the prefill, the query's bounds over every
+        chunk's key summary swap placeholders in (Engine._look; the blend then runs over the new placement).
+        TTFT as kvblend/clock.py defines it (a look or warm-start round included). Returns (GenOutput, steps, trace, placement), placement as the request started."""
         from kvblend.generation.speculative import speculative_generate
 
         o = options or SpecOptions.from_config(self.config)
@@ -399,21 +439,20 @@ class Engine:
         with residency or nullcontext():  # every pin released at the end, an exception included
             fetched, chunks, tiers = self._gather(keys, residency, clock)
             extra = sampling.max_new_tokens + o.k + 2
-            result = prefill(self.runner, prompt, chunks, mode=mode, ratio=ratio, check_layer=c.check_layer,
-                             selection=self.selection, extra_capacity=extra,
-                             resident=[not s.is_placeholder for s in placement.slots],
-                             prior=self._prior(prompt, mode, draft_model))
             spec = self._drafter(o, prompt, draft_model, extra)
             probe: list | None = [] if proxy == "key_bounds" else None
             if proxy is not None:
-                ranked = sorted(placement.resident, key=lambda s: -s.score)
-                promoter = Promoter(self.model, residency, proxy, threshold=o.threshold,
-                                    pinned=[s.index for s in ranked[:o.pinned_top]], drafter=spec, probe=probe)
-                if o.warm_start:
-                    logits = promoter.warm_start(result.state, prompt.flat(),
-                                                 prompt.num_tokens - len(prompt.query_ids))
-                    if logits is not None:
-                        result.logits = logits
+                promoter = self._promoter(o, proxy, residency, placement, spec, probe)
+                if o.look:
+                    chunks = self._look(prompt, residency, promoter, chunks)
+            result = prefill(self.runner, prompt, chunks, mode=mode, ratio=ratio, check_layer=c.check_layer,
+                             selection=self.selection, extra_capacity=extra,
+                             resident=[True] * len(keys) if chunks is None else [x is not None for x in chunks],
+                             prior=self._prior(prompt, mode, draft_model))
+            if promoter is not None and o.warm_start:
+                logits = promoter.warm_start(result.state, prompt.flat(), prompt.num_tokens - len(prompt.query_ids))
+                if logits is not None:
+                    result.logits = logits
             clock.build_ms = self.store.stats.build_ms - build0
             out, steps = speculative_generate(self.model, result, spec, sampling, clock.ttft_start(),
                                               prompt_ids=prompt, k=0 if o.drafter == "none" else o.k,

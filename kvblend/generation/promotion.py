@@ -12,8 +12,9 @@ again, its KV moved to the CPU tier).
 Proxies (all return one score per chunk in [0, 1], higher = more likely needed):
   draft_attention  each chunk's share of the attention the draft model's newest query gives to chunks (the
                    draft attends to every chunk, resident or not), averaged over heads and a few layers;
-  key_bounds       Quest-style: per chunk, min/max of its keys per dimension at a few layers; the upper
-                   bound of q.k for the target's newest query, softmax-normalised across chunks;
+  key_bounds       Quest-style: the chunk's key summary (kvstore/summary.py: per page of 16 tokens, min/max of its
+                   keys per dimension, built with the chunk); the upper bound of q.k for every query row of the
+                   target's last verification pass (all T), softmax-normalised across chunks (summary_shares);
   ngram_source     1 for the chunk the last n-gram draft was copied from, decaying by half each step.
 """
 
@@ -31,6 +32,7 @@ from kvblend.model.kv import KVState
 from kvblend.model.layers import forward_tokens
 from kvblend.model.rope import rerotate
 from kvblend.kvstore.chunk_kv import ChunkKV
+from kvblend.kvstore.summary import ChunkSummary, chunk_bounds, summarize, summary_layers
 from kvblend.fusion.layout import ChunkSlot
 from kvblend.kvstore.residency import Residency
 from kvblend.model.hf import DecoderModel
@@ -65,49 +67,20 @@ def attention_mass(queries: Sequence[torch.Tensor], state: KVState, ranges: Sequ
     return masses / max(1, len(layers))
 
 
-PAGE_TOKENS = 16
-
-
-@dataclass
-class KeyBounds:
-    """Quest-style page summaries of one chunk's keys (at its global positions) at the probe layers:
-    per page of PAGE_TOKENS tokens, the per-dimension min and max."""
-
-    kmin: torch.Tensor  # [layers, H_kv, pages, D]
-    kmax: torch.Tensor
-
-    @classmethod
-    def of(cls, chunk: ChunkKV, start: int, model: DecoderModel, layers: Sequence[int]) -> "KeyBounds":
-        k = rerotate(chunk.k[list(layers)].to(torch.float32), start - chunk.rope_offset, model.inv_freq).cpu()
-        t = k.shape[2]
-        pages = -(-t // PAGE_TOKENS)
-        pad = pages * PAGE_TOKENS - t
-        if pad:  # repeat the last key so padding never widens a bound
-            k = torch.cat([k, k[:, :, -1:].expand(-1, -1, pad, -1)], dim=2)
-        k = k.view(k.shape[0], k.shape[1], pages, PAGE_TOKENS, k.shape[-1])
-        return cls(k.amin(dim=3), k.amax(dim=3))
-
-
-def key_bound_share(queries: Sequence[torch.Tensor], bounds: dict[int, KeyBounds], model: DecoderModel,
-                    layers: Sequence[int]) -> dict[int, float]:
-    """Each chunk's estimated share of attention: per head, the largest page upper bound of q.k in the chunk
-    (sum over dims of max(q*kmin, q*kmax)), softmax-normalised across chunks, averaged over heads and layers.
-    Sums to 1 over the chunks."""
-    s = model.shape
-    group = s.num_heads // s.num_kv_heads
-    ids = sorted(bounds)
-    total = torch.zeros(len(ids))
-    for li, layer in enumerate(layers):
-        q = queries[layer].to(torch.float32).cpu()[:, None, :]  # [H, 1, D]
-        best = []
-        for i in ids:
-            kmin = bounds[i].kmin[li].repeat_interleave(group, dim=0)  # [H, pages, D]
-            kmax = bounds[i].kmax[li].repeat_interleave(group, dim=0)
-            ub = torch.maximum(q * kmin, q * kmax).sum(-1).amax(-1) * model.attn_scale  # [H]
-            best.append(ub)
-        total += torch.softmax(torch.stack(best), dim=0).mean(-1)  # [chunks]
-    total /= max(1, len(layers))
-    return {i: float(v) for i, v in zip(ids, total)}
+def summary_shares(queries: Sequence[torch.Tensor], summaries: dict[int, tuple[ChunkSummary, int]],
+                   model: DecoderModel) -> dict[int, float]:
+    """Each chunk's estimated share of the attention that the query rows give to chunks: per layer of the
+    summaries, kv-head group, head and query row, a softmax over the chunks' attention-logit upper bounds
+    (kvstore/summary.py chunk_bounds; every chunk, resident or not, is scored the same way, so a chunk is only
+    ranked against the others' bounds, never against exact logits), averaged over layers, heads and rows.
+    summaries: slot -> (summary, the slot's first prompt row). queries: per model layer [H, T, D]. Sums to 1."""
+    ids = sorted(summaries)
+    if not ids:
+        return {}
+    bounds = torch.stack([chunk_bounds(queries, s, start, model.inv_freq, model.attn_scale)
+                          for s, start in (summaries[i] for i in ids)])  # [chunks, layers, H, T]
+    share = torch.softmax(bounds, dim=0).mean(dim=(1, 2, 3)).cpu()
+    return {i: float(v) for i, v in zip(ids, share)}
 
 
 @dataclass
@@ -139,7 +112,8 @@ class Promoter:
     the residency at the end of the request). pinned: slots never demoted (the best resident ones)."""
 
     def __init__(self, target: DecoderModel, residency: Residency, proxy: str | None, threshold: float = 0.3,
-                 pinned: Sequence[int] = (), drafter=None, probe: list | None = None):
+                 pinned: Sequence[int] = (), drafter=None, probe: list | None = None,
+                 summaries: dict[int, ChunkSummary] | None = None):
         if proxy is not None and proxy not in PROXIES:
             raise ValueError(f"unknown proxy '{proxy}'; use one of {', '.join(PROXIES)}")
         self.target, self.residency, self.store = target, residency, residency.store
@@ -148,14 +122,16 @@ class Promoter:
         self.pinned = set(pinned)
         self.drafter, self.probe = drafter, probe
         self.pending: dict[int, tuple[ChunkKV, torch.cuda.Event | None]] = {}
-        self.layers = _probe_layers(target.shape.num_layers)
-        self.bounds: dict[int, KeyBounds] = {}
+        self.summaries: dict[int, tuple[ChunkSummary, int]] = {}
         self.ngram_scores: dict[int, float] = {}
         self.trace: list[StepTrace] = []
         self.stream = torch.cuda.Stream() if target.device.type == "cuda" else None
-        if proxy == "key_bounds":  # summaries of every chunk, computed once from its cached keys
+        if proxy == "key_bounds":  # the chunks' key summaries (built with them; computed here when not given)
             for s in self.slots:
-                self.bounds[s.index] = KeyBounds.of(residency.read(s.index), s.start, target, self.layers)
+                got = (summaries or {}).get(s.index)
+                if got is None:
+                    got = summarize(residency.read(s.index), summary_layers(target.shape.num_layers))
+                self.summaries[s.index] = (got, s.start)
 
     @property
     def resident(self) -> set[int]:
@@ -175,8 +151,8 @@ class Promoter:
         if self.proxy == "key_bounds":
             if not self.probe:
                 return {}
-            queries = [q[:, 0] for q in self.probe]  # the newest emitted token's query per layer
-            return key_bound_share(queries, self.bounds, self.target, self.layers)
+            # every row of the last verification pass: the newest emitted token and the drafts ahead of it
+            return summary_shares(self.probe, self.summaries, self.target)
         if self.proxy == "ngram_source":
             self.ngram_scores = {i: v / 2 for i, v in self.ngram_scores.items() if v > 1e-3}
             source = getattr(self.drafter, "last_source_chunk", None)
@@ -281,6 +257,29 @@ class Promoter:
         rec.scores = self._scores(state)
         self._request(state, rec)
         self._record(rec, t0, moved)
+
+    @torch.inference_mode()
+    def look(self, queries: Sequence[torch.Tensor]) -> StepTrace:
+        """Look before loading (before the prefill that produces the first token): score every chunk's summary
+        with the query rows' queries (per layer [H, T, D]), then bring the placeholders over the threshold to
+        the GPU tier, best first, demoting less useful unpinned residents for room (the Residency's chunk and
+        byte budgets). Nothing is written into a KV state: the caller prefills with the new placement."""
+        rec, t0, moved = StepTrace(step=-1), time.perf_counter(), sum(self.store.stats.bytes_moved.values())
+        rec.scores = summary_shares(queries, self.summaries, self.target) if self.summaries else {}
+        resident = self.resident
+        wanted = sorted((i for i, v in rec.scores.items() if v >= self.threshold and i not in resident),
+                        key=lambda i: -rec.scores[i])
+        for idx in wanted:
+            victims = self._victims(idx, rec.scores)
+            if victims is None:
+                break
+            for victim in victims:
+                self.residency.demote(victim)
+                rec.demoted.append(victim)
+            self.residency.promote(idx)
+            rec.promoted.append(idx)
+        self._record(rec, t0, moved)
+        return rec
 
     @torch.inference_mode()
     def warm_start(self, state: KVState, prompt_ids: Sequence[int], query_start: int) -> torch.Tensor | None:
