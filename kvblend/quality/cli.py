@@ -55,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deadline-s", dest="deadline_s", type=float, default=0.0,
                    help="start no new sample after this many seconds (0 = none); rerun to resume")
     p.add_argument("--promotion", action="store_true",
-                   help="also measure Q3_promotion_recovery on the same samples: --promotion-variant at "
+                   help="also measure Q3b_frontier_promotion_recovery_2of5 on the same samples: --promotion-variant at "
                         "--promotion-ratio decoded with --gpu-chunks of the chunks resident + promotions, with "
                         "every chunk resident, and with --gpu-chunks resident without promotions "
                         "(kvblend/quality/promotion.py)")
