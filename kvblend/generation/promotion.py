@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -208,8 +208,9 @@ class Promoter:
             rec.promoted.append(idx)
         self.pending.clear()
 
-    def _request(self, state: KVState, rec: StepTrace) -> None:
-        """Start fetching the chunks over the threshold, best first, demoting less useful ones for room."""
+    def _bring_in(self, rec: StepTrace, demote: Callable[[int], None], bring: Callable[[int], None]) -> None:
+        """The placeholders scored over the threshold, best first: demote(victim) for each less useful resident
+        that must make room (recorded in rec.demoted), then bring(idx); stops at the first that finds no room."""
         resident = self.resident
         wanted = sorted((i for i, v in rec.scores.items() if v >= self.threshold and i not in resident),
                         key=lambda i: -rec.scores[i])
@@ -218,10 +219,17 @@ class Promoter:
             if victims is None:
                 break  # nothing demotable, or only chunks at least as useful as the candidate
             for victim in victims:
-                self._demote(state, victim)
+                demote(victim)
                 rec.demoted.append(victim)
+            bring(idx)
+
+    def _request(self, state: KVState, rec: StepTrace) -> None:
+        """Start fetching the chunks over the threshold, best first, demoting less useful ones for room."""
+        def fetch(idx: int) -> None:
             self.pending[idx] = self._fetch(self.slots[idx])
             rec.requested.append(idx)
+
+        self._bring_in(rec, lambda victim: self._demote(state, victim), fetch)
 
     def _record(self, rec: StepTrace, t0: float, moved_before: int) -> None:
         rec.bytes_moved = sum(self.store.stats.bytes_moved.values()) - moved_before
@@ -266,18 +274,12 @@ class Promoter:
         byte budgets). Nothing is written into a KV state: the caller prefills with the new placement."""
         rec, t0, moved = StepTrace(step=-1), time.perf_counter(), sum(self.store.stats.bytes_moved.values())
         rec.scores = summary_shares(queries, self.summaries, self.target) if self.summaries else {}
-        resident = self.resident
-        wanted = sorted((i for i, v in rec.scores.items() if v >= self.threshold and i not in resident),
-                        key=lambda i: -rec.scores[i])
-        for idx in wanted:
-            victims = self._victims(idx, rec.scores)
-            if victims is None:
-                break
-            for victim in victims:
-                self.residency.demote(victim)
-                rec.demoted.append(victim)
+
+        def promote(idx: int) -> None:
             self.residency.promote(idx)
             rec.promoted.append(idx)
+
+        self._bring_in(rec, self.residency.demote, promote)
         self._record(rec, t0, moved)
         return rec
 
