@@ -83,6 +83,7 @@ class StartedAnswer:
     fetched: Sequence[Fetched] | None
     tiers: Sequence[str]
     build0: float
+    keys: Sequence[ChunkKey] = ()  # the request's chunk keys (salt included)
 
 
 class Engine:
@@ -360,7 +361,7 @@ class Engine:
                              selection=self.selection, extra_capacity=sampling.max_new_tokens, resident=resident,
                              prior=self._prior(prompt, mode))
         clock.build_ms = self.store.stats.build_ms - build0
-        return StartedAnswer(result, clock, fetched, tiers, build0)
+        return StartedAnswer(result, clock, fetched, tiers, build0, keys)
 
     def finish_answer(self, started: "StartedAnswer", out: GenOutput) -> GenOutput:
         return self._annotate(out, started.clock, started.fetched, started.tiers, started.build0)

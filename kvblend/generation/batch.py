@@ -79,13 +79,9 @@ class ContinuousBatch:
         return False
 
     def _finish(self, seq: BatchedSequence) -> None:
-        tokens = seq.stop.tokens
-        tok = self.model.tokenizer
-        text = tok.decode(tokens, skip_special_tokens=True) if tok is not None else ""
         if seq.slot >= 0:
             self.slots.release(seq.slot)
-        seq.on_done(GenOutput(token_ids=tokens, text=text, ttft_ms=seq.ttft_ms, token_ms=seq.token_ms,
-                              stop_reason=seq.stop.reason, blend=seq.blend))
+        seq.on_done(seq.stop.output(seq.ttft_ms, seq.token_ms, seq.blend))
 
     @torch.inference_mode()
     def step(self) -> int:

@@ -60,6 +60,13 @@ class Stopper:
             return True
         return False
 
+    def output(self, ttft_ms: float, token_ms: list[float], blend=None) -> GenOutput:
+        """The decoded answer: the tokens pushed so far, their text, timings and why decoding stopped."""
+        tok = self.model.tokenizer
+        text = tok.decode(self.tokens, skip_special_tokens=True) if tok is not None else ""
+        return GenOutput(token_ids=self.tokens, text=text, ttft_ms=ttft_ms, token_ms=token_ms,
+                         stop_reason=self.reason, blend=blend)
+
 
 @torch.inference_mode()
 def generate(model: DecoderModel, prefilled: PrefillResult, params: SamplingParams, t_start: float,
@@ -87,7 +94,4 @@ def generate(model: DecoderModel, prefilled: PrefillResult, params: SamplingPara
         else:
             token = sample(runner.logits([token])[-1], params, gen)
         token_ms.append((time.perf_counter() - t0) * 1e3)
-    tokens = stop.tokens
-    text = model.tokenizer.decode(tokens, skip_special_tokens=True) if model.tokenizer is not None else ""
-    return GenOutput(token_ids=tokens, text=text, ttft_ms=ttft_ms, token_ms=token_ms, stop_reason=stop.reason,
-                     blend=prefilled.stats)
+    return stop.output(ttft_ms, token_ms, prefilled.stats)

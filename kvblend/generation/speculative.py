@@ -246,10 +246,7 @@ def speculative_generate(target: DecoderModel, prefilled: PrefillResult, drafter
                      vocab_size, gen, on_step, split, probe, steps, token_ms)
     while not done:
         token, done = loop.step(token)
-    tokens = stop.tokens
-    text = target.tokenizer.decode(tokens, skip_special_tokens=True) if target.tokenizer is not None else ""
     st = spec_stats(steps)
     log.debug("speculative: %d tokens in %d steps, %d/%d drafts accepted (%.2f), %.2f tokens per pass",
-              len(tokens), st.num_steps, st.num_accepted, st.num_drafted, st.acceptance_rate, st.mean_emitted)
-    return (GenOutput(token_ids=tokens, text=text, ttft_ms=ttft_ms, token_ms=token_ms, stop_reason=stop.reason,
-                      blend=prefilled.stats), steps)
+              len(stop.tokens), st.num_steps, st.num_accepted, st.num_drafted, st.acceptance_rate, st.mean_emitted)
+    return stop.output(ttft_ms, token_ms, prefilled.stats), steps

@@ -77,6 +77,15 @@ FEW_ROWS = 16
 ALL_KEYS = object()  # mask sentinel: every key in [0, num_keys) is seen (one query at the last position, no holes)
 
 
+def _one_row_queries(model: DecoderModel, q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor,
+                     mask: torch.Tensor) -> torch.Tensor:
+    """Query rows q [H, r, D] attending as r one-row queries, row i to keys[i] / vals[i] [H_kv, N, D] where
+    mask[i] [N] admits: [H, r, D]."""
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[:, :, None], keys, vals, attn_mask=mask[:, None, None],
+                                         scale=model.attn_scale, enable_gqa=True)  # [r, H, 1, D]
+    return out[:, :, 0].transpose(0, 1)
+
+
 def _attend(model: DecoderModel, layer: int, q: torch.Tensor, q_pos: torch.Tensor | None, state: KVState,
             num_keys: int, causal_prefix: bool, mask) -> torch.Tensor:
     keys = state.k[layer, :, :num_keys][None]
@@ -95,10 +104,7 @@ def _attend(model: DecoderModel, layer: int, q: torch.Tensor, q_pos: torch.Tenso
         mask = mask.dense
     r = q.shape[1]
     if 2 <= r <= FEW_ROWS:  # each row its own batch entry over the same (broadcast) keys: see FEW_ROWS
-        out = F.scaled_dot_product_attention(q.transpose(0, 1)[:, :, None], keys.expand(r, -1, -1, -1),
-                                             vals.expand(r, -1, -1, -1), attn_mask=mask[:, None, None],
-                                             scale=model.attn_scale, enable_gqa=True)  # [r, H, 1, D]
-        return out[:, :, 0].transpose(0, 1)[None]
+        return _one_row_queries(model, q, keys.expand(r, -1, -1, -1), vals.expand(r, -1, -1, -1), mask)[None]
     return F.scaled_dot_product_attention(q[None], keys, vals, attn_mask=mask[None, None],
                                           scale=model.attn_scale, enable_gqa=True)
 
@@ -147,9 +153,7 @@ def run_slot_layers(model: DecoderModel, k_slots: torch.Tensor, v_slots: torch.T
         k_slots[layer, slots, :, pos] = k.transpose(0, 1)
         v_slots[layer, slots, :, pos] = v.transpose(0, 1)
         if lengths is None:
-            out = F.scaled_dot_product_attention(q.transpose(0, 1)[:, :, None], k_slots[layer], v_slots[layer],
-                                                 attn_mask=mask[:, None, None], scale=model.attn_scale,
-                                                 enable_gqa=True)[:, :, 0].transpose(0, 1)  # [H, S, D]
+            out = _one_row_queries(model, q, k_slots[layer], v_slots[layer], mask)  # [H, S, D]
         else:
             out = torch.zeros_like(q)
             for i, n in enumerate(lengths):

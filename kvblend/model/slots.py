@@ -46,6 +46,7 @@ class DecodeSlots:
         self.length = [0] * num_slots
         self.free = list(range(num_slots - 1, -1, -1))
         self._key_pos = torch.arange(rows + 1, device=m.device)
+        self._eager_io: SlotIO | None = None  # the inputs / outputs of eager steps, made once
 
     @property
     def busy(self) -> int:
@@ -108,7 +109,9 @@ class DecodeSlots:
         # warm-up and capture with every row at the scratch row: no busy slot's rows are touched
         g = self.runner.graphs.get(("slots", id(self), self.num_slots), self._io, self._body,
                                    lambda io: io.inp[1].fill_(self.rows)) if self.runner.use_graphs else None
-        io = g.io if g is not None else self._io()
+        if g is None and self._eager_io is None:
+            self._eager_io = self._io()
+        io = g.io if g is not None else self._eager_io
         io.host[0].zero_()
         io.host[1].fill_(self.rows)  # idle slots: the scratch row
         for slot, token in tokens.items():

@@ -293,8 +293,8 @@ class Worker:
 
         def done(out) -> None:  # called from a batch step too: a failure here fails this job only
             try:
-                self._done(job, engine.finish_answer(started, out), docs, prompt, (mode, ratio, salt), store_delta,
-                           queue_s, stop_text, stopped_by)
+                self._done(job, engine.finish_answer(started, out), docs, prompt, (mode, ratio, started.keys),
+                           store_delta, queue_s, stop_text, stopped_by)
             except Exception as exc:  # noqa: BLE001
                 self._fail(job, exc)
 
@@ -319,22 +319,23 @@ class Worker:
 
     def _done(self, job: Job, out, docs, prompt, how: tuple, store_delta: dict, queue_s: float, stop_text: StopText,
               stopped_by: list[str]) -> None:
-        """A job's decoding ended: its last text delta, usage and the done event (or the cancellation)."""
-        req = job.request
+        """A job's decoding ended: its last text delta, usage and the done event (or the cancellation).
+        how: (mode, ratio, the request's chunk keys)."""
+        req, (mode, ratio, keys) = job.request, how
         if stopped_by and stopped_by[0] == "cancelled":
             self.metrics.count_request("cancelled")
             return
         delta, text = stop_text.finish(out.text)
         if delta and req.stream:
             job.emit("delta", delta)
-        usage = self._usage(prompt, out, how[0], how[1], store_delta, queue_s)
+        usage = self._usage(prompt, out, mode, ratio, store_delta, queue_s)
         finish = "length" if out.stop_reason == "length" and not stop_text.stopped else "stop"
         retrieved = [{"id": d.doc_id, "title": d.title, "score": d.score} for d in docs if d.doc_id]
         self.metrics.count_request("ok")
         self.metrics.publish_store(self.engine.store.summary())  # before the client can see the answer
         job.emit("done", {"text": text, "finish_reason": finish, "usage": usage,
                           "retrieved": retrieved, "token_ids": list(out.token_ids),
-                          "chunk_digests": [k.digest for k in self.engine.keys(prompt, salt=how[2])]})  # the router
+                          "chunk_digests": [k.digest for k in keys]})  # for the cluster's router
 
     def _store_delta(self, before: dict) -> dict:
         after = self.engine.store.summary()["stats"]
